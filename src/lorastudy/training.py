@@ -1,0 +1,336 @@
+"""One fine-tuning run: (task, method, seed, hyperparameters) -> trained model + metrics.
+
+Read it top to bottom: ``train_run`` sets up, loops over length-grouped batches, evaluates on the validation split a
+few times per epoch, stops early on validation loss, restores the best weights and evaluates the test split once.
+
+No host sync inside the step: the running loss stays on the device and is read at evaluation points only; a NaN/inf
+anywhere in the window makes that sum non-finite, so divergence is still caught.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import get_linear_schedule_with_warmup
+
+from lorastudy import data as D
+from lorastudy import modeling as M
+from lorastudy import store
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot finish (diverged, out of memory)."""
+
+
+@dataclass
+class HParams:
+    lr: float
+    batch_size: int
+    epochs: float
+    warmup_ratio: float
+    weight_decay: float
+    lora_alpha: float
+    lora_dropout: float
+    max_steps: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg, method: str, overrides: dict[str, Any] | None = None) -> HParams:
+        t = cfg.train
+        if method not in t.lr:
+            raise ValueError(f"train.lr has no entry for method {method!r}")
+        hp = cls(t.lr[method], t.batch_size, t.epochs, t.warmup_ratio, t.weight_decay, cfg.lora.alpha,
+                 cfg.lora.dropout, t.max_steps)
+        for k, v in (overrides or {}).items():
+            if not hasattr(hp, k):
+                raise ValueError(f"unknown hyperparameter {k!r}; known: {list(asdict(hp))}")
+            setattr(hp, k, type(getattr(hp, k))(v) if getattr(hp, k) is not None and v is not None else v)
+        return hp
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------
+def f1_binary(labels: np.ndarray, preds: np.ndarray, positive: int = 1) -> float:
+    tp = int(((preds == positive) & (labels == positive)).sum())
+    fp = int(((preds == positive) & (labels != positive)).sum())
+    fn = int(((preds != positive) & (labels == positive)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+@torch.no_grad()
+def predict(model, enc: D.Encoded, pad_id: int, padding_side: str, batch_size: int, device: torch.device,
+            amp: torch.dtype | None) -> np.ndarray:
+    """Logits (float32, original row order) for an encoded split; batches sorted by length for little padding."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty((len(enc), model.config.num_labels), dtype=torch.float32)
+    for idx in D.sequential_batches(enc.lengths(), batch_size):
+        batch = {k: v.to(device, non_blocking=True) for k, v in
+                 D.collate([enc.input_ids[i] for i in idx], pad_id, padding_side).items()}
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = M.classifier_logits(model, batch)
+        out[torch.as_tensor(idx)] = logits.float().cpu()
+    model.train(was_training)
+    return out.numpy()
+
+
+def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    preds = logits.argmax(-1)
+    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item())
+    return {"loss": loss, "accuracy": float((preds == labels).mean()), "f1": f1_binary(labels, preds)}
+
+
+def majority_accuracy(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
+    """Accuracy of always predicting the training split's majority class on the test split."""
+    maj = np.bincount(train_labels).argmax()
+    return float((test_labels == maj).mean())
+
+
+# -- setup -------------------------------------------------------------------------------------------------------
+@dataclass
+class Setup:
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    amp: torch.dtype | None
+    trainable: int
+    total: int
+    params: list = field(default_factory=list)
+
+
+def build_model(cfg, task: str, method: str, seed: int, hp: HParams, device: torch.device) -> Setup:
+    spec = cfg.task(task)
+    model, tok = M.load_base(cfg.model, spec.num_labels, seed=seed)
+    if method == "lora":
+        model = M.wrap_lora(model, cfg.lora.rank, hp.lora_alpha, hp.lora_dropout, cfg.lora.target_modules)
+    elif method != "full":
+        raise ValueError(f"unknown method {method!r}")
+    model.to(device)
+    model.train()
+    trainable, total = M.trainable_parameters(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return Setup(model, tok, device, amp_dtype(cfg.train.precision, device), trainable, total, params)
+
+
+def make_optimizer(model, hp: HParams, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in HF Trainer."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999), eps=1e-8, **kw)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(s: Setup, opt, sched, batch: dict, labels: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """One optimizer step; returns the loss as a device tensor (no host sync)."""
+    with torch.autocast(s.device.type, dtype=s.amp, enabled=s.amp is not None):
+        logits = M.classifier_logits(s.model, batch)
+    loss = F.cross_entropy(logits.float(), labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(s.params, max_norm, foreach=True)
+    opt.step()
+    if sched is not None:
+        sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: max RSS of the process
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+def train_run(
+    cfg,
+    task: str,
+    method: str,
+    seed: int,
+    hp: HParams,
+    *,
+    splits: D.Splits | None = None,
+    train_subset: int | None = None,
+    evaluate_test: bool = True,
+    on_eval=None,
+    keep_model: bool = False,
+) -> dict[str, Any]:
+    """Train one run and return its metrics (and the model under ``"_model"`` when ``keep_model``).
+
+    ``train_subset`` (HPO) trains on a seeded stratified subset of train. ``evaluate_test=False`` for HPO: the test
+    split is then never touched. ``on_eval(step, val_metrics)`` may raise to prune.
+    """
+    t_start = time.perf_counter()
+    seed_everything(seed)
+    spec = cfg.task(task)
+    splits = splits or D.splits_for(cfg, task)
+    train_df = D.subset(splits.train, train_subset, cfg.data.split_seed, f"{task}-hpo") if train_subset \
+        else splits.train
+    device = pick_device(cfg.train.device)
+    s = build_model(cfg, task, method, seed, hp, device)
+    tok, pad, side = s.tokenizer, s.tokenizer.pad_token_id, cfg.model.padding_side
+    L = cfg.data.max_length
+    enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
+    if len(enc_train) == 0 or len(enc_val) == 0:
+        raise TrainingError(f"{task}: empty train or validation split")
+
+    opt = make_optimizer(s.model, hp, device)
+    steps_per_epoch = math.ceil(len(enc_train) / hp.batch_size)
+    total_steps = math.ceil(hp.epochs * steps_per_epoch)
+    if hp.max_steps:
+        total_steps = min(total_steps, hp.max_steps)
+    sched = get_linear_schedule_with_warmup(opt, int(round(hp.warmup_ratio * total_steps)), total_steps)
+    eval_every = max(1, steps_per_epoch // cfg.train.evals_per_epoch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    rng = np.random.default_rng(seed)
+    lengths = enc_train.lengths()
+    labels_all = torch.tensor(enc_train.labels)
+    curve: list[dict] = []
+    best = {"loss": math.inf, "step": 0, "state": None}
+    bad_evals, step, tokens = 0, 0, 0
+    run_loss, run_n = torch.zeros((), device=device), 0
+    stopped_early = False
+    t_train = time.perf_counter()
+
+    def evaluate(step: int) -> bool:
+        """Validation pass; returns True when early stopping fires."""
+        nonlocal run_loss, run_n, bad_evals
+        train_loss = float(run_loss.item()) / max(run_n, 1)  # the one host sync per evaluation window
+        if not math.isfinite(train_loss):
+            raise TrainingError(f"{task}/{method}/seed{seed}: non-finite training loss before step {step} "
+                                f"(lr={hp.lr}); the run is marked failed")
+        run_loss, run_n = torch.zeros((), device=device), 0
+        val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp), enc_val.labels)
+        if not math.isfinite(val["loss"]):
+            raise TrainingError(f"{task}/{method}/seed{seed}: non-finite validation loss at step {step}")
+        curve.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss,
+                      "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+                      "lr": sched.get_last_lr()[0]})
+        if on_eval is not None:
+            on_eval(step, val)
+        if val["loss"] < best["loss"]:
+            best.update(loss=val["loss"], step=step, val=val,
+                        state={n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad})
+            bad_evals = 0
+        else:
+            bad_evals += 1
+        return bad_evals >= cfg.train.patience
+
+    try:
+        epoch = 0
+        while step < total_steps and not stopped_early:
+            for idx in (D.length_grouped_order(lengths, hp.batch_size, rng) if cfg.train.group_by_length
+                        else [b for b in np.array_split(rng.permutation(len(lengths)),
+                                                        steps_per_epoch)]):
+                batch = to_device(D.collate([enc_train.input_ids[i] for i in idx], pad, side), device)
+                y = labels_all[torch.as_tensor(idx)].to(device, non_blocking=True)
+                run_loss += train_step(s, opt, sched, batch, y, cfg.train.max_grad_norm)
+                run_n += 1
+                tokens += int(lengths[idx].sum())
+                step += 1
+                if step % eval_every == 0 or step == total_steps:
+                    if evaluate(step):
+                        stopped_early = True
+                        break
+                if step >= total_steps:
+                    break
+            epoch += 1
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(f"{task}/{method}/seed{seed}: GPU out of memory at batch size {hp.batch_size}, "
+                            f"max_length {L} ({e}); lower train.batch_size or data.max_length, or use fewer "
+                            "workers per GPU") from None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_time = time.perf_counter() - t_train
+
+    # restore the best checkpoint (by validation loss) before the one test evaluation
+    with torch.no_grad():
+        for n, p in s.model.named_parameters():
+            if n in best["state"]:
+                p.copy_(best["state"][n])
+    metrics: dict[str, Any] = {
+        "task": task, "method": method, "seed": seed, "hparams": asdict(hp),
+        "best_step": best["step"], "steps": step, "total_steps_planned": total_steps, "stopped_early": stopped_early,
+        "validation": best["val"], "curve": curve,
+        "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
+        "peak_memory_bytes": peak_memory(device), "device": str(device),
+        "precision": "bf16-autocast" if s.amp else "fp32",
+        "trainable_params": s.trainable, "total_params": s.total,
+        "n_train": len(enc_train), "n_validation": len(enc_val),
+    }
+    if evaluate_test:
+        enc_test = D.encode(tok, splits.test, spec, L)
+        logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp)
+        test = scores(logits, enc_test.labels)
+        maj = majority_accuracy(enc_train.labels, enc_test.labels)
+        metrics.update({
+            "test": test, "n_test": len(enc_test), "majority_accuracy": maj,
+            # the known full-FT failure mode on RTE/MRPC: reported, never dropped
+            "collapsed": bool(test["accuracy"] <= maj),
+            "test_predictions": logits.argmax(-1).tolist(), "test_labels": enc_test.labels.tolist(),
+            "test_idx": splits.test["idx"].tolist(),
+        })
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    if keep_model:
+        metrics["_model"] = s.model
+        metrics["_tokenizer"] = tok
+    return metrics
+
+
+def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir: Path, *,
+                 splits: D.Splits | None = None) -> dict[str, Any]:
+    """Train and write the run directory atomically (COMPLETE marker last); a failure writes FAILED.json beside."""
+    from lorastudy.config import dump_yaml
+
+    final_dir = Path(final_dir)
+    failed = final_dir.parent / f"{final_dir.name}.{store.FAILED}"
+    try:
+        m = train_run(cfg, task, method, seed, hp, splits=splits, keep_model=cfg.train.save_model)
+    except Exception as e:
+        store.atomic_write_json(failed, {"task": task, "method": method, "seed": seed, "error": str(e),
+                                         "type": type(e).__name__, "hparams": asdict(hp)})
+        raise
+    model = m.pop("_model", None)
+    m.pop("_tokenizer", None)
+    with store.staging_dir(final_dir) as tmp:
+        if model is not None:
+            M.save_model(model.to("cpu"), tmp / ("adapter" if method == "lora" else "model"), method)
+        store.atomic_write_json(tmp / "metrics.json", m)
+        store.atomic_write_text(tmp / "config.yaml", dump_yaml(cfg))
+        store.atomic_write_json(tmp / "code_version.json", store.code_version())
+    failed.unlink(missing_ok=True)
+    return m

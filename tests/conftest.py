@@ -1,0 +1,35 @@
+"""Shared fixtures: the real GLUE files beside the checkout, tiny configs, a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GLUE_DIR = Path(os.environ.get("LORASTUDY_TEST_GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    assert GLUE_DIR.is_dir(), f"real GLUE data expected at {GLUE_DIR} (set LORASTUDY_TEST_GLUE_DIR)"
+    return GLUE_DIR
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, glue_dir):
+    """The CI preset with results in a temp dir and the local GLUE files."""
+    from lorastudy.config import load_config
+
+    return load_config(REPO / "configs" / "tiny.yaml",
+                       [f"data.source={glue_dir}", f"output_dir={tmp_path / 'results'}"])
