@@ -214,6 +214,38 @@ def baselines(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = Non
     typer.echo(json.dumps(res, indent=2))
 
 
+@app.command()
+@_handle_errors
+def extract(
+    config: ConfigArg,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Probe batch size")] = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Phase 3: layer-wise representations (last token, masked mean) of the base model and every phase-2 run."""
+    from lorastudy.progress import Progress
+    from lorastudy.representations import extract_study
+
+    cfg = _load(config, set_, data_dir)
+    with Progress("extract", console=console) as prog:
+        res = extract_study(cfg, batch_size, progress=prog.advance_rows, log=console.print)
+    typer.echo(json.dumps({k: len(v) for k, v in res.items()}))
+
+
+@app.command()
+@_handle_errors
+def drift(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
+    """Phase 4A: CKA/cosine drift vs base, noise floor, LoRA vs full FT, hypotheses H1a/H1b, figures."""
+    from lorastudy.drift import run_drift
+
+    cfg = _load(config, set_, data_dir)
+    res = run_drift(cfg, log=console.print)
+    for name in ("H1a", "H1b"):
+        for task, d in res["hypotheses"][name]["per_task"].items():
+            console.print(f"{name} {task}: {d['decision']} (p_holm={d['p_holm']:.3g})")
+    console.print(f"wrote {cfg.out / 'phase4' / 'drift'}")
+
+
 def entry() -> None:  # pragma: no cover
     sys.exit(app())
 

@@ -1,0 +1,356 @@
+"""RQ1: drift of fine-tuned representations from the base model, LoRA vs full FT, with honest statistics.
+
+Units and tests (the design is written into the output, too):
+- drift = 1 - debiased linear CKA to the base model, per layer (biased CKA and cosine beside it);
+  whole-model drift = mean over layers (embeddings, decoder layers, final norm) and seeds.
+- noise floor: CKA between seeds of the same method (how much two runs differ by chance).
+- drift reduction (LoRA vs full FT) = 1 - D_lora / D_full, with a 95% CI from the delete-one jackknife over probe
+  examples. Why the jackknife: debiased HSIC is a U-statistic; bootstrap resampling with replacement puts duplicate
+  rows into it (a duplicated pair is perfectly similar), which biases it, while leave-one-out has a closed form
+  (similarity.hsic_unbiased_loo): exact and cheap.
+- seed-level test: exact permutation test on per-seed whole-model drift (3 vs 3 seeds: 20 relabelings, p >= 0.1).
+- example-level test: paired sign-flip permutation test on per-example standardized-cosine drift (full - LoRA).
+- H1a (accuracy non-inferiority, margin 3 points): bootstrap over test examples and seeds.
+- H1b (drift reduction >= 20%): one-sided jackknife t-test per task and overall (stratified by task).
+- corrections: Holm over the per-task family of each hypothesis (Bonferroni reported beside).
+
+``analyze_task`` and ``hypotheses`` are pure (arrays in, dicts out); ``run_drift`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as ss
+
+from lorastudy import similarity as S
+from lorastudy import stats as T
+
+
+@dataclass
+class TaskReps:
+    task: str
+    layer_names: list[str]
+    base: np.ndarray  # [L, n, d]
+    runs: dict[tuple[str, int], np.ndarray]  # (method, seed) -> [L, n, d]
+
+
+def layer_groups(layer_names: list[str]) -> dict[str, list[int]]:
+    """early / middle / late thirds of the decoder layers (embeddings and final norm reported on their own)."""
+    dec = [i for i, n in enumerate(layer_names) if n.startswith("layer")]
+    k = len(dec)
+    a, b = math.ceil(k / 3), math.ceil(2 * k / 3)
+    return {"early": dec[:a], "middle": dec[a:b], "late": dec[b:]}
+
+
+def analyze_task(tr: TaskReps) -> dict:
+    """Per run and layer: debiased/biased CKA, raw/standardized cosine vs base; leave-one-out debiased CKA;
+    per-example standardized cosine; seed-vs-seed noise floor within each method."""
+    runs = sorted(tr.runs)
+    L, n = tr.base.shape[0], tr.base.shape[1]
+    R = len(runs)
+    cka_d, cka_b = np.zeros((R, L)), np.zeros((R, L))
+    cos_raw, cos_std = np.zeros((R, L)), np.zeros((R, L))
+    loo = np.zeros((R, L, n))
+    cos_ex = np.zeros((R, L, n))
+    methods = sorted({m for m, _ in runs})
+    pairs = {m: list(itertools.combinations([r for r in runs if r[0] == m], 2)) for m in methods}
+    floor = {m: np.zeros((len(pairs[m]), L)) for m in methods}
+    for li in range(L):
+        xb = tr.base[li].astype(np.float64)
+        kb = S.gram(xb)
+        hbb = S.hsic_unbiased_loo(kb, kb)
+        grams = {}
+        for ri, r in enumerate(runs):
+            x = tr.runs[r][li].astype(np.float64)
+            k = grams[r] = S.gram(x)
+            cka_d[ri, li] = S.cka_from_grams(kb, k, debiased=True)
+            cka_b[ri, li] = S.cka_from_grams(kb, k, debiased=False)
+            loo[ri, li] = S.cka_debiased_loo(kb, k, hkk_loo=hbb)
+            cos_raw[ri, li] = S.cosine_per_example(xb, x).mean()
+            cos_ex[ri, li] = S.cosine_per_example(xb, x, standardize=True)
+            cos_std[ri, li] = cos_ex[ri, li].mean()
+        for m in methods:
+            for pi, (a, b) in enumerate(pairs[m]):
+                floor[m][pi, li] = S.cka_from_grams(grams[a], grams[b], debiased=True)
+    return {"runs": runs, "cka_debiased": cka_d, "cka_biased": cka_b, "cos_raw": cos_raw, "cos_std": cos_std,
+            "loo_cka_debiased": loo, "cos_std_per_example": cos_ex, "noise_floor_cka_debiased": floor,
+            "noise_floor_pairs": pairs, "layer_names": tr.layer_names, "n": n}
+
+
+def _method_rows(a: dict, method: str) -> list[int]:
+    return [i for i, r in enumerate(a["runs"]) if r[0] == method]
+
+
+def summarize_task(a: dict, n_resamples: int, seed: int, min_reduction: float) -> dict:
+    """Profiles, groups, whole-model drift and the LoRA-vs-full comparison for one task."""
+    names = a["layer_names"]
+    groups = layer_groups(names)
+    drift = 1 - a["cka_debiased"]
+    out = {"layer_names": names, "n_probe": a["n"], "groups": groups, "per_run": [], "profiles": {},
+           "noise_floor": {}}
+    for ri, (m, s) in enumerate(a["runs"]):
+        out["per_run"].append({
+            "method": m, "seed": s, "cka_debiased": a["cka_debiased"][ri].tolist(),
+            "cka_biased": a["cka_biased"][ri].tolist(), "cos_raw": a["cos_raw"][ri].tolist(),
+            "cos_std": a["cos_std"][ri].tolist(), "drift": drift[ri].tolist(),
+            "whole_model_drift": float(drift[ri].mean()),
+            "group_drift": {g: float(drift[ri, idx].mean()) for g, idx in groups.items() if idx},
+        })
+    for m, fl in a["noise_floor_cka_debiased"].items():
+        rows = _method_rows(a, m)
+        prof = {}
+        for key in ("cka_debiased", "cka_biased", "cos_raw", "cos_std"):
+            v = a[key][rows]
+            prof[key] = {"mean": v.mean(0).tolist(), "std": (v.std(0, ddof=1) if len(rows) > 1 else 0 * v[0]).tolist()}
+        d = drift[rows]
+        prof["drift"] = {"mean": d.mean(0).tolist(), "std": (d.std(0, ddof=1) if len(rows) > 1 else 0 * d[0]).tolist()}
+        wm = d.mean(1)
+        prof["whole_model_drift"] = {"mean": float(wm.mean()), "std": float(wm.std(ddof=1)) if len(wm) > 1 else 0.0,
+                                     "per_seed": wm.tolist()}
+        prof["group_drift"] = {g: {"mean": float(d[:, idx].mean()),
+                                   "std": float(d[:, idx].mean(1).std(ddof=1)) if len(rows) > 1 else 0.0}
+                               for g, idx in groups.items() if idx}
+        out["profiles"][m] = prof
+        if len(fl):
+            out["noise_floor"][m] = {"pairs": [[p[0][1], p[1][1]] for p in a["noise_floor_pairs"][m]],
+                                     "cka_debiased_mean": fl.mean(0).tolist(),
+                                     "drift_mean": (1 - fl).mean(0).tolist(),
+                                     "whole_model_drift": float((1 - fl).mean())}
+    if {"full", "lora"} <= set(out["profiles"]):
+        out["comparison"] = compare(a, n_resamples, seed, min_reduction)
+    return out
+
+
+def _reduction_loo(a: dict) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Drift reduction and its leave-one-out values; also per-method leave-one-out drift."""
+    fr, lr = _method_rows(a, "full"), _method_rows(a, "lora")
+    drift = 1 - a["cka_debiased"]
+    d_full, d_lora = drift[fr].mean(), drift[lr].mean()
+    loo_drift = 1 - a["loo_cka_debiased"]  # [R, L, n]
+    lf, ll = loo_drift[fr].mean((0, 1)), loo_drift[lr].mean((0, 1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        red = 1 - d_lora / d_full
+        red_loo = 1 - ll / lf
+    return float(red), red_loo, lf, ll
+
+
+def compare(a: dict, n_resamples: int, seed: int, min_reduction: float) -> dict:
+    fr, lr = _method_rows(a, "full"), _method_rows(a, "lora")
+    drift = 1 - a["cka_debiased"]
+    wm_full, wm_lora = drift[fr].mean(1), drift[lr].mean(1)
+    red, red_loo, loo_full, loo_lora = _reduction_loo(a)
+    jk = T.jackknife(red, red_loo)
+    n = a["n"]
+    t_stat = (red - min_reduction) / jk["se"] if jk["se"] > 0 else math.copysign(math.inf, red - min_reduction)
+    p_h1b = float(ss.t.sf(t_stat, n - 1))
+    seed_test = T.permutation_test_independent(wm_full, wm_lora, "two-sided", n_resamples, seed)
+    # example level: per-example standardized-cosine drift, averaged over seeds and layers; paired full - lora
+    ex_full = (1 - a["cos_std_per_example"][fr]).mean((0, 1))
+    ex_lora = (1 - a["cos_std_per_example"][lr]).mean((0, 1))
+    ex_test = T.permutation_test_paired(ex_full - ex_lora, "two-sided", n_resamples, seed)
+    per_layer_red = (1 - drift[lr].mean(0) / np.where(drift[fr].mean(0) > 0, drift[fr].mean(0), np.nan))
+    return {
+        "whole_model_drift": {"full": float(wm_full.mean()), "lora": float(wm_lora.mean())},
+        "drift_reduction": {"estimate": red, "ci95": list(jk["ci"]), "se": jk["se"], "method":
+                            "delete-one jackknife over probe examples (seeds fixed), t interval"},
+        "drift_reduction_per_layer": [None if not np.isfinite(v) else float(v) for v in per_layer_red],
+        "seed_level_test": seed_test.as_dict(),
+        "example_level_test": {**ex_test.as_dict(), "quantity": "per-example standardized-cosine drift, full - lora",
+                               "mean_difference": float((ex_full - ex_lora).mean()),
+                               "cohens_dz": T.cohens_dz(ex_full - ex_lora)},
+        "cohens_d_seed_level": T.cohens_d(wm_full, wm_lora),
+        "h1b_one_sided": {"null": f"reduction <= {min_reduction}", "t": float(t_stat), "df": n - 1, "p": p_h1b},
+        # leave-one-out whole-model drift per method (for the stratified overall jackknife); not written out
+        "_loo_full": loo_full, "_loo_lora": loo_lora,
+    }
+
+
+def _decide(p_adj: float, ci: tuple[float, float], threshold: float, alpha: float, higher_is_better: bool) -> str:
+    if p_adj < alpha:
+        return "supported"
+    below = ci[1] < threshold if higher_is_better else ci[0] > threshold
+    return "contradicted" if below else "not supported (inconclusive)"
+
+
+def h1a(correct: dict[str, dict[tuple[str, int], np.ndarray]], margin_points: float, n_resamples: int, seed: int,
+        alpha: float) -> dict:
+    """LoRA loses at most ``margin_points`` accuracy points against full FT (per task). Bootstrap over test
+    examples (paired: same rows for every run) and seeds (resampled within each method)."""
+    rng = np.random.default_rng(seed)
+    per_task, pvals = {}, []
+    tasks = [t for t in correct if {m for m, _ in correct[t]} >= {"full", "lora"}]
+    for task in tasks:
+        c = correct[task]
+        cf = np.stack([c[k] for k in sorted(c) if k[0] == "full"]).astype(np.float32)
+        cl = np.stack([c[k] for k in sorted(c) if k[0] == "lora"]).astype(np.float32)
+        n = cf.shape[1]
+        est = 100 * (cl.mean() - cf.mean())
+        reps = np.empty(n_resamples)
+        chunk = max(1, 2_000_000 // n)
+        for s in range(0, n_resamples, chunk):
+            r = min(chunk, n_resamples - s)
+            sf = rng.integers(0, cf.shape[0], (r, cf.shape[0]))
+            sl = rng.integers(0, cl.shape[0], (r, cl.shape[0]))
+            ex = rng.integers(0, n, (r, n))
+            pf = cf[sf].mean(1)  # [r, n] per-example accuracy over resampled seeds
+            pl = cl[sl].mean(1)
+            rows = np.arange(r)[:, None]
+            reps[s:s + r] = 100 * (pl[rows, ex].mean(1) - pf[rows, ex].mean(1))
+        ci = T.percentile_ci(reps)
+        p = float((np.sum(reps <= -margin_points) + 1) / (n_resamples + 1))
+        pvals.append(p)
+        per_task[task] = {"estimate_points": float(est), "ci95_points": list(ci), "p_one_sided": p,
+                          "lora_accuracy": float(cl.mean()), "full_accuracy": float(cf.mean()),
+                          "n_test": n, "seeds": {"full": cf.shape[0], "lora": cl.shape[0]}}
+    holm = T.correct(pvals, "holm", family=f"H1a over tasks {tasks}", alpha=alpha)
+    bonf = T.correct(pvals, "bonferroni", family=f"H1a over tasks {tasks}", alpha=alpha)
+    for i, task in enumerate(tasks):
+        d = per_task[task]
+        d["p_holm"], d["p_bonferroni"] = holm["adjusted"][i], bonf["adjusted"][i]
+        d["decision"] = _decide(d["p_holm"], d["ci95_points"], -margin_points, alpha, higher_is_better=True)
+    return {
+        "hypothesis": f"H1a: LoRA loses at most {margin_points:g} accuracy points against full FT on the test split",
+        "estimate": "mean LoRA accuracy - mean full-FT accuracy over seeds, in points",
+        "test": f"one-sided bootstrap test of H0: difference <= -{margin_points:g} points ({n_resamples} resamples of "
+                "test examples, paired across runs, and of seeds within each method)",
+        "correction": "Holm over the per-task family (Bonferroni also given)",
+        "decision_rule": f"supported if the Holm-adjusted one-sided p < {alpha}; contradicted if the whole 95% CI "
+                         f"lies below -{margin_points:g}; otherwise not supported (inconclusive)",
+        "per_task": per_task,
+    }
+
+
+def h1b(summaries: dict[str, dict], min_reduction: float, alpha: float) -> dict:
+    tasks = [t for t in summaries if "comparison" in summaries[t]]
+    per_task, pvals = {}, []
+    for t in tasks:
+        c = summaries[t]["comparison"]
+        per_task[t] = {"estimate": c["drift_reduction"]["estimate"], "ci95": c["drift_reduction"]["ci95"],
+                       "p_one_sided": c["h1b_one_sided"]["p"], "t": c["h1b_one_sided"]["t"],
+                       "seed_level_exact_p": c["seed_level_test"]["p_value"],
+                       "seed_level_min_p": c["seed_level_test"]["min_p_value"],
+                       "example_level_p": c["example_level_test"]["p_value"],
+                       "cohens_d_seed_level": c["cohens_d_seed_level"]}
+        pvals.append(c["h1b_one_sided"]["p"])
+    holm = T.correct(pvals, "holm", family=f"H1b over tasks {tasks}", alpha=alpha)
+    bonf = T.correct(pvals, "bonferroni", family=f"H1b over tasks {tasks}", alpha=alpha)
+    for i, t in enumerate(tasks):
+        d = per_task[t]
+        d["p_holm"], d["p_bonferroni"] = holm["adjusted"][i], bonf["adjusted"][i]
+        d["decision"] = _decide(d["p_holm"], d["ci95"], min_reduction, alpha, higher_is_better=True)
+    overall = None
+    if tasks:
+        # overall: reduction of the task-averaged drift; stratified jackknife (examples deleted within their task)
+        full = np.mean([summaries[t]["comparison"]["whole_model_drift"]["full"] for t in tasks])
+        lora = np.mean([summaries[t]["comparison"]["whole_model_drift"]["lora"] for t in tasks])
+        red = 1 - lora / full
+        var = 0.0
+        for t in tasks:
+            c = summaries[t]["comparison"]
+            lf, ll = c["_loo_full"], c["_loo_lora"]
+            others_f = sum(summaries[u]["comparison"]["whole_model_drift"]["full"] for u in tasks if u != t)
+            others_l = sum(summaries[u]["comparison"]["whole_model_drift"]["lora"] for u in tasks if u != t)
+            loo = 1 - (others_l + ll) / (others_f + lf)
+            nt = len(loo)
+            var += (nt - 1) / nt * ((loo - loo.mean()) ** 2).sum()
+        se = math.sqrt(var)
+        dfree = sum(summaries[t]["n_probe"] for t in tasks) - len(tasks)
+        tcrit = ss.t.ppf(0.975, dfree)
+        tt = (red - min_reduction) / se if se > 0 else math.copysign(math.inf, red - min_reduction)
+        p = float(ss.t.sf(tt, dfree))
+        ci = [float(red - tcrit * se), float(red + tcrit * se)]
+        overall = {"estimate": float(red), "ci95": ci, "se": se, "t": float(tt), "p_one_sided": p,
+                   "decision": _decide(p, ci, min_reduction, alpha, True),
+                   "method": "stratified delete-one jackknife (examples deleted within their task)"}
+    return {
+        "hypothesis": f"H1b: LoRA shows at least {min_reduction:.0%} less representation drift than full FT",
+        "estimate": "drift reduction 1 - D_lora/D_full, D = mean over layers and seeds of (1 - debiased CKA to base)",
+        "test": "one-sided jackknife t-test of H0: reduction <= threshold (probe examples as the sampling unit); "
+                "seed-level exact permutation p and example-level sign-flip p reported beside",
+        "correction": "Holm over the per-task family (Bonferroni also given); the overall test is a separate "
+                      "single test",
+        "decision_rule": f"supported if the Holm-adjusted one-sided p < {alpha}; contradicted if the whole 95% CI "
+                         f"lies below {min_reduction}; otherwise not supported (inconclusive)",
+        "per_task": per_task, "overall": overall,
+    }
+
+
+# -- I/O: the phase over a study ----------------------------------------------------------------------------------
+def _strip_private(o):
+    if isinstance(o, dict):
+        return {k: _strip_private(v) for k, v in o.items() if not str(k).startswith("_")}
+    if isinstance(o, list):
+        return [_strip_private(v) for v in o]
+    return o
+
+
+def load_task_reps(cfg, task: str, pooling: str = "last") -> TaskReps | None:
+    from lorastudy import representations as RP
+    from lorastudy import store
+
+    base_path = store.rep_dir(cfg.out, task) / RP.FILE
+    if not base_path.is_file():
+        return None
+    base, meta = RP.load(base_path)
+    runs = {}
+    for m in cfg.methods:
+        for s in cfg.seeds:
+            p = store.rep_dir(cfg.out, task, m, s) / RP.FILE
+            if p.is_file():
+                arr, md = RP.load(p)
+                if md.get("probe_hash") != meta.get("probe_hash"):
+                    raise ValueError(f"{p}: probe set differs from the base model's ({md.get('probe_hash')} vs "
+                                     f"{meta.get('probe_hash')}); re-run extract")
+                runs[(m, s)] = arr[pooling]
+    return TaskReps(task, list(meta["layer_names"]), base[pooling], runs)
+
+
+def load_correct(cfg) -> dict:
+    """Per task: (method, seed) -> bool array of correct test predictions, from phase-2 metrics."""
+    from lorastudy import store
+
+    out = {}
+    for task in cfg.tasks:
+        out[task] = {}
+        for m in cfg.methods:
+            for s in cfg.seeds:
+                rd = store.run_dir(cfg.out, task, m, s)
+                if store.is_complete(rd):
+                    mt = store.read_json(rd / "metrics.json")
+                    out[task][(m, s)] = np.asarray(mt["test_predictions"]) == np.asarray(mt["test_labels"])
+    return out
+
+
+def run_drift(cfg, log=print) -> dict:
+    from lorastudy import store
+    from lorastudy.report import figures
+
+    d = cfg.drift
+    outdir = cfg.out / "phase4" / "drift"
+    results = {"design": __doc__.strip().splitlines()[2:], "primary_pooling": "last", "tasks": {}, "secondary": {}}
+    summaries = {}
+    for task in cfg.tasks:
+        tr = load_task_reps(cfg, task, "last")
+        if tr is None or not tr.runs:
+            log(f"drift: no representations for {task}; run extract first")
+            continue
+        summaries[task] = summarize_task(analyze_task(tr), d.n_resamples, d.seed, d.h1b_min_reduction)
+        trm = load_task_reps(cfg, task, "mean")
+        sm = summarize_task(analyze_task(trm), d.n_resamples, d.seed, d.h1b_min_reduction)
+        results["secondary"][task] = {"pooling": "mean (non-pad tokens, excluding BOS)",
+                                      "profiles": {m: {"drift": p["drift"], "whole_model_drift":
+                                                       p["whole_model_drift"]} for m, p in sm["profiles"].items()},
+                                      "drift_reduction": sm.get("comparison", {}).get("drift_reduction")}
+    hyp = {"alpha": d.alpha,
+           "H1a": h1a(load_correct(cfg), d.h1a_margin_points, d.n_resamples, d.seed, d.alpha),
+           "H1b": h1b(summaries, d.h1b_min_reduction, d.alpha)}
+    results["tasks"] = _strip_private(summaries)
+    store.atomic_write_json(outdir / "drift_analysis_results.json", results)
+    store.atomic_write_json(outdir / "hypothesis_test_results.json", hyp)
+    if summaries:
+        figures.drift_figures(results, hyp, outdir)
+    return {"results": results, "hypotheses": hyp}

@@ -1,0 +1,51 @@
+"""A small live progress view (rich) shared by the phases: what runs, how many done/failed, ETA."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as _RichProgress
+
+
+class Progress:
+    def __init__(self, phase: str, total: int | None = None, console: Console | None = None):
+        self.phase = phase
+        self._p = _RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                                TimeRemainingColumn(), console=console or Console(stderr=True), transient=False)
+        self._task = self._p.add_task(phase, total=total, status="")
+        self.t0 = time.perf_counter()
+        self.done = self.failed = 0
+        self.running: set[str] = set()
+
+    def __enter__(self) -> Progress:
+        self._p.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._p.stop()
+
+    def set_total(self, total: int) -> None:
+        self._p.update(self._task, total=total)
+
+    def _status(self) -> str:
+        run = ", ".join(sorted(self.running)[:3]) + (" …" if len(self.running) > 3 else "")
+        return f"failed {self.failed} | running: {run}" if self.running or self.failed else ""
+
+    def start(self, unit: str) -> None:
+        self.running.add(unit)
+        self._p.update(self._task, status=self._status())
+
+    def finish(self, unit: str, ok: bool = True) -> None:
+        self.running.discard(unit)
+        self.done += ok
+        self.failed += not ok
+        self._p.update(self._task, advance=1, status=self._status())
+
+    def advance_rows(self, n: int) -> None:
+        self._p.update(self._task, advance=n)
+
+    def print(self, *a, **k) -> None:
+        self._p.console.print(*a, **k)

@@ -1,0 +1,1 @@
+"""Figures and the generated ANALYSIS_REPORT.md."""
