@@ -246,6 +246,96 @@ def drift(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -
     console.print(f"wrote {cfg.out / 'phase4' / 'drift'}")
 
 
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (spread over visible GPUs)")]
+
+
+@app.command()
+@_handle_errors
+def tune(
+    config: ConfigArg,
+    task: Annotated[list[str] | None, typer.Option("--task", help="Only these tasks")] = None,
+    method: Annotated[list[str] | None, typer.Option("--method", help="Only these methods")] = None,
+    workers: WorkersOpt = 1,
+    storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: sqlite in the results dir)")] = None,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Phase 1: Optuna TPE search per task x method (resumable; several processes or machines may share a study)."""
+    from lorastudy import store
+    from lorastudy.progress import Progress
+    from lorastudy.tuning import tune as run_tune
+
+    sets = list(set_ or []) + ([f"search.storage={storage}"] if storage else [])
+    cfg = _load(config, sets, data_dir)
+    for t in task or []:
+        if t not in cfg.tasks:
+            raise ConfigError(f"--task {t!r} is not in the config's tasks {cfg.tasks}")
+    store.check_manifest(cfg)
+    with Progress("tune (trials)", console=console) as prog:
+        res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog)
+    tbl = Table(title="phase 1: best validation accuracy")
+    for c in ("task", "method", "complete", "best val acc", "best trial"):
+        tbl.add_column(c)
+    for s in res["studies"]:
+        tbl.add_row(s["task"], s["method"], f"{s['n_complete']}/{s['n_trials_target']}",
+                    f"{s.get('best_value', float('nan')):.4f}", str(s.get("best_trial")))
+    Console(width=160).print(tbl)
+    for f in res["failures"]:
+        console.print(f"[red]worker failed[/] {f['unit']}: {f['error']}")
+
+
+@app.command("train-all")
+@_handle_errors
+def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, set_: SetOpt = None, data_dir: DataDirOpt = None
+                  ) -> None:
+    """Phase 2: every task x method x seed with the phase-1 best hyperparameters; finished runs are skipped."""
+    from lorastudy import store
+    from lorastudy.pipeline import train_all
+    from lorastudy.progress import Progress
+
+    cfg = _load(config, set_, data_dir)
+    store.check_manifest(cfg)
+    with Progress("train-all (runs)", console=console) as prog:
+        res = train_all(cfg, workers, progress=prog, log=console.print)
+    console.print(f"trained {len(res['trained'])}, skipped {len(res['skipped_complete'])} complete, "
+                  f"failed {len(res['failures'])}")
+    for f in res["failures"]:
+        console.print(f"[red]failed[/] {f['unit']}: {f['error']}")
+    if res["failures"]:
+        raise typer.Exit(1)
+
+
+@app.command("serve-bench")
+@_handle_errors
+def serve_bench(
+    config: ConfigArg,
+    synthetic_arch: Annotated[str | None, typer.Option("--synthetic-arch",
+                                                       help="tinyllama | smollm2: random-weight architecture")] = None,
+    force: Annotated[bool, typer.Option(help="Re-measure even if results exist")] = False,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Phase 4B: merged vs multi-adapter serving (latency, throughput, memory, parity, overhead, H2)."""
+    from lorastudy.progress import Progress
+    from lorastudy.serving.benchmark import run_serve_bench
+
+    if synthetic_arch not in (None, "tinyllama", "smollm2"):
+        raise ConfigError(f"--synthetic-arch must be tinyllama or smollm2, got {synthetic_arch!r}")
+    cfg = _load(config, set_, data_dir)
+    with Progress("serve-bench (conditions)", console=console) as prog:
+        res = run_serve_bench(cfg, progress=prog, log=console.print, synthetic_arch=synthetic_arch, force=force)
+    tbl = Table(title=f"serving: {res['adapter_source']} ({res['device']}, {res['dtype']})")
+    for c in ("engine", "adapters", "batch", "p50 ms", "p95 ms", "rows/s", "mem MiB", "max|dlogit|"):
+        tbl.add_column(c, justify="right")
+    for r in res["records"]:
+        d = r["max_abs_logit_diff"]
+        tbl.add_row(r["engine"], str(r["n_adapters"]), str(r["batch_size"]), f"{r['latency_ms']['p50']:.2f}",
+                    f"{r['latency_ms']['p95']:.2f}", f"{r['throughput_rps']:.0f}",
+                    f"{r['peak_memory_bytes'] / 2**20:.0f}", "-" if d is None else f"{d:.2e}")
+    Console(width=160).print(tbl)
+    console.print(f"wrote {cfg.out / 'phase4' / 'deployment'}")
+
+
 def entry() -> None:  # pragma: no cover
     sys.exit(app())
 

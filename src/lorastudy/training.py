@@ -10,6 +10,7 @@ anywhere in the window makes that sum non-finite, so divergence is still caught.
 from __future__ import annotations
 
 import math
+import os
 import random
 import resource
 import time
@@ -64,6 +65,8 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(spec: str) -> torch.device:
     if spec == "auto":
+        if os.environ.get("LORASTUDY_DEVICE"):  # set by the worker pool to spread runs over GPUs
+            return torch.device(os.environ["LORASTUDY_DEVICE"])
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
 

@@ -102,3 +102,57 @@ def drift_figures(results: dict, hyp: dict, outdir: Path) -> list[str]:
     ax.legend()
     files += save(fig, outdir / "lora_vs_full")
     return files
+
+
+def serving_figures(res: dict, ov: dict, outdir: Path) -> list[str]:
+    recs = res["records"]
+    files = []
+    n_max = max(r["n_adapters"] for r in recs)
+    engines = sorted({r["engine"] for r in recs})
+    # latency vs batch size per engine (every adapter mixed; merged: one task per batch)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for e in engines:
+        k = 1 if e.startswith("merged") else n_max
+        pts = sorted((r["batch_size"], r["latency_ms"]["p50"], r["latency_ms"]["p95"]) for r in recs
+                     if r["engine"] == e and r["n_adapters"] == k)
+        if not pts:
+            continue
+        x, p50, p95 = zip(*pts, strict=True)
+        base = e.split("-")[0]
+        ax.plot(x, p50, marker="o", color=COLORS.get(base), ls="--" if e.endswith("eager") else "-",
+                label=f"{e} ({k} adapter{'s' if k > 1 else ''})")
+        ax.fill_between(x, p50, p95, color=COLORS.get(base), alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency per batch, ms (p50; band to p95)")
+    ax.set_title(f"Serving latency ({res.get('device')}, {res.get('dtype')}, seq {recs[0]['seq_len']})", fontsize=9)
+    ax.legend(fontsize=7)
+    files += save(fig, outdir / "latency_vs_batch")
+    # overhead vs number of adapters
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for e in sorted({r["engine"] for r in ov["rows"]}):
+        for b in sorted({r["batch_size"] for r in ov["rows"]}):
+            pts = sorted((r["n_adapters"], r["overhead"], *r["ci95"]) for r in ov["rows"]
+                         if r["engine"] == e and r["batch_size"] == b)
+            if not pts:
+                continue
+            k, o, lo, hi = zip(*pts, strict=True)
+            ax.errorbar(k, 100 * np.array(o), yerr=[100 * (np.array(o) - lo), 100 * (np.array(hi) - o)],
+                        marker="o", capsize=2, color=COLORS.get(e.split("-")[0]),
+                        alpha=0.35 + 0.65 * (b / max(r["batch_size"] for r in ov["rows"])), label=f"{e} b={b}",
+                        ls="--" if e.endswith("eager") else "-")
+    ax.axhline(30, color="k", lw=0.8, ls=":", label="H2 bound (30%)")
+    ax.set_xlabel("distinct adapters mixed in each batch")
+    ax.set_ylabel("overhead vs merged (%)")
+    ax.legend(fontsize=6, ncol=2)
+    files += save(fig, outdir / "overhead_vs_adapters")
+    # memory
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    mem = {}
+    for r in recs:
+        mem[r["engine"]] = max(mem.get(r["engine"], 0), r["peak_memory_bytes"])
+    ax.bar(list(mem), [v / 2**20 for v in mem.values()], color=[COLORS.get(e.split("-")[0]) for e in mem])
+    ax.set_ylabel("peak memory, MiB (weights + activations)")
+    ax.set_title(f"Memory with {n_max} adapters (merged = {n_max} model copies)", fontsize=9)
+    files += save(fig, outdir / "memory")
+    return files

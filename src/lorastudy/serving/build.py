@@ -1,0 +1,115 @@
+"""Build the serving engines from a list of adapters (phase-2 LoRA runs, or synthetic ones on random models)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from lorastudy import modeling as M
+from lorastudy.serving.engines import Adapter, BatchedLoraEngine, MergedEngine, PeftEngine, adapter_from_peft
+
+# Architecture-only configs (random weights): timing needs the shapes, not the knowledge.
+SYNTHETIC_ARCHS = {
+    "tinyllama": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048),
+    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192),
+}
+
+
+def synthetic_base(arch: str, num_labels: int = 2, seed: int = 0) -> LlamaForSequenceClassification:
+    cfg = LlamaConfig(**SYNTHETIC_ARCHS[arch], num_labels=num_labels, pad_token_id=2, bos_token_id=1,
+                      eos_token_id=2, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForSequenceClassification(cfg)
+
+
+def synthetic_adapters(base, n: int, rank: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
+                       num_labels: int = 2, seed: int = 0, tasks: list[str] | None = None) -> list[Adapter]:
+    """Random adapters with non-zero B (a fresh PEFT adapter has B = 0, which would hide routing bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    keys = [p for p, m in base.named_modules() if p.split(".")[-1] in targets and isinstance(m, torch.nn.Linear)]
+    for i in range(n):
+        lora = {}
+        for k in keys:
+            lin = base.get_submodule(k)
+            a = torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5
+            b = torch.randn(lin.out_features, rank, generator=g) * 0.02
+            lora[k] = (a, b)
+        score = torch.randn(num_labels, base.config.hidden_size, generator=g) * 0.05
+        task = tasks[i % len(tasks)] if tasks else f"task{i}"
+        out.append(Adapter(f"a{i}", task, num_labels, lora, alpha / rank, score))
+    return out
+
+
+def merged_model(base, ad: Adapter):
+    """A plain classifier with the LoRA update folded in (W += scale * B A) and the adapter's head."""
+    m = copy.deepcopy(base)
+    with torch.no_grad():
+        for key, (a, b) in ad.lora.items():
+            lin = m.get_submodule(key)
+            lin.weight += (ad.scaling * (b.double() @ a.double())).to(lin.weight.dtype)
+        m.score = torch.nn.Linear(m.config.hidden_size, ad.num_labels, bias=False).to(m.score.weight.dtype)
+        m.score.weight.copy_(ad.score)
+    m.config.num_labels = ad.num_labels
+    return m.eval()
+
+
+def peft_model(base, adapters: list[Adapter], targets: list[str]):
+    """One PEFT model holding every adapter (LoRA factors and score head copied in)."""
+    from peft import LoraConfig, get_peft_model
+
+    def conf(ad: Adapter):
+        r = next(iter(ad.lora.values()))[0].shape[0]
+        return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=ad.scaling * r, lora_dropout=0.0,
+                          target_modules=list(targets), modules_to_save=["score"])
+
+    pm = get_peft_model(copy.deepcopy(base), conf(adapters[0]), adapter_name=adapters[0].name)
+    for ad in adapters[1:]:
+        pm.add_adapter(ad.name, conf(ad))
+    with torch.no_grad():
+        for path, mod in pm.named_modules():
+            if hasattr(mod, "lora_A"):
+                key = path.split("base_model.model.", 1)[-1]
+                for ad in adapters:
+                    a, b = ad.lora[key]
+                    mod.lora_A[ad.name].weight.copy_(a)
+                    mod.lora_B[ad.name].weight.copy_(b)
+            if path.endswith("score") and hasattr(mod, "modules_to_save"):
+                for ad in adapters:
+                    mod.modules_to_save[ad.name].weight.copy_(ad.score)
+    return pm.eval()
+
+
+def build_engines(base, adapters: list[Adapter], targets: list[str], names: list[str], device, dtype) -> dict:
+    engines = {}
+    base = base.to(dtype=dtype).eval()
+    if "merged" in names:
+        engines["merged"] = MergedEngine([merged_model(base, a) for a in adapters]).to(device)
+    if "peft" in names:
+        engines["peft"] = PeftEngine(peft_model(base, adapters, targets).to(device), [a.name for a in adapters])
+    if "batched" in names:
+        engines["batched"] = BatchedLoraEngine(copy.deepcopy(base).to(device), adapters).to(device).eval()
+    return engines
+
+
+def study_adapters(cfg, tokenizer) -> tuple[object, list[Adapter]]:
+    """The base model and every complete phase-2 LoRA run of the study, as adapters (tasks x seeds)."""
+    from lorastudy import store
+
+    adapters = []
+    base = None
+    for task in cfg.tasks:
+        for seed in cfg.seeds:
+            rd = store.run_dir(cfg.out, task, "lora", seed)
+            if not store.is_complete(rd) or not (rd / "adapter").exists():
+                continue
+            pm, _ = M.load_trained(cfg.model, cfg.task(task).num_labels, rd / "adapter", "lora", tokenizer=tokenizer)
+            adapters.append(adapter_from_peft(pm, f"{task}-s{seed}", task))
+            if base is None:
+                base, _ = M.load_base(cfg.model, cfg.task(task).num_labels, seed=0, tokenizer=tokenizer)
+    return base, adapters

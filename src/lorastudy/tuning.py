@@ -1,0 +1,285 @@
+"""Phase 1: an Optuna TPE study per task x method on the validation split (the test split is never touched).
+
+Storage is any SQLAlchemy URL (default: a SQLite file in the results dir), so several processes or machines can
+work on one study. Exactly ``n_trials`` trials complete:
+- a worker asks for a trial only while fewer than ``n_trials`` are complete or running;
+- two workers that ask at the same moment are ordered by trial number, and a surplus trial is marked FAIL with the
+  user attribute ``surplus`` (never run, never counted);
+- trials left RUNNING by a killed process on this host (dead pid) or with a stale heartbeat are marked FAIL on the
+  next start and replaced.
+No pruning is used (every trial trains to its end or to early stopping); outputs say so.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from lorastudy import store
+from lorastudy.training import HParams, train_run
+
+PRUNING = "none"
+
+
+def storage_url(cfg) -> str:
+    if cfg.search.storage:
+        return cfg.search.storage
+    path = (cfg.out / "phase1" / "optuna.db").resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _storage(cfg) -> optuna.storages.RDBStorage:
+    url = storage_url(cfg)
+    kw: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kw["engine_kwargs"] = {"connect_args": {"timeout": 120}}
+    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kw)
+
+
+def study_name(cfg, task: str, method: str) -> str:
+    # one results dir holds one config (store.check_manifest), so the name need not carry the config hash; leaving
+    # it out lets a study be extended by raising search.n_trials
+    return f"{cfg.name}-{task}_{method}"
+
+
+def get_study(cfg, task: str, method: str, worker: int = 0) -> optuna.Study:
+    # seeded TPE; each parallel worker gets its own seed so they do not propose the same random start-up points
+    sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker)
+    return optuna.create_study(study_name=study_name(cfg, task, method), storage=_storage(cfg), sampler=sampler,
+                               direction="maximize", load_if_exists=True)
+
+
+def suggest(trial: optuna.Trial, cfg, method: str) -> dict[str, Any]:
+    sp = cfg.search.spaces[method]
+    hp = {
+        "lr": trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log),
+        "batch_size": trial.suggest_categorical("batch_size", sp.batch_size),
+        "warmup_ratio": trial.suggest_float("warmup_ratio", sp.warmup_ratio.low, sp.warmup_ratio.high),
+        "weight_decay": trial.suggest_float("weight_decay", sp.weight_decay.low, sp.weight_decay.high),
+        "epochs": trial.suggest_int("epochs", sp.epochs.low, sp.epochs.high),
+    }
+    if method == "lora":
+        if sp.lora_alpha is not None:
+            hp["lora_alpha"] = trial.suggest_int("lora_alpha", sp.lora_alpha.low, sp.lora_alpha.high)
+        if sp.lora_dropout is not None:
+            hp["lora_dropout"] = trial.suggest_float("lora_dropout", sp.lora_dropout.low, sp.lora_dropout.high)
+    return hp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_orphans(study: optuna.Study) -> int:
+    """Mark RUNNING trials whose process (on this host) is gone as FAIL, so they are replaced, not counted."""
+    host = socket.gethostname()
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))):
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            n += 1
+    optuna.storages.fail_stale_trials(study)  # other machines: stale heartbeat
+    return n
+
+
+def n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop=None) -> int:
+    """Work on one study until ``n_trials`` trials are complete. Returns trials this worker completed."""
+    study = get_study(cfg, task, method, worker)
+    fail_orphans(study)
+    target = cfg.search.n_trials
+    done_here = 0
+    live_states = (TrialState.COMPLETE, TrialState.RUNNING)
+    while n_complete(study) < target:
+        if stop is not None and stop():
+            break
+        live = study.get_trials(deepcopy=False, states=live_states)
+        if len(live) >= target:
+            time.sleep(1.0)  # the rest are running elsewhere; wait in case one fails
+            fail_orphans(study)
+            continue
+        trial = study.ask()
+        first = sorted(t.number for t in study.get_trials(deepcopy=False, states=live_states))[:target]
+        if trial.number not in first:
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        hp_over = suggest(trial, cfg, method)
+        if cfg.search.max_steps:
+            hp_over["max_steps"] = cfg.search.max_steps
+        t0 = time.perf_counter()
+        try:
+            hp = HParams.from_config(cfg, method, hp_over)
+            m = train_run(cfg, task, method, cfg.search.seed, hp, train_subset=cfg.search.train_subset.get(task),
+                          evaluate_test=False)
+        except Exception as e:  # a failed trial (diverged, OOM) is recorded and replaced
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        val = m["validation"]
+        for k in ("loss", "accuracy", "f1"):
+            trial.set_user_attr(f"val_{k}", val[k])
+        trial.set_user_attr("best_step", m["best_step"])
+        trial.set_user_attr("train_time_s", m["train_time_s"])
+        trial.set_user_attr("peak_memory_bytes", m["peak_memory_bytes"])
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        study.tell(trial, val["accuracy"])
+        done_here += 1
+        if on_trial is not None:
+            on_trial(task, method, trial.number)
+    return done_here
+
+
+def export(cfg, task: str, method: str) -> dict:
+    """Trials table (CSV + JSON), best.yaml (+ analysis/<task>_<method>_optimal.yaml), plots."""
+    study = get_study(cfg, task, method)
+    out = cfg.out / "phase1" / f"{task}_{method}"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if t.user_attrs.get("surplus"):
+            continue
+        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
+            else None
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+                     "duration_s": dur, **{k: v for k, v in t.user_attrs.items() if k not in ("host", "pid")}})
+    store.atomic_write_json(out / "trials.json", {"study": study.study_name, "pruning": PRUNING, "trials": rows})
+    import pandas as pd
+
+    flat = pd.DataFrame([{**{k: v for k, v in r.items() if k != "params"}, **{f"param_{k}": v for k, v in
+                                                                               r["params"].items()}} for r in rows])
+    store.atomic_write_text(out / "trials.csv", flat.to_csv(index=False))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    res = {"task": task, "method": method, "n_complete": len(complete), "n_trials_target": cfg.search.n_trials,
+           "pruning": PRUNING, "study": study.study_name}
+    if complete:
+        best = max(complete, key=lambda t: (t.value, -t.number))
+        hp = dict(best.params)
+        best_doc = {"task": task, "method": method, "objective": "validation accuracy (best checkpoint by val loss)",
+                    "value": best.value, "trial": best.number, "val_f1": best.user_attrs.get("val_f1"),
+                    "seed": cfg.search.seed, "train_subset": cfg.search.train_subset.get(task),
+                    "pruning": PRUNING, "hparams": hp}
+        text = yaml.safe_dump(best_doc, sort_keys=False)
+        store.atomic_write_text(out / "best.yaml", text)
+        store.atomic_write_text(cfg.out / "analysis" / f"{task}_{method}_optimal.yaml", text)
+        res.update(best_value=best.value, best_trial=best.number, best_hparams=hp,
+                   best_val_f1=best.user_attrs.get("val_f1"))
+        _plots(study, out)
+    return res
+
+
+def _plots(study: optuna.Study, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import warnings
+
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib backend experimental
+        ax = ovm.plot_optimization_history(study)
+        ax.figure.savefig(out / "optimization_history.png", dpi=150, bbox_inches="tight")
+        plt.close(ax.figure)
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        values = {t.value for t in complete}
+        if len(complete) >= 2 and len(values) > 1:
+            try:
+                ax = ovm.plot_param_importances(study)
+                ax.figure.savefig(out / "param_importances.png", dpi=150, bbox_inches="tight")
+                plt.close(ax.figure)
+            except (RuntimeError, ValueError, ZeroDivisionError):
+                pass  # importance undefined (e.g. constant objective); the history plot still stands
+
+
+def best_hparams(cfg, task: str, method: str) -> dict | None:
+    p = cfg.out / "phase1" / f"{task}_{method}" / "best.yaml"
+    if not p.is_file():
+        return None
+    return (yaml.safe_load(p.read_text()) or {}).get("hparams")
+
+
+def is_done(cfg, task: str, method: str) -> bool:
+    p = cfg.out / "phase1" / f"{task}_{method}" / "best.yaml"
+    if not p.is_file():
+        return False
+    try:
+        return n_complete(get_study(cfg, task, method)) >= cfg.search.n_trials
+    except Exception:
+        return False
+
+
+def _tune_unit(arg, device):
+    cfg, task, method, worker = arg
+    if device is not None:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
+    return run_worker(cfg, task, method, worker)
+
+
+def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, workers: int = 1,
+         progress=None, stop=None) -> dict:
+    """Run (or finish) the studies with ``workers`` processes, then export every study."""
+    from lorastudy.workers import run_units
+
+    pairs = [(t, m) for t in (tasks or cfg.tasks) for m in (methods or cfg.methods)]
+    todo = [(t, m) for t, m in pairs if not is_done(cfg, t, m)]
+    for t, m in todo:
+        fail_orphans(get_study(cfg, t, m))
+    missing = sum(max(0, cfg.search.n_trials - n_complete(get_study(cfg, t, m))) for t, m in todo)
+    if progress is not None:
+        progress.set_total(missing)
+    failures = []
+    if workers <= 1:
+        for t, m in todo:
+            if stop is not None and stop():
+                break
+            if progress is not None:
+                progress.start(f"{t}/{m}")
+            run_worker(cfg, t, m, 0, on_trial=(lambda *_: progress.advance_rows(1)) if progress else None,
+                       stop=stop)
+            if progress is not None:
+                progress.running.discard(f"{t}/{m}")
+    else:
+        # each study gets ceil(workers / studies) workers, all studies at once
+        per = max(1, math.ceil(workers / max(len(todo), 1)))
+        units = [(f"{t}/{m}#{w}", (cfg, t, m, w)) for t, m in todo for w in range(per)]
+        for r in run_units(units, _tune_unit, workers, progress=None, stop=stop):
+            if not r.ok:
+                failures.append({"unit": r.name, "error": r.error})
+    summary = [export(cfg, t, m) for t, m in pairs]
+    _write_summary(cfg, summary, failures)
+    return {"studies": summary, "failures": failures}
+
+
+def _write_summary(cfg, summary: list[dict], failures: list[dict]) -> None:
+    import pandas as pd
+
+    out = cfg.out / "phase1"
+    store.atomic_write_json(out / "summary.json", {"pruning": PRUNING, "studies": summary, "failures": failures})
+    rows = [{"task": s["task"], "method": s["method"], "complete": s["n_complete"], "target": s["n_trials_target"],
+             "best_val_accuracy": s.get("best_value"), "best_val_f1": s.get("best_val_f1"),
+             "best_trial": s.get("best_trial"), **{f"best_{k}": v for k, v in (s.get("best_hparams") or {}).items()}}
+            for s in summary]
+    store.atomic_write_text(out / "summary.csv", pd.DataFrame(rows).to_csv(index=False))

@@ -1,0 +1,118 @@
+"""A small process pool for independent units of work (training runs, tuning workers).
+
+One process per unit, at most N alive, spread round-robin over the visible GPUs (several per GPU allowed). A unit
+that raises or whose process dies is reported as failed with its error; the others go on. With one worker and no
+GPU spreading needed, units run in this process (no start-up cost).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class UnitResult:
+    name: str
+    ok: bool
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class _Slot:
+    name: str
+    proc: Any
+    conn: Any
+    t0: float
+    extra: dict = field(default_factory=dict)
+
+
+def visible_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # pragma: no cover
+        return 0
+
+
+def _child(conn, fn, arg, device):
+    if device is not None:
+        os.environ["LORASTUDY_DEVICE"] = device
+    try:
+        conn.send(("ok", fn(arg, device)))
+    except BaseException as e:  # report, never hang the parent
+        conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
+    finally:
+        conn.close()
+
+
+def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any], workers: int = 1,
+              progress=None, stop: Callable[[], bool] | None = None) -> list[UnitResult]:
+    """Run ``fn(arg, device)`` for each ``(name, arg)``. ``device`` is "cuda:i" or None (the config decides).
+
+    ``stop()`` is checked between units (time budgets): units not started are left for a later invocation."""
+    ngpu = visible_gpus()
+    results: list[UnitResult] = []
+    if workers <= 1 and ngpu <= 1:
+        for name, arg in units:
+            if stop is not None and stop():
+                break
+            if progress:
+                progress.start(name)
+            t0 = time.perf_counter()
+            try:
+                r = UnitResult(name, True, fn(arg, None))
+            except Exception as e:
+                r = UnitResult(name, False, error=f"{type(e).__name__}: {e}")
+            r.seconds = time.perf_counter() - t0
+            results.append(r)
+            if progress:
+                progress.finish(name, r.ok)
+        return results
+
+    ctx = mp.get_context("spawn")
+    pending = list(units)
+    alive: list[_Slot] = []
+    k = 0
+    while pending or alive:
+        while pending and len(alive) < workers and not (stop is not None and stop()):
+            name, arg = pending.pop(0)
+            device = f"cuda:{k % ngpu}" if ngpu else None
+            k += 1
+            parent, child = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child, args=(child, fn, arg, device), daemon=False)
+            p.start()
+            child.close()
+            alive.append(_Slot(name, p, parent, time.perf_counter()))
+            if progress:
+                progress.start(name)
+        if stop is not None and stop():
+            pending.clear()
+        for slot in list(alive):
+            msg = None
+            if slot.conn.poll():
+                try:
+                    msg = slot.conn.recv()
+                except EOFError:
+                    msg = None
+            if msg is None and slot.proc.is_alive():
+                continue
+            slot.proc.join(timeout=30)
+            if msg is None:
+                msg = ("err", f"worker process died (exit code {slot.proc.exitcode})")
+            r = UnitResult(slot.name, msg[0] == "ok", msg[1] if msg[0] == "ok" else None,
+                           msg[1] if msg[0] != "ok" else None, time.perf_counter() - slot.t0)
+            results.append(r)
+            alive.remove(slot)
+            if progress:
+                progress.finish(slot.name, r.ok)
+        time.sleep(0.05)
+    return results
