@@ -13,6 +13,7 @@ with a bootstrap 95% CI; H2: overhead <= 30%, one-sided bootstrap test per batch
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -115,14 +116,14 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                 if use_graph:
                     try:
                         runner = GraphRunner(fn_engine, batch, idx, present)
-                        call = lambda r=runner: r(batch, idx, present)  # noqa: E731
+                        call = functools.partial(runner, batch, idx, present)
                         graph = True
                     except Exception as ex:  # capture can fail (data-dependent host syncs); keep eager numbers
                         log(f"serve-bench: CUDA graph capture failed for {e} (b={b}, k={k}): {type(ex).__name__}")
                         label = f"{e}-eager"
-                        call = lambda: fn_engine(batch, idx, present)  # noqa: E731
+                        call = functools.partial(fn_engine, batch, idx, present)
                 else:
-                    call = lambda: fn_engine(batch, idx, present)  # noqa: E731
+                    call = functools.partial(fn_engine, batch, idx, present)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -165,12 +166,12 @@ def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, 
         # (B) consecutive requests in arrival order, mixed adapters
         batches_b = [stream[s: s + b] for s in range(0, n_req, b)]
 
-        def serve_a():
+        def serve_a(batches_a=batches_a, pool=pool):
             for a, n in batches_a:
                 sub = {k: v[:n] for k, v in pool.items()}
                 eng["merged"](sub, torch.full((n,), a, device=device), [a])
 
-        def serve_b():
+        def serve_b(batches_b=batches_b, pool=pool):
             for ids in batches_b:
                 n = len(ids)
                 sub = {k: v[:n] for k, v in pool.items()}
