@@ -336,6 +336,66 @@ def serve_bench(
     console.print(f"wrote {cfg.out / 'phase4' / 'deployment'}")
 
 
+@app.command()
+@_handle_errors
+def report(
+    config: ConfigArg,
+    check: Annotated[bool, typer.Option("--check", help="Fail if any number in the report disagrees with the "
+                                                        "artifacts")] = False,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Write ANALYSIS_REPORT.md (+ .html with figures embedded) from the artifacts; --check verifies it."""
+    from lorastudy.report.build import build_report, check_report
+
+    cfg = _load(config, set_, data_dir)
+    if check:
+        bad = check_report(cfg)
+        if bad:
+            console.print(f"[bold red]report check failed:[/] {len(bad)} line(s) disagree with the artifacts")
+            for line in bad[:20]:
+                console.print("  " + line, markup=False, highlight=False)
+            raise typer.Exit(1)
+        console.print("report check passed: every line matches the artifacts")
+        return
+    path = build_report(cfg)
+    console.print(f"wrote {path} and {path.with_suffix('.html')}")
+
+
+@app.command()
+@_handle_errors
+def run(
+    config: ConfigArg,
+    only: Annotated[str | None, typer.Option("--only", help="Run just this phase")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Start at this phase")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop cleanly between units after "
+                                                                            "this many seconds")] = None,
+    workers: WorkersOpt = 1,
+    force: Annotated[bool, typer.Option(help="Reuse a results dir made by a different config")] = False,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """The whole study: sanity, baselines, tune, train, extract, drift, serve, report. Resumable."""
+    from lorastudy.pipeline import PHASES
+    from lorastudy.pipeline import run as run_pipeline
+
+    for name, ph in (("--only", only), ("--from", from_)):
+        if ph is not None and ph not in PHASES:
+            raise ConfigError(f"{name} {ph!r}: phases are {', '.join(PHASES)}")
+    cfg = _load(config, set_, data_dir)
+    res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,
+                       console=console)
+    tbl = Table(title=f"study {cfg.name}: {cfg.out}")
+    tbl.add_column("phase")
+    tbl.add_column("seconds", justify="right")
+    tbl.add_column("output")
+    for ph, d in res["phases"].items():
+        tbl.add_row(ph, f"{d.get('seconds', 0):.0f}", str(d.get("path", "")))
+    Console(width=160).print(tbl)
+    if "stopped" in res:
+        console.print(f"[yellow]{res['stopped']}[/]")
+
+
 def entry() -> None:  # pragma: no cover
     sys.exit(app())
 

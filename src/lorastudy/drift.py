@@ -98,7 +98,7 @@ def summarize_task(a: dict, n_resamples: int, seed: int, min_reduction: float) -
             "cka_biased": a["cka_biased"][ri].tolist(), "cos_raw": a["cos_raw"][ri].tolist(),
             "cos_std": a["cos_std"][ri].tolist(), "drift": drift[ri].tolist(),
             "whole_model_drift": float(drift[ri].mean()),
-            "group_drift": {g: float(drift[ri, idx].mean()) for g, idx in groups.items() if idx},
+            "group_drift": {g: float(drift[ri, idx].mean()) if idx else None for g, idx in groups.items()},
         })
     for m, fl in a["noise_floor_cka_debiased"].items():
         rows = _method_rows(a, m)
@@ -113,7 +113,7 @@ def summarize_task(a: dict, n_resamples: int, seed: int, min_reduction: float) -
                                      "per_seed": wm.tolist()}
         prof["group_drift"] = {g: {"mean": float(d[:, idx].mean()),
                                    "std": float(d[:, idx].mean(1).std(ddof=1)) if len(rows) > 1 else 0.0}
-                               for g, idx in groups.items() if idx}
+                               if idx else {"mean": None, "std": None} for g, idx in groups.items()}
         out["profiles"][m] = prof
         if len(fl):
             out["noise_floor"][m] = {"pairs": [[p[0][1], p[1][1]] for p in a["noise_floor_pairs"][m]],

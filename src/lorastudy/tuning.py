@@ -27,6 +27,7 @@ from lorastudy import store
 from lorastudy.training import HParams, train_run
 
 PRUNING = "none"
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress view reports trials
 
 
 def storage_url(cfg) -> str:
@@ -42,7 +43,11 @@ def _storage(cfg) -> optuna.storages.RDBStorage:
     kw: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kw["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kw)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
+        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kw)
 
 
 def study_name(cfg, task: str, method: str) -> str:

@@ -1,0 +1,168 @@
+"""ANALYSIS_REPORT.md (and .html with the figures embedded), generated from the artifacts only.
+
+Every number in the report comes from a JSON artifact through ``collect`` and the template; nothing is typed by
+hand. ``check_report`` re-reads the artifacts, renders again and fails on any line that differs (a tampered or stale
+number)."""
+
+from __future__ import annotations
+
+import base64
+import difflib
+import math
+import re
+from pathlib import Path
+
+import jinja2
+import numpy as np
+
+from lorastudy import store
+
+REPORT = "ANALYSIS_REPORT.md"
+
+
+class ReportCheckError(RuntimeError):
+    pass
+
+
+def _read(path: Path):
+    return store.read_json(path) if path.is_file() else None
+
+
+def _ms(values) -> dict:
+    v = np.asarray(values, float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)} if len(v) \
+        else None
+
+
+def collect(cfg) -> dict:
+    """Everything the report shows, read from the artifacts."""
+    out = cfg.out
+    ctx: dict = {"cfg": cfg.resolved(), "name": cfg.name, "config_hash": cfg.hash(), "out": str(out),
+                 "tasks": cfg.tasks, "methods": cfg.methods, "seeds": cfg.seeds}
+    man = _read(out / "manifest.json") or {}
+    ctx["code"] = man.get("code", store.code_version())
+    ctx["sanity"] = (_read(out / "phase0" / "sanity.json") or {}).get("results")
+    ctx["baselines"] = (_read(out / "phase0" / "baselines.json") or {}).get("results")
+    ctx["tuning"] = _read(out / "phase1" / "summary.json")
+    runs, acc = [], {}
+    for t in cfg.tasks:
+        for m in cfg.methods:
+            vals, f1s = [], []
+            for s in cfg.seeds:
+                rd = store.run_dir(out, t, m, s)
+                failed = rd.parent / f"{rd.name}.{store.FAILED}"
+                if store.is_complete(rd):
+                    mt = store.read_json(rd / "metrics.json")
+                    runs.append({"task": t, "method": m, "seed": s, "test_accuracy": mt["test"]["accuracy"],
+                                 "test_f1": mt["test"]["f1"], "val_accuracy": mt["validation"]["accuracy"],
+                                 "collapsed": mt["collapsed"], "majority": mt["majority_accuracy"],
+                                 "best_step": mt["best_step"], "steps": mt["steps"],
+                                 "train_time_s": mt["train_time_s"], "trainable_params": mt["trainable_params"],
+                                 "hparams": mt["hparams"], "failed": False})
+                    vals.append(mt["test"]["accuracy"])
+                    f1s.append(mt["test"]["f1"])
+                elif failed.is_file():
+                    runs.append({"task": t, "method": m, "seed": s, "failed": True,
+                                 "error": store.read_json(failed).get("error")})
+            acc[(t, m)] = {"accuracy": _ms(vals), "f1": _ms(f1s)}
+    ctx["runs"] = runs
+    ctx["collapsed"] = [r for r in runs if r.get("collapsed")]
+    ctx["failed_runs"] = [r for r in runs if r.get("failed")]
+    ctx["acc"] = {f"{t}/{m}": v for (t, m), v in acc.items()}
+    ctx["drift"] = _read(out / "phase4" / "drift" / "drift_analysis_results.json")
+    ctx["hyp"] = _read(out / "phase4" / "drift" / "hypothesis_test_results.json")
+    ctx["serve"] = _read(out / "phase4" / "deployment" / "benchmark_results.json")
+    ctx["overhead"] = _read(out / "phase4" / "deployment" / "overhead_analysis.json")
+    ctx["figures"] = {p.stem: str(p.relative_to(out)) for p in sorted(out.glob("phase4/*/*.png"))}
+    ctx["real_model"] = cfg.model.source
+    ctx["paper_model"] = "TinyLlama/TinyLlama_v1.1"
+    ctx["data_source"] = cfg.data_source()
+    ctx["limits"] = {"train": cfg.data.train_limit, "test": cfg.data.test_limit}
+    ctx["serve_best"] = _serve_summary(ctx["serve"], ctx["overhead"])
+    return ctx
+
+
+def _serve_summary(serve, ov) -> dict | None:
+    if not serve or not ov:
+        return None
+    rows = ov["rows"]
+    nmax = max((r["n_adapters"] for r in rows), default=1)
+    pick = {}
+    for e in sorted({r["engine"] for r in rows}):
+        rs = [r for r in rows if r["engine"] == e and r["n_adapters"] == nmax]
+        if rs:
+            pick[e] = {"max_overhead": max(r["overhead"] for r in rs), "min_overhead": min(r["overhead"] for r in rs)}
+    return {"n_adapters": nmax, "engines": pick}
+
+
+# -- formatting filters ----------------------------------------------------------------------------------------------
+def f3(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def pct(x, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{100 * x:.{digits}f}%"
+
+
+def pval(p) -> str:
+    if p is None or (isinstance(p, float) and not math.isfinite(p)):
+        return "n/a"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.3f}"
+
+
+def mib(b) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def render(cfg) -> str:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("lorastudy", "report/templates"),
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True)
+    env.filters.update(f3=f3, pct=pct, pval=pval, mib=mib)
+    return env.get_template("report.md.j2").render(**collect(cfg))
+
+
+def _html(md_text: str, root: Path) -> str:
+    import markdown
+
+    body = markdown.markdown(md_text, extensions=["tables", "fenced_code"])
+
+    def embed(m):
+        src = m.group(1)
+        p = root / src
+        if p.is_file():
+            return f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
+        return m.group(0)
+
+    body = re.sub(r'src="([^"]+\.png)"', embed, body)
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
+             "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 7px}"
+             "img{max-width:100%}code{background:#f4f4f4}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>lorastudy report</title><style>{style}</style>" \
+           f"</head><body>{body}</body></html>\n"
+
+
+def build_report(cfg) -> Path:
+    text = render(cfg)
+    path = cfg.out / REPORT
+    store.atomic_write_text(path, text)
+    store.atomic_write_text(path.with_suffix(".html"), _html(text, cfg.out))
+    return path
+
+
+def check_report(cfg) -> list[str]:
+    """Lines of the report on disk that disagree with the artifacts (empty list: consistent)."""
+    path = cfg.out / REPORT
+    if not path.is_file():
+        raise ReportCheckError(f"{path} does not exist; run `lorastudy report` first")
+    have = path.read_text().splitlines()
+    want = render(cfg).splitlines()
+    bad = []
+    for line in difflib.unified_diff(want, have, "from artifacts", str(path), lineterm="", n=0):
+        if line.startswith(("+", "-")) and not line.startswith(("+++", "---")):
+            bad.append(line)
+    return bad
