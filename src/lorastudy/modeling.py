@@ -221,11 +221,26 @@ def merge_lora(peft_model):
     return peft_model.merge_and_unload()
 
 
+def additive_mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A prepared [B, 1, S, S] causal + padding mask (0 = attend, dtype-min = blocked).
+
+    Transformers uses a 4-D mask as given, which skips its data-dependent mask building (a host sync) and so makes
+    the forward capturable in a CUDA graph. Pad query rows may attend to themselves, so no row is fully blocked
+    (a fully blocked row gives NaN, and 0 x NaN would leak into real tokens)."""
+    s = attention_mask.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None] & attention_mask[:, None, :].bool()
+    allowed = allowed | torch.eye(s, dtype=torch.bool, device=attention_mask.device)[None]
+    out = torch.zeros(allowed.shape, dtype=dtype, device=attention_mask.device)
+    return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def classifier_logits(model, batch: dict) -> torch.Tensor:
-    """Logits for a collated batch, with explicit position ids (padding-side invariant)."""
+    """Logits for a collated batch, with explicit position ids (padding-side invariant). A prepared 4-D mask under
+    ``mask4d`` is used instead of the 2-D one (see ``additive_mask_4d``)."""
     return model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-        use_cache=False,
+        input_ids=batch["input_ids"], attention_mask=batch.get("mask4d", batch["attention_mask"]),
+        position_ids=batch["position_ids"], use_cache=False,
     ).logits
 
 

@@ -13,7 +13,6 @@ from typing import Literal
 
 import numpy as np
 from scipy import stats as ss
-from statsmodels.stats.multitest import multipletests
 
 Alternative = Literal["two-sided", "less", "greater"]
 
@@ -140,6 +139,8 @@ def jackknife(theta_full: float, theta_loo, confidence: float = 0.95) -> dict:
 
 def correct(pvalues, method: Literal["bonferroni", "holm"], family: str, alpha: float = 0.05) -> dict:
     """Multiple-comparison correction over a named family of tests (statsmodels)."""
+    from statsmodels.stats.multitest import multipletests  # lazy: heavy import, only the analyses need it
+
     p = np.asarray(pvalues, float)
     if p.size == 0:
         return {"method": method, "family": family, "m": 0, "adjusted": [], "reject": []}

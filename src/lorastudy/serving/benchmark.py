@@ -19,17 +19,21 @@ import time
 import numpy as np
 import torch
 
+from lorastudy import modeling as M
 from lorastudy import stats as T
 from lorastudy import store
 from lorastudy.serving.build import build_engines, study_adapters, synthetic_adapters, synthetic_base
 from lorastudy.serving.engines import GraphRunner
 
 
-def _batch(vocab: int, b: int, seq_len: int, device, gen: torch.Generator) -> dict:
+def _batch(vocab: int, b: int, seq_len: int, device, gen: torch.Generator, dtype=None) -> dict:
     ids = torch.randint(3, vocab, (b, seq_len), generator=gen)
     mask = torch.ones_like(ids)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos.to(device)}
+    if dtype is not None:  # GPU: a prepared 4-D mask keeps the forward free of host syncs (CUDA graphs)
+        out["mask4d"] = M.additive_mask_4d(out["attention_mask"], dtype)
+    return out
 
 
 def _weights_bytes(module) -> int:
@@ -93,7 +97,8 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     weights = {k: _weights_bytes(v) for k, v in eng.items()}
 
     # parity on one mixed batch (every adapter present when the batch allows)
-    vb = _batch(vocab, max(8, N), seq_len, device, gen)
+    mdt = dtype if device.type == "cuda" else None
+    vb = _batch(vocab, max(8, N), seq_len, device, gen, mdt)
     vidx = (torch.arange(vb["input_ids"].shape[0]) % N).to(device)
     ref = eng["merged"](vb, vidx) if "merged" in eng else None
     parity = {k: (float((e(vb, vidx) - ref).abs().max()) if ref is not None else None) for k, e in eng.items()}
@@ -102,7 +107,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     if progress is not None:
         progress.set_total(total)
     for b in batch_sizes:
-        batch = _batch(vocab, b, seq_len, device, gen)
+        batch = _batch(vocab, b, seq_len, device, gen, mdt)
         conds = [(e, k) for k in adapter_counts(N) for e in names]  # merged with k=1 is the baseline
         for e, k in conds:
             idx = (torch.arange(b) % k).to(device)
@@ -139,13 +144,14 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                 })
             if progress is not None:
                 progress.advance_rows(1)
-    traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, device, gen)
+    traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, device, gen, mdt)
     return {"records": records, "parity_max_abs_logit_diff": parity, "mixed_traffic": traffic,
             "n_adapters_total": N, "adapters": [a.name for a in adapters], "dtype": str(dtype),
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, device, gen) -> list[dict]:
+def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, device, gen, mdt=None
+                  ) -> list[dict]:
     """A stream of requests for the tasks (one adapter per task), served (A) by merged models with single-task
     batches, (B) by the batched engine with mixed batches in arrival order."""
     if "merged" not in eng or "batched" not in eng:
@@ -157,7 +163,7 @@ def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, 
     for b in batch_sizes:
         n_req = max(requests, 4 * b)
         stream = rng.choice(per_task, size=n_req)
-        pool = _batch(vocab, b, seq_len, device, gen)
+        pool = _batch(vocab, b, seq_len, device, gen, mdt)
         # (A) queue per task, serve full single-task batches (leftovers as a final partial batch)
         batches_a = []
         for a in per_task:
@@ -263,7 +269,7 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     n_max = s.max_adapters
     source = "synthetic"
     if arch:
-        base = synthetic_base(arch)
+        base = synthetic_base(arch, device=device)
         adapters = synthetic_adapters(base, n_max or 9, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
                                       tasks=cfg.tasks)
         source = f"synthetic {arch} architecture, random weights"

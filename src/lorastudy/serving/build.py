@@ -19,12 +19,14 @@ SYNTHETIC_ARCHS = {
 }
 
 
-def synthetic_base(arch: str, num_labels: int = 2, seed: int = 0) -> LlamaForSequenceClassification:
+def synthetic_base(arch: str, num_labels: int = 2, seed: int = 0, device="cpu") -> LlamaForSequenceClassification:
+    """Random weights of a real architecture; built directly on ``device`` (a 1.1B init on CPU takes long)."""
     cfg = LlamaConfig(**SYNTHETIC_ARCHS[arch], num_labels=num_labels, pad_token_id=2, bos_token_id=1,
                       eos_token_id=2, tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.device(device)] if torch.device(device).type == "cuda" else []):
         torch.manual_seed(seed)
-        return LlamaForSequenceClassification(cfg)
+        with torch.device(device):
+            return LlamaForSequenceClassification(cfg)
 
 
 def synthetic_adapters(base, n: int, rank: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),

@@ -96,7 +96,7 @@ class PeftEngine(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict, adapter_idx: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
         names = [self.adapter_names[i] for i in adapter_idx.tolist()]
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("mask4d", batch["attention_mask"]),
                           position_ids=batch["position_ids"], use_cache=False, adapter_names=names).logits.float()
 
 
@@ -163,7 +163,8 @@ class BatchedLoraEngine(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict, adapter_idx: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
         self.router.idx = adapter_idx
-        h = M.backbone(self.model)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+        h = M.backbone(self.model)(input_ids=batch["input_ids"],
+                                   attention_mask=batch.get("mask4d", batch["attention_mask"]),
                                    position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, pooled_index(batch["attention_mask"])]  # [B, H]

@@ -1,0 +1,135 @@
+"""Optimizer-step time and tokens/s: lorastudy's training step vs a plain Hugging Face/PEFT eager loop, measured in
+the same run, for full FT and LoRA, at several batch sizes and sequence lengths.
+
+Models: SmolLM2-135M (real weights) and TinyLlama-1.1B's architecture with random weights.
+Prints a table and writes JSON.
+
+    python benchmarks/train_step.py --out benchmarks/results/train_step_h200.json
+    python benchmarks/train_step.py --models smollm2 --batch-sizes 1 4 --steps 5   # quick CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lorastudy import modeling as M
+from lorastudy.config import load_config
+from lorastudy.serving.build import synthetic_base
+from lorastudy.training import HParams, Setup, make_optimizer, train_step
+
+LENGTHS = {"sst2": 24, "rte": 64}  # SST-2-like and RTE-like batch lengths (tokens), cf. data-stats p50
+
+
+def make_model(name: str, method: str, device):
+    if name == "smollm2":
+        cfg = load_config(None, ["model.source=smollm2-135m"])
+        model, _ = M.load_base(cfg.model, 2, seed=0)
+    else:
+        model = synthetic_base("tinyllama", device=device)
+    if method == "lora":
+        model = M.wrap_lora(model, 8, 16, 0.0, ["q_proj", "v_proj"])
+    return model.to(device).train()
+
+
+def batch(vocab: int, b: int, s: int, device, gen):
+    ids = torch.randint(3, vocab, (b, s), generator=gen).to(device)
+    mask = torch.ones_like(ids)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    y = torch.randint(0, 2, (b,), generator=gen).to(device)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, y
+
+
+def time_steps(step_fn, n_warm: int, n: int, device) -> float:
+    for _ in range(n_warm):
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def bench(name, method, bs, seq, device, steps, warm, gen) -> dict:
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    res = {"model": name, "method": method, "batch_size": bs, "seq_len": seq, "device": str(device),
+           "precision": "bf16-autocast" if amp else "fp32"}
+    for loop in ("hf_eager", "lorastudy"):
+        model = make_model(name, method, device)
+        b, y = batch(model.config.vocab_size, bs, seq, device, gen)
+        if loop == "hf_eager":
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-5)
+
+            def step():
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=y)
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 0.3)
+                opt.step()
+                opt.zero_grad()
+                return out.loss.item()  # the usual per-step host sync of a plain loop (logging)
+        else:
+            hp = HParams(1e-5, bs, 1, 0.0, 0.0, 16, 0.0)
+            s = Setup(model, None, device, amp, 0, 0, [p for p in model.parameters() if p.requires_grad])
+            opt = make_optimizer(model, hp, device)
+
+            def step():
+                return train_step(s, opt, None, b, y, 0.3)
+        ms = time_steps(step, warm, steps, device)
+        res[f"{loop}_ms"] = ms
+        res[f"{loop}_tokens_per_s"] = bs * seq / ms * 1e3
+        del model, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    res["speedup"] = res["hf_eager_ms"] / res["lorastudy_ms"]
+    return res
+
+
+def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2", "tinyllama"])
+    ap.add_argument("--methods", nargs="+", default=["full", "lora"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 16])
+    ap.add_argument("--lengths", nargs="+", default=list(LENGTHS))
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for name in a.models:
+        for method in a.methods:
+            for ln in a.lengths:
+                for bs in a.batch_sizes:
+                    r = bench(name, method, bs, LENGTHS[ln], device, a.steps, a.warmup, gen)
+                    r["length_profile"] = ln
+                    rows.append(r)
+                    print(f"{name:9s} {method:4s} {ln:4s} b={bs:<3d} s={r['seq_len']:<3d} "
+                          f"HF eager {r['hf_eager_ms']:8.2f} ms  lorastudy {r['lorastudy_ms']:8.2f} ms  "
+                          f"x{r['speedup']:.2f}  {r['lorastudy_tokens_per_s']:9.0f} tok/s", flush=True)
+    meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "steps": a.steps, "warmup": a.warmup,
+            "command": "python benchmarks/train_step.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(a).items())}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
