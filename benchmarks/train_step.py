@@ -11,13 +11,13 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lorastudy import modeling as M
 from lorastudy.config import load_config
@@ -59,40 +59,47 @@ def time_steps(step_fn, n_warm: int, n: int, device) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def bench(name, method, bs, seq, device, steps, warm, gen) -> dict:
+def hf_eager_step(model, params, opt, b, y, amp, device):
+    """A plain Hugging Face loop step: loss from the model, backward, clip, AdamW (default), .item() for logging."""
+    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=y)
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    opt.step()
+    opt.zero_grad()
+    return out.loss.item()
+
+
+def bench_model(name, method, shapes, device, steps, warm, gen) -> list[dict]:
+    """Both loops on one model instance per (model, method); a fresh optimizer per measurement."""
     amp = torch.bfloat16 if device.type == "cuda" else None
-    res = {"model": name, "method": method, "batch_size": bs, "seq_len": seq, "device": str(device),
-           "precision": "bf16-autocast" if amp else "fp32"}
-    for loop in ("hf_eager", "lorastudy"):
-        model = make_model(name, method, device)
+    model = make_model(name, method, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = []
+    for ln, bs in shapes:
+        seq = LENGTHS[ln]
         b, y = batch(model.config.vocab_size, bs, seq, device, gen)
-        if loop == "hf_eager":
-            params = [p for p in model.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-5)
-
-            def step():
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=y)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 0.3)
-                opt.step()
-                opt.zero_grad()
-                return out.loss.item()  # the usual per-step host sync of a plain loop (logging)
-        else:
-            hp = HParams(1e-5, bs, 1, 0.0, 0.0, 16, 0.0)
-            s = Setup(model, None, device, amp, 0, 0, [p for p in model.parameters() if p.requires_grad])
-            opt = make_optimizer(model, hp, device)
-
-            def step():
-                return train_step(s, opt, None, b, y, 0.3)
-        ms = time_steps(step, warm, steps, device)
-        res[f"{loop}_ms"] = ms
-        res[f"{loop}_tokens_per_s"] = bs * seq / ms * 1e3
-        del model, opt
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    res["speedup"] = res["hf_eager_ms"] / res["lorastudy_ms"]
-    return res
+        res = {"model": name, "method": method, "batch_size": bs, "seq_len": seq, "length_profile": ln,
+               "device": str(device), "precision": "bf16-autocast" if amp else "fp32"}
+        opt = torch.optim.AdamW(params, lr=1e-5)
+        res["hf_eager_ms"] = time_steps(functools.partial(hf_eager_step, model, params, opt, b, y, amp, device),
+                                        warm, steps, device)
+        del opt
+        s = Setup(model, None, device, amp, 0, 0, params)
+        opt = make_optimizer(model, HParams(1e-5, bs, 1, 0.0, 0.0, 16, 0.0), device)
+        res["lorastudy_ms"] = time_steps(functools.partial(train_step, s, opt, None, b, y, 0.3), warm, steps, device)
+        del opt
+        for loop in ("hf_eager", "lorastudy"):
+            res[f"{loop}_tokens_per_s"] = bs * seq / res[f"{loop}_ms"] * 1e3
+        res["speedup"] = res["hf_eager_ms"] / res["lorastudy_ms"]
+        rows.append(res)
+        print(f"{name:9s} {method:4s} {ln:4s} b={bs:<3d} s={seq:<3d} HF eager {res['hf_eager_ms']:8.2f} ms  "
+              f"lorastudy {res['lorastudy_ms']:8.2f} ms  x{res['speedup']:.2f}  "
+              f"{res['lorastudy_tokens_per_s']:9.0f} tok/s", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
 
 
 def main() -> None:
@@ -111,16 +118,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     rows = []
+    shapes = [(ln, bs) for ln in a.lengths for bs in a.batch_sizes]
     for name in a.models:
         for method in a.methods:
-            for ln in a.lengths:
-                for bs in a.batch_sizes:
-                    r = bench(name, method, bs, LENGTHS[ln], device, a.steps, a.warmup, gen)
-                    r["length_profile"] = ln
-                    rows.append(r)
-                    print(f"{name:9s} {method:4s} {ln:4s} b={bs:<3d} s={r['seq_len']:<3d} "
-                          f"HF eager {r['hf_eager_ms']:8.2f} ms  lorastudy {r['lorastudy_ms']:8.2f} ms  "
-                          f"x{r['speedup']:.2f}  {r['lorastudy_tokens_per_s']:9.0f} tok/s", flush=True)
+            rows += bench_model(name, method, shapes, device, a.steps, a.warmup, gen)
     meta = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "steps": a.steps, "warmup": a.warmup,
             "command": "python benchmarks/train_step.py " + " ".join(

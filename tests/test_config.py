@@ -27,7 +27,7 @@ def test_paper_preset_is_the_protocol():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.batch_size=3", "lora.target_modules=[q_proj]",
+    cfg = load_config(None, ["train.batch_size=3", "lora.target_modules=[q_proj]",
                                                       "search.spaces.full.lr.low=1e-7"])
     assert cfg.train.batch_size == 3
     assert cfg.lora.target_modules == ["q_proj"]

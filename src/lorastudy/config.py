@@ -264,6 +264,11 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from e
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; a number is meant
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         out.append((key.strip(), value))
     return out
 
