@@ -54,8 +54,9 @@ def merged_model(base, ad: Adapter):
     with torch.no_grad():
         for key, (a, b) in ad.lora.items():
             lin = m.get_submodule(key)
-            lin.weight += (ad.scaling * (b.double() @ a.double())).to(lin.weight.dtype)
-        m.score = torch.nn.Linear(m.config.hidden_size, ad.num_labels, bias=False).to(m.score.weight.dtype)
+            lin.weight += (ad.scaling * (b.double() @ a.double())).to(lin.weight.device, lin.weight.dtype)
+        old = m.score.weight
+        m.score = torch.nn.Linear(m.config.hidden_size, ad.num_labels, bias=False).to(old.device, old.dtype)
         m.score.weight.copy_(ad.score)
     m.config.num_labels = ad.num_labels
     return m.eval()
