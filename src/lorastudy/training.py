@@ -104,7 +104,7 @@ def predict(model, enc: D.Encoded, pad_id: int, padding_side: str, batch_size: i
 
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     preds = logits.argmax(-1)
-    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item())
+    loss = float(F.cross_entropy(torch.as_tensor(logits), torch.tensor(labels)).item())
     return {"loss": loss, "accuracy": float((preds == labels).mean()), "f1": f1_binary(labels, preds)}
 
 

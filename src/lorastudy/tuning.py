@@ -12,10 +12,12 @@ No pruning is used (every trial trains to its end or to early stopping); outputs
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from lorastudy.training import HParams, train_run
 
 PRUNING = "none"
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # our progress view reports trials
+# optuna warns that heartbeats are meant for Study.optimize; with ask/tell we record them ourselves (run_worker)
+warnings.filterwarnings("ignore", message=".*[Hh]eartbeat.*")
 
 
 def storage_url(cfg) -> str:
@@ -43,11 +47,11 @@ def _storage(cfg) -> optuna.storages.RDBStorage:
     kw: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kw["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
-        return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kw)
+        # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat thread); a trial
+        # silent for grace_period seconds belongs to a dead worker, on any machine, and is failed and replaced
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
 
 
 def study_name(cfg, task: str, method: str) -> str:
@@ -99,7 +103,9 @@ def fail_orphans(study: optuna.Study) -> int:
             study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             n += 1
-    optuna.storages.fail_stale_trials(study)  # other machines: stale heartbeat
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optuna.storages.fail_stale_trials(study)  # other machines: stale heartbeat
     return n
 
 
@@ -122,6 +128,9 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
             time.sleep(1.0)  # the rest are running elsewhere; wait in case one fails
             fail_orphans(study)
             continue
+        # reseed from the number of finished trials: the k-th trial's proposal then depends only on the history,
+        # so an interrupted and resumed search proposes what an uninterrupted one would have (one worker)
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker + n_complete(study))
         trial = study.ask()
         first = sorted(t.number for t in study.get_trials(deepcopy=False, states=live_states))[:target]
         if trial.number not in first:
@@ -134,10 +143,12 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         if cfg.search.max_steps:
             hp_over["max_steps"] = cfg.search.max_steps
         t0 = time.perf_counter()
+        beat = functools.partial(study._storage.record_heartbeat, trial._trial_id)
+        beat()
         try:
             hp = HParams.from_config(cfg, method, hp_over)
             m = train_run(cfg, task, method, cfg.search.seed, hp, train_subset=cfg.search.train_subset.get(task),
-                          evaluate_test=False)
+                          evaluate_test=False, on_eval=lambda *_: beat())
         except Exception as e:  # a failed trial (diverged, OOM) is recorded and replaced
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             study.tell(trial, state=TrialState.FAIL)

@@ -1,0 +1,102 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+from optuna.trial import TrialState
+
+from lorastudy import tuning
+from lorastudy.config import load_config
+from tests.conftest import REPO
+
+
+def _tiny(tiny_cfg, *sets):
+    return load_config(REPO / "configs" / "tiny.yaml",
+                       [f"data.source={tiny_cfg.data.source}", f"output_dir={tiny_cfg.output_dir}", "tasks=[rte]",
+                        *sets])
+
+
+def _states(cfg, task="rte", method="lora"):
+    st = tuning.get_study(cfg, task, method)
+    return [t.state for t in st.get_trials(deepcopy=False)], st
+
+
+def test_tune_outputs_and_best_roundtrip_into_train(tiny_cfg):
+    cfg = _tiny(tiny_cfg, "methods=[lora]")
+    res = tuning.tune(cfg)
+    s = res["studies"][0]
+    assert s["n_complete"] == 2 and s["pruning"] == "none"
+    out = cfg.out / "phase1" / "rte_lora"
+    for name in ("trials.csv", "trials.json", "best.yaml", "optimization_history.png"):
+        assert (out / name).is_file(), name
+    assert (cfg.out / "analysis" / "rte_lora_optimal.yaml").is_file()
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    trials = json.loads((out / "trials.json").read_text())["trials"]
+    assert best["value"] == max(t["value"] for t in trials if t["state"] == "COMPLETE")
+    assert set(best["hparams"]) >= {"lr", "batch_size", "warmup_ratio", "weight_decay", "epochs", "lora_alpha"}
+    # the test split is never touched during search
+    assert all("test_accuracy" not in t for t in trials)
+    # best.yaml feeds `train`
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    r = CliRunner().invoke(app, ["train", str(REPO / "configs" / "tiny.yaml"), "--task", "rte", "--method", "lora",
+                                 "--seed", "5", "--hparams", str(out / "best.yaml"), "--set",
+                                 f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((cfg.out / "phase2" / "rte" / "lora" / "seed5" / "metrics.json").read_text())
+    for k, v in best["hparams"].items():
+        assert m["hparams"][k] == v
+
+
+def test_two_workers_one_sqlite_exact_trial_count(tiny_cfg):
+    cfg = _tiny(tiny_cfg, "methods=[lora]", "search.n_trials=4", "search.max_steps=4")
+    res = tuning.tune(cfg, workers=2)
+    assert not res["failures"], res["failures"]
+    states, st = _states(cfg)
+    complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    assert len({t.number for t in complete}) == 4
+    # any extra trial created by a race is marked surplus and never ran
+    for t in st.get_trials(deepcopy=False):
+        if t.state != TrialState.COMPLETE:
+            assert t.user_attrs.get("surplus") or t.user_attrs.get("interrupted") or t.user_attrs.get("error")
+
+
+def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
+    cfg = _tiny(tiny_cfg, "methods=[full]", "search.n_trials=3", "search.max_steps=400")
+    cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), "--set",
+           f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]",
+           "--set", "methods=[full]", "--set", "search.n_trials=3", "--set", "search.max_steps=400"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait until one trial is complete and the next is running, then kill
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(1)
+        try:
+            states, _ = _states(cfg, "rte", "full")
+        except Exception:
+            continue
+        if states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states:
+            break
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before, st = _states(cfg, "rte", "full")
+    n_done = before.count(TrialState.COMPLETE)
+    assert 1 <= n_done < 3 and TrialState.RUNNING in before
+    done_numbers = {t.number for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ})
+    assert r.returncode == 0, r.stderr[-2000:]
+    after, st = _states(cfg, "rte", "full")
+    trials = st.get_trials(deepcopy=False)
+    assert after.count(TrialState.COMPLETE) == 3
+    assert TrialState.RUNNING not in after
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 1 and interrupted[0].state == TrialState.FAIL
+    # the completed trials of the first run were kept, not redone
+    assert done_numbers <= {t.number for t in trials if t.state == TrialState.COMPLETE}
+    assert len(trials) == 4  # 3 complete + the interrupted one
