@@ -148,7 +148,7 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         try:
             hp = HParams.from_config(cfg, method, hp_over)
             m = train_run(cfg, task, method, cfg.search.seed, hp, train_subset=cfg.search.train_subset.get(task),
-                          evaluate_test=False, on_eval=lambda *_: beat())
+                          evaluate_test=False, on_eval=lambda *_, beat=beat: beat())
         except Exception as e:  # a failed trial (diverged, OOM) is recorded and replaced
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             study.tell(trial, state=TrialState.FAIL)
