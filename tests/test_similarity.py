@@ -115,3 +115,13 @@ def test_cosine_errors():
     z[2] = 0
     with pytest.raises(S.SimilarityError, match="zero-norm"):
         S.cosine_similarity(z, z)
+
+
+def test_gram_stats_match_the_plain_functions():
+    rng = _rng(9)
+    x, y = rng.normal(size=(30, 12)), rng.normal(size=(30, 40))
+    y[:, :12] += x
+    gx, gy = S.GramStats(x), S.GramStats(y)
+    for debiased in (False, True):
+        assert gx.cka(gy, debiased) == pytest.approx(S.linear_cka(x, y, debiased), rel=1e-10)
+    np.testing.assert_allclose(gx.cka_debiased_loo(gy), S.cka_debiased_loo(S.gram(x), S.gram(y)), rtol=1e-10)

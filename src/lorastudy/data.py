@@ -176,6 +176,9 @@ def _limit(df: pd.DataFrame, n: int | None, seed: int, *salt: str) -> pd.DataFra
     return df.iloc[stratified_sample(df["label"].to_numpy(), n, _rng(seed, *salt))].reset_index(drop=True)
 
 
+_SPLITS_CACHE: dict[str, Splits] = {}
+
+
 def load_splits(
     task: str | TaskSpec,
     source: str,
@@ -187,8 +190,20 @@ def load_splits(
     validation_limit: int | None = None,
     test_limit: int | None = None,
 ) -> Splits:
-    """Leak-free splits: test = GLUE validation; validation = stratified seeded carve-out of GLUE train."""
+    """Leak-free splits: test = GLUE validation; validation = stratified seeded carve-out of GLUE train.
+
+    Cached per process (same arguments, same frames): the phases ask for the same splits many times."""
     spec = _spec(task)
+    key = "|".join(map(str, (spec.model_dump_json(), source, split_seed, validation_fraction, validation_max,
+                             train_limit, validation_limit, test_limit)))
+    if key not in _SPLITS_CACHE:
+        _SPLITS_CACHE[key] = _load_splits(spec, source, split_seed, validation_fraction, validation_max,
+                                          train_limit, validation_limit, test_limit)
+    return _SPLITS_CACHE[key]
+
+
+def _load_splits(spec, source, split_seed, validation_fraction, validation_max, train_limit, validation_limit,
+                 test_limit) -> Splits:
     train_all, test = load_raw(spec, source)
     check_overlap(train_all, test, spec, f"{source}:{spec.name}")
     n_val = min(int(round(validation_fraction * len(train_all))), validation_max)

@@ -59,26 +59,40 @@ def analyze_task(tr: TaskReps) -> dict:
     methods = sorted({m for m, _ in runs})
     pairs = {m: list(itertools.combinations([r for r in runs if r[0] == m], 2)) for m in methods}
     floor = {m: np.zeros((len(pairs[m]), L)) for m in methods}
+    undefined = []
     for li in range(L):
         xb = tr.base[li].astype(np.float64)
-        kb = S.gram(xb)
-        hbb = S.hsic_unbiased_loo(kb, kb)
-        grams = {}
+        try:
+            gb = S.GramStats(xb)
+            grams = {r: S.GramStats(tr.runs[r][li].astype(np.float64)) for r in runs}
+        except S.SimilarityError:
+            # constant representations at this layer (e.g. every probe example ends with the same token and the
+            # layer is the embedding lookup): CKA and standardized cosine are undefined; reported, not averaged
+            undefined.append(tr.layer_names[li])
+            for arr in (cka_d, cka_b, cos_std):
+                arr[:, li] = np.nan
+            loo[:, li] = np.nan
+            cos_ex[:, li] = np.nan
+            for ri, r in enumerate(runs):
+                cos_raw[ri, li] = S.cosine_per_example(xb, tr.runs[r][li].astype(np.float64)).mean()
+            for m in methods:
+                floor[m][:, li] = np.nan
+            continue
         for ri, r in enumerate(runs):
             x = tr.runs[r][li].astype(np.float64)
-            k = grams[r] = S.gram(x)
-            cka_d[ri, li] = S.cka_from_grams(kb, k, debiased=True)
-            cka_b[ri, li] = S.cka_from_grams(kb, k, debiased=False)
-            loo[ri, li] = S.cka_debiased_loo(kb, k, hkk_loo=hbb)
+            g = grams[r]
+            cka_d[ri, li] = gb.cka(g, debiased=True)
+            cka_b[ri, li] = gb.cka(g, debiased=False)
+            loo[ri, li] = gb.cka_debiased_loo(g)
             cos_raw[ri, li] = S.cosine_per_example(xb, x).mean()
             cos_ex[ri, li] = S.cosine_per_example(xb, x, standardize=True)
             cos_std[ri, li] = cos_ex[ri, li].mean()
         for m in methods:
             for pi, (a, b) in enumerate(pairs[m]):
-                floor[m][pi, li] = S.cka_from_grams(grams[a], grams[b], debiased=True)
+                floor[m][pi, li] = grams[a].cka(grams[b], debiased=True)
     return {"runs": runs, "cka_debiased": cka_d, "cka_biased": cka_b, "cos_raw": cos_raw, "cos_std": cos_std,
             "loo_cka_debiased": loo, "cos_std_per_example": cos_ex, "noise_floor_cka_debiased": floor,
-            "noise_floor_pairs": pairs, "layer_names": tr.layer_names, "n": n}
+            "noise_floor_pairs": pairs, "layer_names": tr.layer_names, "n": n, "undefined_layers": undefined}
 
 
 def _method_rows(a: dict, method: str) -> list[int]:
@@ -91,14 +105,15 @@ def summarize_task(a: dict, n_resamples: int, seed: int, min_reduction: float) -
     groups = layer_groups(names)
     drift = 1 - a["cka_debiased"]
     out = {"layer_names": names, "n_probe": a["n"], "groups": groups, "per_run": [], "profiles": {},
-           "noise_floor": {}}
+           "noise_floor": {}, "undefined_layers": a["undefined_layers"],
+           "note": "layers in undefined_layers have constant representations; they are left out of every mean"}
     for ri, (m, s) in enumerate(a["runs"]):
         out["per_run"].append({
             "method": m, "seed": s, "cka_debiased": a["cka_debiased"][ri].tolist(),
             "cka_biased": a["cka_biased"][ri].tolist(), "cos_raw": a["cos_raw"][ri].tolist(),
             "cos_std": a["cos_std"][ri].tolist(), "drift": drift[ri].tolist(),
-            "whole_model_drift": float(drift[ri].mean()),
-            "group_drift": {g: float(drift[ri, idx].mean()) if idx else None for g, idx in groups.items()},
+            "whole_model_drift": float(np.nanmean(drift[ri])),
+            "group_drift": {g: float(np.nanmean(drift[ri, idx])) if idx else None for g, idx in groups.items()},
         })
     for m, fl in a["noise_floor_cka_debiased"].items():
         rows = _method_rows(a, m)
@@ -108,18 +123,18 @@ def summarize_task(a: dict, n_resamples: int, seed: int, min_reduction: float) -
             prof[key] = {"mean": v.mean(0).tolist(), "std": (v.std(0, ddof=1) if len(rows) > 1 else 0 * v[0]).tolist()}
         d = drift[rows]
         prof["drift"] = {"mean": d.mean(0).tolist(), "std": (d.std(0, ddof=1) if len(rows) > 1 else 0 * d[0]).tolist()}
-        wm = d.mean(1)
+        wm = np.nanmean(d, 1)
         prof["whole_model_drift"] = {"mean": float(wm.mean()), "std": float(wm.std(ddof=1)) if len(wm) > 1 else 0.0,
                                      "per_seed": wm.tolist()}
-        prof["group_drift"] = {g: {"mean": float(d[:, idx].mean()),
-                                   "std": float(d[:, idx].mean(1).std(ddof=1)) if len(rows) > 1 else 0.0}
+        prof["group_drift"] = {g: {"mean": float(np.nanmean(d[:, idx])),
+                                   "std": float(np.nanmean(d[:, idx], 1).std(ddof=1)) if len(rows) > 1 else 0.0}
                                if idx else {"mean": None, "std": None} for g, idx in groups.items()}
         out["profiles"][m] = prof
         if len(fl):
             out["noise_floor"][m] = {"pairs": [[p[0][1], p[1][1]] for p in a["noise_floor_pairs"][m]],
                                      "cka_debiased_mean": fl.mean(0).tolist(),
                                      "drift_mean": (1 - fl).mean(0).tolist(),
-                                     "whole_model_drift": float((1 - fl).mean())}
+                                     "whole_model_drift": float(np.nanmean(1 - fl))}
     if {"full", "lora"} <= set(out["profiles"]):
         out["comparison"] = compare(a, n_resamples, seed, min_reduction)
     return out
@@ -129,9 +144,9 @@ def _reduction_loo(a: dict) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """Drift reduction and its leave-one-out values; also per-method leave-one-out drift."""
     fr, lr = _method_rows(a, "full"), _method_rows(a, "lora")
     drift = 1 - a["cka_debiased"]
-    d_full, d_lora = drift[fr].mean(), drift[lr].mean()
+    d_full, d_lora = np.nanmean(drift[fr]), np.nanmean(drift[lr])
     loo_drift = 1 - a["loo_cka_debiased"]  # [R, L, n]
-    lf, ll = loo_drift[fr].mean((0, 1)), loo_drift[lr].mean((0, 1))
+    lf, ll = np.nanmean(loo_drift[fr], (0, 1)), np.nanmean(loo_drift[lr], (0, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         red = 1 - d_lora / d_full
         red_loo = 1 - ll / lf
@@ -141,7 +156,7 @@ def _reduction_loo(a: dict) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
 def compare(a: dict, n_resamples: int, seed: int, min_reduction: float) -> dict:
     fr, lr = _method_rows(a, "full"), _method_rows(a, "lora")
     drift = 1 - a["cka_debiased"]
-    wm_full, wm_lora = drift[fr].mean(1), drift[lr].mean(1)
+    wm_full, wm_lora = np.nanmean(drift[fr], 1), np.nanmean(drift[lr], 1)
     red, red_loo, loo_full, loo_lora = _reduction_loo(a)
     jk = T.jackknife(red, red_loo)
     n = a["n"]
@@ -149,10 +164,11 @@ def compare(a: dict, n_resamples: int, seed: int, min_reduction: float) -> dict:
     p_h1b = float(ss.t.sf(t_stat, n - 1))
     seed_test = T.permutation_test_independent(wm_full, wm_lora, "two-sided", n_resamples, seed)
     # example level: per-example standardized-cosine drift, averaged over seeds and layers; paired full - lora
-    ex_full = (1 - a["cos_std_per_example"][fr]).mean((0, 1))
-    ex_lora = (1 - a["cos_std_per_example"][lr]).mean((0, 1))
+    ex_full = np.nanmean(1 - a["cos_std_per_example"][fr], (0, 1))
+    ex_lora = np.nanmean(1 - a["cos_std_per_example"][lr], (0, 1))
     ex_test = T.permutation_test_paired(ex_full - ex_lora, "two-sided", n_resamples, seed)
-    per_layer_red = (1 - drift[lr].mean(0) / np.where(drift[fr].mean(0) > 0, drift[fr].mean(0), np.nan))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_layer_red = 1 - drift[lr].mean(0) / np.where(drift[fr].mean(0) > 0, drift[fr].mean(0), np.nan)
     return {
         "whole_model_drift": {"full": float(wm_full.mean()), "lora": float(wm_lora.mean())},
         "drift_reduction": {"estimate": red, "ci95": list(jk["ci"]), "se": jk["se"], "method":

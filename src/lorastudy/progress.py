@@ -44,6 +44,11 @@ class Progress:
         self.failed += not ok
         self._p.update(self._task, advance=1, status=self._status())
 
+    def end(self, unit: str) -> None:
+        """Unit no longer running, without counting it (its sub-units were counted)."""
+        self.running.discard(unit)
+        self._p.update(self._task, status=self._status())
+
     def advance_rows(self, n: int) -> None:
         self._p.update(self._task, advance=n)
 

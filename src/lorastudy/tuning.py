@@ -276,7 +276,7 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
             run_worker(cfg, t, m, 0, on_trial=(lambda *_: progress.advance_rows(1)) if progress else None,
                        stop=stop)
             if progress is not None:
-                progress.running.discard(f"{t}/{m}")
+                progress.end(f"{t}/{m}")
     else:
         # each study gets ceil(workers / studies) workers, all studies at once
         per = max(1, math.ceil(workers / max(len(todo), 1)))

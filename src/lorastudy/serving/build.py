@@ -106,8 +106,8 @@ def study_adapters(cfg, tokenizer) -> tuple[object, list[Adapter]]:
 
     adapters = []
     base = None
-    for task in cfg.tasks:
-        for seed in cfg.seeds:
+    for seed in cfg.seeds:  # tasks interleaved, so the first k adapters cover as many tasks as possible
+        for task in cfg.tasks:
             rd = store.run_dir(cfg.out, task, "lora", seed)
             if not store.is_complete(rd) or not (rd / "adapter").exists():
                 continue

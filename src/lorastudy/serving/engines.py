@@ -101,28 +101,28 @@ class PeftEngine(nn.Module):
 
 
 class BatchedLoraLinear(nn.Module):
-    """``y = x W^T + scale[i] * (x A[i]^T) B[i]^T`` with ``i`` the row's adapter; A, B stacked over adapters."""
+    """``y = x W^T + (x A[i]^T) (s_i B[i])^T`` with ``i`` the row's adapter.
 
-    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, router: _Router):
+    The factors of every layer of one shape group are stacked and gathered for the batch once per forward (by the
+    engine); a layer reads its slice of that gather, so per layer only two kernels run: a bmm and a baddbmm that adds
+    the update to the base output. The scaling is folded into B at build time."""
+
+    def __init__(self, base: nn.Linear, router: _Router, group: str, slot: int):
         super().__init__()
-        self.base = base
-        self.register_buffer("a", a)  # [N, r, in]
-        self.register_buffer("b", b)  # [N, out, r]
-        self.register_buffer("scale", scale)  # [N]
-        self.router = router
+        self.base, self.router, self.group, self.slot = base, router, group, slot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        idx = self.router.idx
-        a = self.a.index_select(0, idx)  # [B, r, in]
-        b = self.b.index_select(0, idx) * self.scale.index_select(0, idx)[:, None, None]  # [B, out, r]
-        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        a, b = self.router.gathered[self.group]  # [B, G, r, in], [B, G, out, r]
+        xa = torch.bmm(x, a[:, self.slot].transpose(1, 2))  # [B, S, r]
+        return torch.baddbmm(y, xa, b[:, self.slot].transpose(1, 2))
 
 
 class _Router:
-    """Holds the per-row adapter index for the current forward (set once per batch, read by every LoRA layer)."""
+    """The per-row adapter index of the current forward and the factors gathered for it, read by every LoRA layer."""
 
     idx: torch.Tensor
+    gathered: dict
 
 
 class BatchedLoraEngine(nn.Module):
@@ -138,22 +138,29 @@ class BatchedLoraEngine(nn.Module):
         for a in adapters[1:]:
             if sorted(a.lora) != keys:
                 raise ValueError(f"adapter {a.name} targets other modules than {adapters[0].name}")
-        ranks = {a.lora[k][0].shape[0] for a in adapters for k in keys}
-        r = max(ranks)
+        r = max(a.lora[k][0].shape[0] for a in adapters for k in keys)
+        groups: dict[str, list[str]] = {}
         for key in keys:
-            parent_path, attr = key.rsplit(".", 1)
-            parent = base_model.get_submodule(parent_path)
-            lin = getattr(parent, attr)
-            dev, dt = lin.weight.device, lin.weight.dtype
-            # pad lower ranks with zeros so all adapters stack (exactly the same function)
-            A = torch.zeros(len(adapters), r, lin.in_features, device=dev, dtype=dt)
-            B = torch.zeros(len(adapters), lin.out_features, r, device=dev, dtype=dt)
-            for i, ad in enumerate(adapters):
-                a_, b_ = ad.lora[key]
-                A[i, : a_.shape[0]] = a_.to(dev, dt)
-                B[i, :, : b_.shape[1]] = b_.to(dev, dt)
-            scale = torch.tensor([ad.scaling for ad in adapters], device=dev, dtype=dt)
-            setattr(parent, attr, BatchedLoraLinear(lin, A, B, scale, self.router))
+            lin = base_model.get_submodule(key)
+            groups.setdefault(f"{lin.in_features}x{lin.out_features}", []).append(key)
+        self.groups = {}
+        for gname, gkeys in groups.items():
+            lin0 = base_model.get_submodule(gkeys[0])
+            dev, dt = lin0.weight.device, lin0.weight.dtype
+            # lower ranks are zero-padded so every adapter stacks (exactly the same function)
+            A = torch.zeros(len(adapters), len(gkeys), r, lin0.in_features, device=dev, dtype=dt)
+            B = torch.zeros(len(adapters), len(gkeys), lin0.out_features, r, device=dev, dtype=dt)
+            for j, key in enumerate(gkeys):
+                for i, ad in enumerate(adapters):
+                    a_, b_ = ad.lora[key]
+                    A[i, j, : a_.shape[0]] = a_.to(dev, dt)
+                    B[i, j, :, : b_.shape[1]] = (ad.scaling * b_.double()).to(dev, dt)
+                parent_path, attr = key.rsplit(".", 1)
+                parent = base_model.get_submodule(parent_path)
+                setattr(parent, attr, BatchedLoraLinear(getattr(parent, attr), self.router, gname, j))
+            self.register_buffer(f"A_{gname}", A)
+            self.register_buffer(f"B_{gname}", B)
+            self.groups[gname] = (f"A_{gname}", f"B_{gname}")
         w = base_model.score.weight
         heads = torch.zeros(len(adapters), self.num_labels, w.shape[1], device=w.device, dtype=w.dtype)
         for i, ad in enumerate(adapters):
@@ -163,6 +170,8 @@ class BatchedLoraEngine(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict, adapter_idx: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
         self.router.idx = adapter_idx
+        self.router.gathered = {g: (getattr(self, a).index_select(0, adapter_idx),
+                                    getattr(self, b).index_select(0, adapter_idx)) for g, (a, b) in self.groups.items()}
         h = M.backbone(self.model)(input_ids=batch["input_ids"],
                                    attention_mask=batch.get("mask4d", batch["attention_mask"]),
                                    position_ids=batch["position_ids"], use_cache=False).last_hidden_state

@@ -1,0 +1,197 @@
+"""The whole study on the tiny preset: end to end, kill-and-resume equality, report check, bad input."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lorastudy.cli import app
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+SECTIONS = ["## Executive summary", "## Baselines, sanity checks and accuracy", "## RQ1 — representation drift",
+            "## RQ2 — deployment cost", "## Cross-analysis", "## Statistical summary",
+            "## Baselines and collapsed runs", "## Limitations", "## Practical recommendations",
+            "## How to reproduce"]
+
+
+def _cli(*args):
+    r = CliRunner().invoke(app, list(args))
+    return r
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, glue_dir):
+    out = tmp_path_factory.mktemp("tiny") / "results"
+    t0 = time.time()
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
+    assert r.exit_code == 0, r.output
+    return out, time.time() - t0
+
+
+def study_glue(out: Path) -> str:
+    return json.loads((out / "phase0" / "sanity.json").read_text()) and yaml.safe_load(
+        (out / "config.yaml").read_text())["data"]["source"]
+
+
+def test_tiny_end_to_end(study):
+    out, seconds = study
+    assert seconds < 300
+    rep = (out / "ANALYSIS_REPORT.md").read_text()
+    for s in SECTIONS:
+        assert s in rep, s
+    assert "not trained" not in rep and "has not produced results" not in rep
+    assert (out / "ANALYSIS_REPORT.html").is_file() and "data:image/png;base64" in (out / "ANALYSIS_REPORT.html"
+                                                                                  ).read_text()
+    for p in ["phase0/sanity.json", "phase0/baselines.json", "phase1/summary.csv", "phase4/drift/drift_heatmap.png",
+              "phase4/drift/drift_heatmap.pdf", "phase4/drift/hypothesis_test_results.json",
+              "phase4/deployment/benchmark_results.json", "phase4/deployment/overhead_analysis.json",
+              "phase4/deployment/latency_vs_batch.png", "phase2/rte/lora/seed1337/adapter/adapter_config.json"]:
+        assert (out / p).is_file(), p
+    hyp = json.loads((out / "phase4/drift/hypothesis_test_results.json").read_text())
+    assert set(hyp["H1a"]["per_task"]) == {"sst2", "mrpc", "rte"}
+    for d in hyp["H1b"]["per_task"].values():
+        assert {"estimate", "ci95", "p_one_sided", "p_holm", "decision"} <= set(d)
+    r = _cli("report", TINY, "--check", "--set", f"output_dir={out}", "--data-dir", str(study_glue(out)))
+    assert r.exit_code == 0, r.output
+
+
+def test_rerun_skips_finished_work(study, glue_dir):
+    out, _ = study
+    m = out / "phase2/sst2/full/seed42/metrics.json"
+    before = m.stat().st_mtime
+    t0 = time.time()
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "train")
+    assert r.exit_code == 0 and m.stat().st_mtime == before and time.time() - t0 < 30
+
+
+def test_report_check_catches_a_tampered_number(study, glue_dir, tmp_path):
+    out, _ = study
+    rep = out / "ANALYSIS_REPORT.md"
+    text = rep.read_text()
+    try:
+        m = re.search(r"\| (0\.\d{3}) ± ", text)
+        rep.write_text(text[: m.start(1)] + ("0.999" if m.group(1) != "0.999" else "0.998") + text[m.end(1):])
+        r = _cli("report", TINY, "--check", "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
+        assert r.exit_code == 1 and "disagree" in r.output
+    finally:
+        rep.write_text(text)
+
+
+def _deterministic(out: Path) -> dict:
+    """Everything a rerun must reproduce exactly (timings excluded)."""
+    d = {}
+    for f in sorted(out.glob("phase2/*/*/seed*/metrics.json")):
+        m = json.loads(f.read_text())
+        d[str(f.relative_to(out))] = {k: m[k] for k in ("test_predictions", "curve", "best_step", "hparams")}
+    for f in sorted(out.glob("phase1/*/best.yaml")):
+        d[str(f.relative_to(out))] = yaml.safe_load(f.read_text())["hparams"]
+    drift = json.loads((out / "phase4/drift/drift_analysis_results.json").read_text())
+    d["drift"] = drift["tasks"]
+    d["hyp"] = json.loads((out / "phase4/drift/hypothesis_test_results.json").read_text())
+    return d
+
+
+def test_sigkill_then_rerun_gives_the_same_results(study, glue_dir, tmp_path):
+    ref, _ = study
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "lorastudy.cli", "run", TINY, "--data-dir", str(glue_dir), "--set",
+           f"output_dir={out}"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(out.glob("phase2/*/*/seed*/COMPLETE")):
+        time.sleep(0.5)  # kill in the middle of phase 2, after tuning
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (out / "ANALYSIS_REPORT.md").exists()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not list(out.rglob(".*.partial"))
+    assert _deterministic(out) == _deterministic(ref)
+
+
+def test_time_budget_stops_between_units_and_resumes(glue_dir, tmp_path):
+    out = tmp_path / "results"
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--set", "tasks=[rte]",
+             "--time-budget", "0.1")
+    assert r.exit_code == 0 and "time budget exhausted" in r.output
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert "stopped" in summary and "report" not in summary["phases"]
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--set", "tasks=[rte]",
+             "--from", "baselines", "--only", "baselines")
+    assert r.exit_code == 0
+
+
+def test_results_dir_of_another_config_is_refused(glue_dir, tmp_path):
+    out = tmp_path / "results"
+    assert _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "baselines",
+                "--set", "tasks=[rte]").exit_code == 0
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "baselines",
+             "--set", "tasks=[rte]", "--set", "seeds=[1]")
+    assert r.exit_code == 2 and "different config" in r.output
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "baselines",
+             "--set", "tasks=[rte]", "--set", "seeds=[1]", "--force")
+    assert r.exit_code == 0
+
+
+def test_corrupted_artifacts_are_named_or_recomputed(study, glue_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(study[0], out)
+    # a corrupted representations file is recomputed
+    rep = out / "phase3/rte/base/representations.safetensors"
+    rep.write_bytes(b"garbage")
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "extract")
+    assert r.exit_code == 0, r.output
+    from lorastudy import representations as RP
+
+    assert RP.load(rep)[1]["probe_hash"]
+    # a corrupted JSON artifact is named
+    (out / "phase0/baselines.json").write_text("{not json")
+    r = _cli("report", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
+    assert r.exit_code == 2 and "baselines.json" in r.output and "corrupted" in r.output
+
+
+def test_full_disk_does_not_corrupt_earlier_results(tmp_path, monkeypatch):
+    import errno
+
+    from lorastudy import store
+
+    target = tmp_path / "metrics.json"
+    store.atomic_write_json(target, {"ok": 1})
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError):
+        store.atomic_write_json(target, {"ok": 2})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_help_lists_only_working_commands():
+    r = _cli("--help")
+    assert r.exit_code == 0
+    for c in ["config", "data-stats", "train", "sanity", "baselines", "tune", "train-all", "extract", "drift",
+              "serve-bench", "report", "run"]:
+        assert c in r.output
+        assert _cli(*c.split(), "--help").exit_code == 0
+
+
+def test_bad_config_exit_code_2(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: {batch_size: 0}\n")
+    r = _cli("config", "show", str(p))
+    assert r.exit_code == 2 and "train.batch_size" in r.output and str(p) in r.output
+    r = _cli("run", TINY, "--only", "nope")
+    assert r.exit_code == 2
