@@ -52,13 +52,28 @@ def train_step() -> list[str]:
     return out + [""]
 
 
+SERVE_RUNS = [
+    ("", "current engine: one gather per shape group per forward, scaling folded into B, baddbmm",
+     "REQUESTS=100 WARMUP=10 bash benchmarks/gpu/serve.sh"),
+    ("_v1", "first engine: gather A, B and scale in every LoRA layer, then bmm, bmm, add (commit 'GPU-ready paths')",
+     "bash benchmarks/gpu/bench.sh"),
+]
+
+
 def serving() -> list[str]:
-    d, o = _load("serve_tinyllama_h200.json"), _load("serve_tinyllama_overhead_h200.json")
+    out = []
+    for suffix, what, cmd in SERVE_RUNS:
+        out += serving_run(suffix, what, cmd)
+    return out
+
+
+def serving_run(suffix: str, what: str, cmd: str) -> list[str]:
+    d, o = _load(f"serve_tinyllama_h200{suffix}.json"), _load(f"serve_tinyllama_overhead_h200{suffix}.json")
     if d is None:
         return []
-    out = ["## Serving: merged vs multi-adapter (TinyLlama-1.1B architecture, random weights, H200)", "",
-           "Command: `bash benchmarks/gpu/bench.sh` (= `lorastudy serve-bench configs/tiny.yaml --synthetic-arch "
-           "tinyllama --set serve.max_adapters=3 --set serve.warmup=10 --set serve.requests=100 --set "
+    out = [f"## Serving: merged vs multi-adapter (TinyLlama-1.1B architecture, random weights, H200) — {what}", "",
+           f"Command: `{cmd}` (= `lorastudy serve-bench configs/tiny.yaml --synthetic-arch tinyllama --set "
+           f"serve.max_adapters=3 --set serve.warmup={d['warmup']} --set serve.requests={d['requests']} --set "
            "serve.seq_len=64`).", "",
            f"{d['adapter_source']}; {d['n_adapters_total']} adapters; {d['dtype']}; {d['warmup']} warm-up and "
            f"{d['requests']} timed batches per condition; CUDA events. Max |logit difference| vs merged on a mixed "
