@@ -68,10 +68,11 @@ def test_two_workers_one_sqlite_exact_trial_count(tiny_cfg):
 
 
 def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
-    cfg = _tiny(tiny_cfg, "methods=[full]", "search.n_trials=3", "search.max_steps=400")
+    long = ["search.n_trials=3", "data.train_limit.rte=1500", "search.max_steps=300"]  # trials of a few seconds
+    cfg = _tiny(tiny_cfg, "methods=[full]", *long)
     cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), "--set",
            f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]",
-           "--set", "methods=[full]", "--set", "search.n_trials=3", "--set", "search.max_steps=400"]
+           "--set", "methods=[full]"] + [a for kv in long for a in ("--set", kv)]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # wait until one trial is complete and the next is running, then kill
     deadline = time.time() + 240
@@ -82,7 +83,9 @@ def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
         except Exception:
             continue
         if states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states:
+            time.sleep(0.5)  # inside the trial's training
             break
+        assert p.poll() is None, "tune finished before it could be interrupted"
     p.send_signal(signal.SIGKILL)
     p.wait()
     before, st = _states(cfg, "rte", "full")
