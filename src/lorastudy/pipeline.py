@@ -32,8 +32,7 @@ def _train_unit(arg, device):
     from lorastudy.training import HParams, run_and_save
 
     cfg, task, method, seed, hp_over = arg
-    if device is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
+    del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
     hp = HParams.from_config(cfg, method, hp_over)
     m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed))
     return {"test_accuracy": m["test"]["accuracy"], "collapsed": m["collapsed"]}

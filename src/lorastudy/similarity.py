@@ -55,35 +55,6 @@ def gram(x) -> np.ndarray:
     return xc @ xc.T
 
 
-def hsic_biased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    """tr(K H L H) with centered features already (K, L from ``gram``): sum of the elementwise product."""
-    return float(np.einsum("ij,ij->", k, l))
-
-
-def _offdiag(k: np.ndarray) -> np.ndarray:
-    k = k.copy()
-    np.fill_diagonal(k, 0.0)
-    return k
-
-
-def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    """Song et al. (2012), eq. 5: unbiased HSIC from Gram matrices (diagonals are ignored)."""
-    n = k.shape[0]
-    kt, lt = _offdiag(k), _offdiag(l)
-    rk, rl = kt.sum(1), lt.sum(1)
-    t1 = float(np.einsum("ij,ij->", kt, lt))
-    t2 = float(rk.sum() * rl.sum()) / ((n - 1) * (n - 2))
-    t3 = float(rk @ rl) * 2.0 / (n - 2)
-    return (t1 + t2 - t3) / (n * (n - 3))
-
-
-def cka_from_grams(k: np.ndarray, l: np.ndarray, debiased: bool = False) -> float:  # noqa: E741
-    h = hsic_unbiased if debiased else hsic_biased
-    kl, kk, ll = h(k, l), h(k, k), h(l, l)
-    denom = np.sqrt(kk * ll) if kk > 0 and ll > 0 else np.nan
-    return float(kl / denom)
-
-
 def linear_cka(x, y, debiased: bool = False) -> float:
     """Linear CKA between representations ``x`` (n x p1) and ``y`` (n x p2) of the same n examples (rows aligned).
 
@@ -91,17 +62,16 @@ def linear_cka(x, y, debiased: bool = False) -> float:
     slightly negative for unrelated data. Invariant to orthogonal transforms, isotropic scaling and translation.
     Correct for widths larger than n (the Gram form is used there)."""
     xa, ya = _check(x, y)
-    xc, yc = _center(xa, "x"), _center(ya, "y")
-    n, p1, p2 = xc.shape[0], xc.shape[1], yc.shape[1]
-    if not debiased and max(p1, p2) <= n:
+    if not debiased and max(xa.shape[1], ya.shape[1]) <= xa.shape[0]:
         # feature-space form, cheaper when the width is below n
+        xc, yc = _center(xa, "x"), _center(ya, "y")
         num = np.linalg.norm(yc.T @ xc) ** 2
         return float(num / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
-    return cka_from_grams(xc @ xc.T, yc @ yc.T, debiased=debiased)
+    return GramStats(xa).cka(GramStats(ya), debiased)
 
 
 def hsic_unbiased_loo(k: np.ndarray, l: np.ndarray) -> np.ndarray:  # noqa: E741
-    """Unbiased HSIC with example i left out, for every i, in O(n^2) total (closed form; no n re-computations).
+    """Unbiased HSIC (Song et al. 2012, eq. 5) with example i left out, for every i, in O(n^2) total (closed form).
 
     With K~, L~ the zero-diagonal Grams, r = row sums, p = row sums of K~*L~, removing i changes
     sum(K~*L~) by -2 p_i, sum(K~) by -2 rK_i, and sum_k (rK_k)(rL_k) to
@@ -118,16 +88,6 @@ def hsic_unbiased_loo(k: np.ndarray, l: np.ndarray) -> np.ndarray:  # noqa: E741
     sl = rl.sum() - 2 * rl
     t3 = float(rk @ rl) - kt @ rl - lt @ rk + p - rk * rl
     return (t1 + sk * sl / ((m - 1) * (m - 2)) - 2.0 / (m - 2) * t3) / (m * (m - 3))
-
-
-def cka_debiased_loo(k: np.ndarray, l: np.ndarray, hkk_loo: np.ndarray | None = None,  # noqa: E741
-                     hll_loo: np.ndarray | None = None) -> np.ndarray:
-    """Leave-one-out debiased CKA for every example (for the jackknife). Pass precomputed self terms to reuse."""
-    hkl = hsic_unbiased_loo(k, l)
-    hkk = hsic_unbiased_loo(k, k) if hkk_loo is None else hkk_loo
-    hll = hsic_unbiased_loo(l, l) if hll_loo is None else hll_loo
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return hkl / np.sqrt(hkk * hll)
 
 
 class GramStats:

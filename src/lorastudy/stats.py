@@ -125,7 +125,7 @@ def jackknife(theta_full: float, theta_loo, confidence: float = 0.95) -> dict:
 
     Used for CKA-based quantities: debiased HSIC is a U-statistic, and bootstrap resamples with replacement put
     duplicate rows into it (a duplicate pair looks perfectly similar), which biases it; the jackknife has no
-    duplicates and its leave-one-out values have a closed form (see similarity.cka_jackknife)."""
+    duplicates and its leave-one-out values have a closed form (similarity.hsic_unbiased_loo)."""
     loo = np.asarray(theta_loo, float)
     n = len(loo)
     mean_loo = loo.mean()

@@ -64,9 +64,11 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(spec: str) -> torch.device:
+    """``auto`` = CUDA when available. The worker pool sets LORASTUDY_DEVICE (e.g. cuda:3) to spread runs over
+    GPUs; it overrides ``auto`` and a bare ``cuda``, not an explicit ``cuda:N`` or ``cpu``."""
+    if spec in ("auto", "cuda") and os.environ.get("LORASTUDY_DEVICE"):
+        return torch.device(os.environ["LORASTUDY_DEVICE"])
     if spec == "auto":
-        if os.environ.get("LORASTUDY_DEVICE"):  # set by the worker pool to spread runs over GPUs
-            return torch.device(os.environ["LORASTUDY_DEVICE"])
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)
 

@@ -249,8 +249,7 @@ def is_done(cfg, task: str, method: str) -> bool:
 
 def _tune_unit(arg, device):
     cfg, task, method, worker = arg
-    if device is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": device})})
+    del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
     return run_worker(cfg, task, method, worker)
 
 
