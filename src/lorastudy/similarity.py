@@ -55,6 +55,12 @@ def gram(x) -> np.ndarray:
     return xc @ xc.T
 
 
+def _offdiag(k: np.ndarray) -> np.ndarray:
+    k = k.copy()
+    np.fill_diagonal(k, 0.0)
+    return k
+
+
 def linear_cka(x, y, debiased: bool = False) -> float:
     """Linear CKA between representations ``x`` (n x p1) and ``y`` (n x p2) of the same n examples (rows aligned).
 
