@@ -112,3 +112,10 @@ def test_benchmark_smoke_schema():
         assert r["ci95"][0] <= r["overhead"] <= r["ci95"][1] or abs(r["ci95"][1] - r["ci95"][0]) < 1e-9
     json.dumps({k: v for k, v in res.items() if k != "records"})
     assert res["mixed_traffic"] and "A: merged per task" in res["mixed_traffic"][0]
+
+
+def test_seq_len_from_probe_texts(tiny_cfg):
+    from lorastudy.serving.benchmark import probe_median_length
+
+    n = probe_median_length(tiny_cfg)
+    assert 8 <= n <= tiny_cfg.data.max_length

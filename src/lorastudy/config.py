@@ -172,7 +172,7 @@ class ServeConfig(_Strict):
     )
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_adapters: int | None = None  # None = every trained adapter (tasks x seeds)
-    seq_len: int | None = 64  # None = real probe texts (their length distribution)
+    seq_len: int | None = 64  # None = the median token length of the study's probe texts
     warmup: int = Field(100, ge=0)
     requests: int = Field(1000, ge=1)
     synthetic_arch: Literal["tinyllama", "smollm2"] | None = None

@@ -251,6 +251,20 @@ def overhead_analysis(records: list[dict], n_boot: int = 2000, seed: int = 0, h2
     }
 
 
+def probe_median_length(cfg) -> int:
+    """Median token length of the study's probe texts (serve.seq_len: null): timings at a realistic length, with
+    the static shape that CUDA graphs need."""
+    from lorastudy import data as D
+    from lorastudy import modeling as M
+
+    tok = M.load_tokenizer(cfg.model)
+    lengths = []
+    for task in cfg.tasks:
+        probe = D.probe_set(D.splits_for(cfg, task), cfg.data.probe_size)
+        lengths += D.encode(tok, probe, cfg.task(task), cfg.data.max_length).lengths().tolist()
+    return int(np.median(lengths))
+
+
 def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = None, force: bool = False) -> dict:
     from lorastudy import modeling as M
     from lorastudy.report import figures
@@ -285,7 +299,7 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
             source = f"synthetic adapters on {cfg.model.source} (no phase-2 LoRA runs found)"
         if n_max:
             adapters = adapters[:n_max]
-    seq_len = s.seq_len or 64
+    seq_len = s.seq_len or probe_median_length(cfg)
     res = run_benchmark(base, adapters, targets=cfg.lora.target_modules, engines=s.engines,
                         batch_sizes=s.batch_sizes, seq_len=seq_len, warmup=s.warmup, requests=s.requests,
                         cuda_graphs=s.cuda_graphs, device=device, progress=progress, log=log)
