@@ -43,9 +43,12 @@ def visible_gpus() -> int:
         return 0
 
 
-def _child(conn, fn, arg, device):
+def _child(conn, fn, arg, device, threads):
     if device is not None:
         os.environ["LORASTUDY_DEVICE"] = device
+    import torch
+
+    torch.set_num_threads(threads)  # share the CPU cores between workers instead of oversubscribing them
     try:
         conn.send(("ok", fn(arg, device)))
     except BaseException as e:  # report, never hang the parent
@@ -88,7 +91,8 @@ def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any]
             device = f"cuda:{k % ngpu}" if ngpu else None
             k += 1
             parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, args=(child, fn, arg, device), daemon=False)
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            p = ctx.Process(target=_child, args=(child, fn, arg, device, threads), daemon=False)
             p.start()
             child.close()
             alive.append(_Slot(name, p, parent, time.perf_counter()))
