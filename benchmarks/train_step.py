@@ -21,6 +21,7 @@ import torch
 
 from lorastudy import modeling as M
 from lorastudy.config import load_config
+from lorastudy.serving.benchmark import random_batch
 from lorastudy.serving.build import synthetic_base
 from lorastudy.training import HParams, Setup, make_optimizer, train_step
 
@@ -39,11 +40,8 @@ def make_model(name: str, method: str, device):
 
 
 def batch(vocab: int, b: int, s: int, device, gen):
-    ids = torch.randint(3, vocab, (b, s), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     y = torch.randint(0, 2, (b,), generator=gen).to(device)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, y
+    return random_batch(vocab, b, s, device, gen), y
 
 
 def time_steps(step_fn, n_warm: int, n: int, device) -> float:

@@ -26,7 +26,8 @@ from lorastudy.serving.build import build_engines, study_adapters, synthetic_ada
 from lorastudy.serving.engines import GraphRunner
 
 
-def _batch(vocab: int, b: int, seq_len: int, device, gen: torch.Generator, dtype=None) -> dict:
+def random_batch(vocab: int, b: int, seq_len: int, device, gen: torch.Generator, dtype=None) -> dict:
+    """Random token ids (no pad) with mask and position ids; with ``dtype``, also a prepared 4-D mask."""
     ids = torch.randint(3, vocab, (b, seq_len), generator=gen)
     mask = torch.ones_like(ids)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -98,7 +99,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
 
     # parity on one mixed batch (every adapter present when the batch allows)
     mdt = dtype if device.type == "cuda" else None
-    vb = _batch(vocab, max(8, N), seq_len, device, gen, mdt)
+    vb = random_batch(vocab, max(8, N), seq_len, device, gen, mdt)
     vidx = (torch.arange(vb["input_ids"].shape[0]) % N).to(device)
     ref = eng["merged"](vb, vidx) if "merged" in eng else None
     parity = {k: (float((e(vb, vidx) - ref).abs().max()) if ref is not None else None) for k, e in eng.items()}
@@ -107,7 +108,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     if progress is not None:
         progress.set_total(total)
     for b in batch_sizes:
-        batch = _batch(vocab, b, seq_len, device, gen, mdt)
+        batch = random_batch(vocab, b, seq_len, device, gen, mdt)
         conds = [(e, k) for k in adapter_counts(N) for e in names]  # merged with k=1 is the baseline
         for e, k in conds:
             idx = (torch.arange(b) % k).to(device)
@@ -163,7 +164,7 @@ def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, 
     for b in batch_sizes:
         n_req = max(requests, 4 * b)
         stream = rng.choice(per_task, size=n_req)
-        pool = _batch(vocab, b, seq_len, device, gen, mdt)
+        pool = random_batch(vocab, b, seq_len, device, gen, mdt)
         # (A) queue per task, serve full single-task batches (leftovers as a final partial batch)
         batches_a = []
         for a in per_task:
