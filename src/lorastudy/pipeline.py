@@ -118,7 +118,7 @@ def _run_phase(cfg, ph: str, prog, budget: Budget, workers: int, log) -> dict:
     if ph == "extract":
         from lorastudy.representations import extract_study
 
-        res = extract_study(cfg, progress=prog.advance_rows, log=log)
+        res = extract_study(cfg, progress=prog.advance_rows, log=log, stop=stop)
         return {**{k: len(v) for k, v in res.items()}, "path": str(cfg.out / "phase3")}
     if ph == "drift":
         from lorastudy.drift import run_drift

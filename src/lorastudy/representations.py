@@ -123,8 +123,9 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 # -- phase 3 over a study --------------------------------------------------------------------------------------------
-def extract_study(cfg, batch_size: int | None = None, progress=None, log=print) -> dict:
-    """Base model and every complete phase-2 run, per task, on the fixed probe set. Finished files are skipped."""
+def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, stop=None) -> dict:
+    """Base model and every complete phase-2 run, per task, on the fixed probe set. Finished files are skipped;
+    ``stop()`` (a time budget) is checked before each model."""
     from lorastudy import store
     from lorastudy.training import amp_dtype, pick_device
 
@@ -145,6 +146,9 @@ def extract_study(cfg, batch_size: int | None = None, progress=None, log=print) 
                                                      "max_length": cfg.data.max_length})
         units = [("base", None, None)] + [(f"{m}/seed{s}", m, s) for m in cfg.methods for s in cfg.seeds]
         for name, method, seed in units:
+            if stop is not None and stop():
+                log("extract: time budget exhausted; rerun to continue")
+                return {"extracted": done, "skipped_existing": skipped, "missing_runs": missing}
             out = store.rep_dir(cfg.out, task, method, seed) / FILE
             if out.is_file():
                 try:
