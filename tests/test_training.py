@@ -150,3 +150,19 @@ def test_real_model_learns_sst2_on_cpu(glue_dir, tmp_path):
     hp = HParams.from_config(cfg, "lora", {"max_steps": 40, "lr": 2e-3, "batch_size": 8, "warmup_ratio": 0.1})
     m = train_run(cfg, "sst2", "lora", 42, hp)  # measured here: 0.706 test accuracy vs 0.506 majority, ~35 s
     assert m["test"]["accuracy"] >= m["majority_accuracy"] + 0.12, m["test"]
+
+
+def test_static_shape_buckets_compute_the_same_thing(tiny_cfg):
+    """Padding every batch to a fixed bucket width (the static shapes a CUDA graph needs) changes no result."""
+    hp = HParams.from_config(tiny_cfg, "full", {"epochs": 2, "lr": 2e-3})
+    dyn = train_run(tiny_cfg, "rte", "full", 0, hp)
+    cfg = _cfg(tiny_cfg, "train.shape_buckets=[32, 48, 64]")
+    stat = train_run(cfg, "rte", "full", 0, hp)
+    assert dyn["test_predictions"] == stat["test_predictions"]
+    for a, b in zip(dyn["curve"], stat["curve"], strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    from lorastudy.data import bucket_width
+
+    assert bucket_width(33, [32, 48, 64]) == 48 and bucket_width(70, [32, 64]) is None
+    assert bucket_width(5, None) is None

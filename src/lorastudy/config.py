@@ -134,6 +134,9 @@ class TrainConfig(_Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
     save_model: bool = True  # phase-2 runs keep the adapter / full model (extraction needs them)
+    # Pad every batch to the smallest of these widths that fits it (static shapes, the first step towards CUDA
+    # graphs / torch.compile on GPU). Same results as dynamic padding: masking and mask-derived position ids.
+    shape_buckets: list[int] | None = None
 
 
 class SanityConfig(_Strict):

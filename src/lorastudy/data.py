@@ -296,6 +296,14 @@ def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right", pad
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
 
 
+def bucket_width(longest: int, buckets: list[int] | None) -> int | None:
+    """The smallest bucket that holds ``longest`` tokens (None: dynamic padding, or longer than every bucket)."""
+    if not buckets:
+        return None
+    fits = [b for b in sorted(buckets) if b >= longest]
+    return fits[0] if fits else None
+
+
 def length_grouped_order(lengths: np.ndarray, batch_size: int, rng: np.random.Generator, mega: int = 50) -> list:
     """Batches of similar length (less padding), in a random order: shuffle, cut into mega-batches of
     ``mega * batch_size``, sort each by length, split into batches, shuffle the batches (as HF's

@@ -89,14 +89,16 @@ def f1_binary(labels: np.ndarray, preds: np.ndarray, positive: int = 1) -> float
 
 @torch.no_grad()
 def predict(model, enc: D.Encoded, pad_id: int, padding_side: str, batch_size: int, device: torch.device,
-            amp: torch.dtype | None) -> np.ndarray:
+            amp: torch.dtype | None, buckets: list[int] | None = None) -> np.ndarray:
     """Logits (float32, original row order) for an encoded split; batches sorted by length for little padding."""
     was_training = model.training
     model.eval()
     out = torch.empty((len(enc), model.config.num_labels), dtype=torch.float32)
-    for idx in D.sequential_batches(enc.lengths(), batch_size):
+    lengths = enc.lengths()
+    for idx in D.sequential_batches(lengths, batch_size):
+        pad_to = D.bucket_width(int(lengths[idx].max()), buckets)
         batch = {k: v.to(device, non_blocking=True) for k, v in
-                 D.collate([enc.input_ids[i] for i in idx], pad_id, padding_side).items()}
+                 D.collate([enc.input_ids[i] for i in idx], pad_id, padding_side, pad_to).items()}
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = M.classifier_logits(model, batch)
         out[torch.as_tensor(idx)] = logits.float().cpu()
@@ -207,6 +209,7 @@ def train_run(
     s = build_model(cfg, task, method, seed, hp, device)
     tok, pad, side = s.tokenizer, s.tokenizer.pad_token_id, cfg.model.padding_side
     L = cfg.data.max_length
+    buckets = cfg.train.shape_buckets
     enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
     if len(enc_train) == 0 or len(enc_val) == 0:
         raise TrainingError(f"{task}: empty train or validation split")
@@ -239,7 +242,8 @@ def train_run(
             raise TrainingError(f"{task}/{method}/seed{seed}: non-finite training loss before step {step} "
                                 f"(lr={hp.lr}); the run is marked failed")
         run_loss, run_n = torch.zeros((), device=device), 0
-        val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp), enc_val.labels)
+        val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets),
+                     enc_val.labels)
         if not math.isfinite(val["loss"]):
             raise TrainingError(f"{task}/{method}/seed{seed}: non-finite validation loss at step {step}")
         curve.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss,
@@ -261,7 +265,8 @@ def train_run(
             for idx in (D.length_grouped_order(lengths, hp.batch_size, rng) if cfg.train.group_by_length
                         else [b for b in np.array_split(rng.permutation(len(lengths)),
                                                         steps_per_epoch)]):
-                batch = to_device(D.collate([enc_train.input_ids[i] for i in idx], pad, side), device)
+                pad_to = D.bucket_width(int(lengths[idx].max()), buckets)
+                batch = to_device(D.collate([enc_train.input_ids[i] for i in idx], pad, side, pad_to), device)
                 y = labels_all[torch.as_tensor(idx)].to(device, non_blocking=True)
                 run_loss += train_step(s, opt, sched, batch, y, cfg.train.max_grad_norm)
                 run_n += 1
@@ -299,7 +304,7 @@ def train_run(
     }
     if evaluate_test:
         enc_test = D.encode(tok, splits.test, spec, L)
-        logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp)
+        logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets)
         test = scores(logits, enc_test.labels)
         maj = majority_accuracy(enc_train.labels, enc_test.labels)
         metrics.update({
