@@ -54,14 +54,13 @@ def baselines_for(train_labels: np.ndarray, test_labels: np.ndarray, num_labels:
 
 def run_baselines(cfg) -> dict:
     path = cfg.out / "phase0" / "baselines.json"
-    if path.is_file():
-        done = store.read_json(path)
-        if done.get("config_hash") == cfg.hash():
-            return done["results"]
+    done = store.read_current(path, cfg)
+    if done is not None:
+        return done
     res = {}
     for task in cfg.tasks:
         s = D.splits_for(cfg, task)
         res[task] = baselines_for(s.train["label"].to_numpy(), s.test["label"].to_numpy(), cfg.task(task).num_labels,
                                   cfg.drift.n_resamples, cfg.drift.seed)
-    store.atomic_write_json(path, {"config_hash": cfg.hash(), "results": res})
+    store.write_current(path, cfg, res)
     return res

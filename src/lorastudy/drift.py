@@ -304,7 +304,8 @@ def _strip_private(o):
     return o
 
 
-def load_task_reps(cfg, task: str, pooling: str = "last") -> TaskReps | None:
+def load_task_reps(cfg, task: str) -> dict[str, TaskReps] | None:
+    """Every pooling's TaskReps for one task, each file read once (None when the base model has none yet)."""
     from lorastudy import representations as RP
     from lorastudy import store
 
@@ -321,8 +322,9 @@ def load_task_reps(cfg, task: str, pooling: str = "last") -> TaskReps | None:
                 if md.get("probe_hash") != meta.get("probe_hash"):
                     raise ValueError(f"{p}: probe set differs from the base model's ({md.get('probe_hash')} vs "
                                      f"{meta.get('probe_hash')}); re-run extract")
-                runs[(m, s)] = arr[pooling]
-    return TaskReps(task, list(meta["layer_names"]), base[pooling], runs)
+                runs[(m, s)] = arr
+    names = list(meta["layer_names"])
+    return {p: TaskReps(task, names, base[p], {k: v[p] for k, v in runs.items()}) for p in RP.POOLINGS}
 
 
 def load_correct(cfg) -> dict:
@@ -350,13 +352,12 @@ def run_drift(cfg, log=print) -> dict:
     results = {"design": __doc__.strip().splitlines()[2:], "primary_pooling": "last", "tasks": {}, "secondary": {}}
     summaries = {}
     for task in cfg.tasks:
-        tr = load_task_reps(cfg, task, "last")
-        if tr is None or not tr.runs:
+        reps = load_task_reps(cfg, task)
+        if reps is None or not reps["last"].runs:
             log(f"drift: no representations for {task}; run extract first")
             continue
-        summaries[task] = summarize_task(analyze_task(tr), d.n_resamples, d.seed, d.h1b_min_reduction)
-        trm = load_task_reps(cfg, task, "mean")
-        sm = summarize_task(analyze_task(trm), d.n_resamples, d.seed, d.h1b_min_reduction)
+        summaries[task] = summarize_task(analyze_task(reps["last"]), d.n_resamples, d.seed, d.h1b_min_reduction)
+        sm = summarize_task(analyze_task(reps["mean"]), d.n_resamples, d.seed, d.h1b_min_reduction)
         results["secondary"][task] = {"pooling": "mean (non-pad tokens, excluding BOS)",
                                       "profiles": {m: {"drift": p["drift"], "whole_model_drift":
                                                        p["whole_model_drift"]} for m, p in sm["profiles"].items()},

@@ -68,11 +68,11 @@ def run(cfg, *, only: str | None = None, from_: str | None = None, time_budget: 
     """Phases 0 -> 4 and the report. Returns a summary with the paths written."""
     from lorastudy.progress import Progress
 
+    if only and only not in PHASES or from_ and from_ not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}")
     store.check_manifest(cfg, force=force)
     store.clean_partials(cfg.out)
     budget = Budget(time_budget)
-    if only and only not in PHASES or from_ and from_ not in PHASES:
-        raise ValueError(f"phase must be one of {PHASES}")
     phases = [only] if only else list(PHASES[PHASES.index(from_):] if from_ else PHASES)
     log = console.print if console is not None else print
     summary: dict = {"phases": {}, "out": str(cfg.out)}

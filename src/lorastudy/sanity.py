@@ -37,10 +37,9 @@ def sanity_one(cfg, task: str, method: str, seed: int = 42, splits: D.Splits | N
 
 def run_sanity(cfg, progress=None) -> list[dict]:
     path = cfg.out / "phase0" / "sanity.json"
-    if path.is_file():
-        done = store.read_json(path)
-        if done.get("config_hash") == cfg.hash():
-            return done["results"]
+    done = store.read_current(path, cfg)
+    if done is not None:
+        return done
     res = []
     for task in cfg.tasks:
         splits = D.splits_for(cfg, task)
@@ -48,5 +47,5 @@ def run_sanity(cfg, progress=None) -> list[dict]:
             if progress is not None:
                 progress.print(f"sanity {task}/{method} ...")
             res.append(sanity_one(cfg, task, method, splits=splits))
-    store.atomic_write_json(path, {"config_hash": cfg.hash(), "results": res})
+    store.write_current(path, cfg, res)
     return res

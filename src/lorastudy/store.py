@@ -71,6 +71,19 @@ def read_json(path: Path) -> Any:
         raise StoreError(f"{path}: corrupted JSON ({e}); delete it to recompute") from e
 
 
+def read_current(path: Path, cfg) -> Any | None:
+    """The ``results`` of a phase file written by ``write_current`` for this config, else None (recompute)."""
+    if Path(path).is_file():
+        done = read_json(path)
+        if done.get("config_hash") == cfg.hash():
+            return done["results"]
+    return None
+
+
+def write_current(path: Path, cfg, results: Any) -> None:
+    atomic_write_json(path, {"config_hash": cfg.hash(), "results": results})
+
+
 def is_complete(path: Path) -> bool:
     return (Path(path) / COMPLETE).is_file()
 

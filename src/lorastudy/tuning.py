@@ -260,8 +260,6 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
 
     pairs = [(t, m) for t in (tasks or cfg.tasks) for m in (methods or cfg.methods)]
     todo = [(t, m) for t, m in pairs if not is_done(cfg, t, m)]
-    for t, m in todo:
-        fail_orphans(get_study(cfg, t, m))
     missing = sum(max(0, cfg.search.n_trials - n_complete(get_study(cfg, t, m))) for t, m in todo)
     if progress is not None:
         progress.set_total(missing)
