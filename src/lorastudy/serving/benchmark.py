@@ -145,13 +145,13 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                 })
             if progress is not None:
                 progress.advance_rows(1)
-    traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, device, gen, mdt)
+    traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt)
     return {"records": records, "parity_max_abs_logit_diff": parity, "mixed_traffic": traffic,
             "n_adapters_total": N, "adapters": [a.name for a in adapters], "dtype": str(dtype),
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, warmup, device, gen, mdt=None
+def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt=None
                   ) -> list[dict]:
     """A stream of requests for the tasks (one adapter per task), served (A) by merged models with single-task
     batches, (B) by the batched engine with mixed batches in arrival order."""
