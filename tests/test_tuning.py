@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 from optuna.trial import TrialState
 
@@ -53,9 +54,11 @@ def test_tune_outputs_and_best_roundtrip_into_train(tiny_cfg):
         assert m["hparams"][k] == v
 
 
-def test_two_workers_one_sqlite_exact_trial_count(tiny_cfg):
+@pytest.mark.parametrize("workers,streams", [(2, 1), (1, 3)], ids=["2-processes", "3-threads-one-process"])
+def test_concurrent_workers_one_sqlite_exact_trial_count(tiny_cfg, workers, streams):
+    """Processes, or threads of one process (the --streams path), share one study without over-counting."""
     cfg = _tiny(tiny_cfg, "methods=[lora]", "search.n_trials=4", "search.max_steps=4")
-    res = tuning.tune(cfg, workers=2)
+    res = tuning.tune(cfg, workers=workers, streams=streams)
     assert not res["failures"], res["failures"]
     states, st = _states(cfg)
     complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorastudy.config import ConfigError, StudyConfig, dump_yaml, load_config
+from lorastudy.workers import default_streams
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect study configs.")
@@ -247,6 +248,9 @@ def drift(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -
 
 
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (spread over visible GPUs)")]
+StreamsOpt = Annotated[int | None, typer.Option(
+    "--streams", help="Runs at once inside each worker process, one thread and CUDA stream each "
+                      "(default: 8 with a GPU, 1 without)")]
 
 
 @app.command()
@@ -256,6 +260,7 @@ def tune(
     task: Annotated[list[str] | None, typer.Option("--task", help="Only these tasks")] = None,
     method: Annotated[list[str] | None, typer.Option("--method", help="Only these methods")] = None,
     workers: WorkersOpt = 1,
+    streams: StreamsOpt = None,
     storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: sqlite in the results dir)")] = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
@@ -272,7 +277,8 @@ def tune(
             raise ConfigError(f"--task {t!r} is not in the config's tasks {cfg.tasks}")
     store.check_manifest(cfg)
     with Progress("tune (trials)", console=console) as prog:
-        res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog)
+        res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog,
+                       streams=default_streams(streams))
     tbl = Table(title="phase 1: best validation accuracy")
     for c in ("task", "method", "complete", "best val acc", "best trial"):
         tbl.add_column(c)
@@ -286,8 +292,8 @@ def tune(
 
 @app.command("train-all")
 @_handle_errors
-def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, set_: SetOpt = None, data_dir: DataDirOpt = None
-                  ) -> None:
+def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOpt = None, set_: SetOpt = None,
+                  data_dir: DataDirOpt = None) -> None:
     """Phase 2: every task x method x seed with the phase-1 best hyperparameters; finished runs are skipped."""
     from lorastudy import store
     from lorastudy.pipeline import train_all
@@ -296,7 +302,7 @@ def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, set_: SetOpt = Non
     cfg = _load(config, set_, data_dir)
     store.check_manifest(cfg)
     with Progress("train-all (runs)", console=console) as prog:
-        res = train_all(cfg, workers, progress=prog, log=console.print)
+        res = train_all(cfg, workers, progress=prog, log=console.print, streams=default_streams(streams))
     console.print(f"trained {len(res['trained'])}, skipped {len(res['skipped_complete'])} complete, "
                   f"failed {len(res['failures'])}")
     for f in res["failures"]:
@@ -371,6 +377,7 @@ def run(
     time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop cleanly between units after "
                                                                             "this many seconds")] = None,
     workers: WorkersOpt = 1,
+    streams: StreamsOpt = None,
     force: Annotated[bool, typer.Option(help="Reuse a results dir made by a different config")] = False,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
@@ -384,7 +391,7 @@ def run(
             raise ConfigError(f"{name} {ph!r}: phases are {', '.join(PHASES)}")
     cfg = _load(config, set_, data_dir)
     res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,
-                       console=console)
+                       console=console, streams=default_streams(streams))
     tbl = Table(title=f"study {cfg.name}: {cfg.out}")
     tbl.add_column("phase")
     tbl.add_column("seconds", justify="right")

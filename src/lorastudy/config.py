@@ -137,6 +137,17 @@ class TrainConfig(_Strict):
     # Pad every batch to the smallest of these widths that fits it (static shapes, the first step towards CUDA
     # graphs / torch.compile on GPU). Same results as dynamic padding: masking and mask-derived position ids.
     shape_buckets: list[int] | None = None
+    # The training/evaluation step: ``cuda_graph`` = static shapes (shape_buckets, or a default set) replayed as
+    # CUDA graphs; ``static`` = the same static-shape code run eagerly (CPU equivalence tests, debugging);
+    # ``eager`` = the plain eager reference path (also ``false``); ``auto`` = cuda_graph on a CUDA device, eager
+    # elsewhere.
+    fast_step: Literal["auto", "eager", "static", "cuda_graph"] = "auto"
+
+    @field_validator("fast_step", mode="before")
+    @classmethod
+    def _fast_step_bool(cls, v: Any) -> Any:
+        # YAML reads off/false/no as False: accept it as "eager", and true as "auto"
+        return {False: "eager", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
 
 class SanityConfig(_Strict):

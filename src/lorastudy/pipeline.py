@@ -38,7 +38,8 @@ def _train_unit(arg, device):
     return {"test_accuracy": m["test"]["accuracy"], "collapsed": m["collapsed"]}
 
 
-def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | None = None, log=print) -> dict:
+def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | None = None, log=print,
+              streams: int = 1) -> dict:
     """Phase 2: every task x method x seed with the phase-1 best hyperparameters on the full training split."""
     from lorastudy.tuning import best_hparams
     from lorastudy.workers import run_units
@@ -55,7 +56,7 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
         units.append((f"{t}/{m}/seed{s}", (cfg, t, m, s, hp)))
     if progress is not None:
         progress.set_total(len(units))
-    res = run_units(units, _train_unit, workers, progress=progress, stop=stop)
+    res = run_units(units, _train_unit, workers, progress=progress, stop=stop, streams=streams)
     failures = [{"unit": r.name, "error": r.error} for r in res if not r.ok]
     summary = {"trained": [r.name for r in res if r.ok], "skipped_complete": skipped, "failures": failures,
                "not_started": len(units) - len(res)}
@@ -64,7 +65,7 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
 
 
 def run(cfg, *, only: str | None = None, from_: str | None = None, time_budget: float | None = None,
-        workers: int = 1, force: bool = False, console=None) -> dict:
+        workers: int = 1, force: bool = False, console=None, streams: int = 1) -> dict:
     """Phases 0 -> 4 and the report. Returns a summary with the paths written."""
     from lorastudy.progress import Progress
 
@@ -82,7 +83,7 @@ def run(cfg, *, only: str | None = None, from_: str | None = None, time_budget: 
             break
         t0 = time.monotonic()
         with Progress(f"phase {ph}", console=console) as prog:
-            summary["phases"][ph] = _run_phase(cfg, ph, prog, budget, workers, log)
+            summary["phases"][ph] = _run_phase(cfg, ph, prog, budget, workers, log, streams)
         summary["phases"][ph]["seconds"] = round(time.monotonic() - t0, 1)
         if budget.exhausted() and ph != phases[-1]:
             summary["stopped"] = f"time budget exhausted after phase {ph}; rerun to continue"
@@ -91,7 +92,7 @@ def run(cfg, *, only: str | None = None, from_: str | None = None, time_budget: 
     return summary
 
 
-def _run_phase(cfg, ph: str, prog, budget: Budget, workers: int, log) -> dict:
+def _run_phase(cfg, ph: str, prog, budget: Budget, workers: int, log, streams: int = 1) -> dict:
     stop = budget.exhausted
     if ph == "sanity":
         from lorastudy.sanity import run_sanity
@@ -109,10 +110,10 @@ def _run_phase(cfg, ph: str, prog, budget: Budget, workers: int, log) -> dict:
     if ph == "tune":
         from lorastudy.tuning import tune
 
-        res = tune(cfg, workers=workers, progress=prog, stop=stop)
+        res = tune(cfg, workers=workers, progress=prog, stop=stop, streams=streams)
         return {"failures": res["failures"], "path": str(cfg.out / "phase1")}
     if ph == "train":
-        res = train_all(cfg, workers, progress=prog, stop=stop, log=log)
+        res = train_all(cfg, workers, progress=prog, stop=stop, log=log, streams=streams)
         return {**{k: (len(v) if isinstance(v, list) else v) for k, v in res.items() if k != "failures"},
                 "failures": res["failures"], "path": str(cfg.out / "phase2")}
     if ph == "extract":

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import resource
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,11 @@ from transformers import get_linear_schedule_with_warmup
 from lorastudy import data as D
 from lorastudy import modeling as M
 from lorastudy import store
+from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets
+
+# Runs may share a process (workers.run_units with streams > 1): seeding and building a model hold this lock, so
+# each run's initial weights come from its own seed whatever the other threads draw meanwhile.
+_INIT_LOCK = threading.Lock()
 
 
 class TrainingError(RuntimeError):
@@ -89,21 +95,31 @@ def f1_binary(labels: np.ndarray, preds: np.ndarray, positive: int = 1) -> float
 
 @torch.no_grad()
 def predict(model, enc: D.Encoded, pad_id: int, padding_side: str, batch_size: int, device: torch.device,
-            amp: torch.dtype | None, buckets: list[int] | None = None) -> np.ndarray:
-    """Logits (float32, original row order) for an encoded split; batches sorted by length for little padding."""
+            amp: torch.dtype | None, buckets: list[int] | None = None,
+            runner: StaticForward | None = None) -> np.ndarray:
+    """Logits (float32, original row order) for an encoded split; batches sorted by length for little padding.
+    ``runner`` = the static-shape (CUDA-graph) forward of the fast path; its batch size wins."""
     was_training = model.training
     model.eval()
-    out = torch.empty((len(enc), model.config.num_labels), dtype=torch.float32)
+    batch_size = runner.batch_size if runner is not None else batch_size
     lengths = enc.lengths()
+    parts, order = [], []
     for idx in D.sequential_batches(lengths, batch_size):
         pad_to = D.bucket_width(int(lengths[idx].max()), buckets)
-        batch = {k: v.to(device, non_blocking=True) for k, v in
-                 D.collate([enc.input_ids[i] for i in idx], pad_id, padding_side, pad_to).items()}
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = M.classifier_logits(model, batch)
-        out[torch.as_tensor(idx)] = logits.float().cpu()
+        cpu = D.collate([enc.input_ids[i] for i in idx], pad_id, padding_side, pad_to)
+        if runner is not None:
+            logits = runner.logits(cpu).clone()  # the runner's output buffer is reused by the next batch
+        else:
+            batch = {k: v.to(device, non_blocking=True) for k, v in cpu.items()}
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits = M.classifier_logits(model, batch).float()
+        parts.append(logits)  # stays on the device: one copy to the host at the end, not one sync per batch
+        order.append(idx)
     model.train(was_training)
-    return out.numpy()
+    out = np.empty((len(enc), model.config.num_labels), dtype=np.float32)
+    if parts:
+        out[np.concatenate(order)] = torch.cat(parts).float().cpu().numpy()
+    return out
 
 
 def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -144,8 +160,9 @@ def build_model(cfg, task: str, method: str, seed: int, hp: HParams, device: tor
     return Setup(model, tok, device, amp_dtype(cfg.train.precision, device), trainable, total, params)
 
 
-def make_optimizer(model, hp: HParams, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in HF Trainer."""
+def make_optimizer(model, hp: HParams, device: torch.device, graphs: bool = False) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors), as in HF Trainer. ``graphs``: capturable,
+    with the learning rate as a device tensor per group (the scheduler writes it in place; a graph reads it)."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -153,7 +170,20 @@ def make_optimizer(model, hp: HParams, device: torch.device) -> torch.optim.Opti
     groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     kw = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if graphs:
+        for g in groups:
+            g["lr"] = torch.tensor(hp.lr, dtype=torch.float32, device=device)
+        kw["capturable"] = True
     return torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.999), eps=1e-8, **kw)
+
+
+def step_mode(spec: str, device: torch.device) -> str:
+    """Resolve ``train.fast_step``: auto = cuda_graph on CUDA, the eager reference path elsewhere."""
+    if spec == "auto":
+        return "cuda_graph" if device.type == "cuda" else "eager"
+    if spec == "cuda_graph" and device.type != "cuda":
+        raise TrainingError(f"train.fast_step=cuda_graph needs a CUDA device, not {device}; use static or eager")
+    return spec
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -200,21 +230,23 @@ def train_run(
     split is then never touched. ``on_eval(step, val_metrics)`` may raise to prune.
     """
     t_start = time.perf_counter()
-    seed_everything(seed)
     spec = cfg.task(task)
     splits = splits or D.splits_for(cfg, task)
     train_df = D.subset(splits.train, train_subset, cfg.data.split_seed, f"{task}-hpo") if train_subset \
         else splits.train
     device = pick_device(cfg.train.device)
-    s = build_model(cfg, task, method, seed, hp, device)
+    with _INIT_LOCK:
+        seed_everything(seed)
+        s = build_model(cfg, task, method, seed, hp, device)
     tok, pad, side = s.tokenizer, s.tokenizer.pad_token_id, cfg.model.padding_side
     L = cfg.data.max_length
-    buckets = cfg.train.shape_buckets
+    mode = step_mode(cfg.train.fast_step, device)
+    buckets = cfg.train.shape_buckets or (default_buckets(L) if mode != "eager" else None)
     enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
     if len(enc_train) == 0 or len(enc_val) == 0:
         raise TrainingError(f"{task}: empty train or validation split")
 
-    opt = make_optimizer(s.model, hp, device)
+    opt = make_optimizer(s.model, hp, device, graphs=mode == "cuda_graph")
     steps_per_epoch = math.ceil(len(enc_train) / hp.batch_size)
     total_steps = math.ceil(hp.epochs * steps_per_epoch)
     if hp.max_steps:
@@ -223,6 +255,11 @@ def train_run(
     eval_every = max(1, steps_per_epoch // cfg.train.evals_per_epoch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    fast = runner = None
+    if mode != "eager":  # static shapes; CUDA graphs unless mode == "static" (see fast_step.py)
+        fast = StaticTrainStep(s.model, s.params, opt, hp.batch_size, cfg.train.max_grad_norm, s.amp, device,
+                               cuda_graph=mode == "cuda_graph")
+        runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, device, cuda_graph=mode == "cuda_graph")
 
     rng = np.random.default_rng(seed)
     lengths = enc_train.lengths()
@@ -237,18 +274,20 @@ def train_run(
     def evaluate(step: int) -> bool:
         """Validation pass; returns True when early stopping fires."""
         nonlocal run_loss, run_n, bad_evals
+        if fast is not None:
+            run_loss, run_n = fast.take_loss()
         train_loss = float(run_loss.item()) / max(run_n, 1)  # the one host sync per evaluation window
         if not math.isfinite(train_loss):
             raise TrainingError(f"{task}/{method}/seed{seed}: non-finite training loss before step {step} "
                                 f"(lr={hp.lr}); the run is marked failed")
         run_loss, run_n = torch.zeros((), device=device), 0
-        val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets),
-                     enc_val.labels)
+        val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets,
+                             runner), enc_val.labels)
         if not math.isfinite(val["loss"]):
             raise TrainingError(f"{task}/{method}/seed{seed}: non-finite validation loss at step {step}")
         curve.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss,
                       "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-                      "lr": sched.get_last_lr()[0]})
+                      "lr": float(sched.get_last_lr()[0])})
         if on_eval is not None:
             on_eval(step, val)
         if val["loss"] < best["loss"]:
@@ -266,10 +305,14 @@ def train_run(
                         else [b for b in np.array_split(rng.permutation(len(lengths)),
                                                         steps_per_epoch)]):
                 pad_to = D.bucket_width(int(lengths[idx].max()), buckets)
-                batch = to_device(D.collate([enc_train.input_ids[i] for i in idx], pad, side, pad_to), device)
-                y = labels_all[torch.as_tensor(idx)].to(device, non_blocking=True)
-                run_loss += train_step(s, opt, sched, batch, y, cfg.train.max_grad_norm)
-                run_n += 1
+                cpu_batch = D.collate([enc_train.input_ids[i] for i in idx], pad, side, pad_to)
+                if fast is not None:
+                    fast.step(cpu_batch, labels_all[torch.as_tensor(idx)])
+                    sched.step()
+                else:
+                    y = labels_all[torch.as_tensor(idx)].to(device, non_blocking=True)
+                    run_loss += train_step(s, opt, sched, to_device(cpu_batch, device), y, cfg.train.max_grad_norm)
+                    run_n += 1
                 tokens += int(lengths[idx].sum())
                 step += 1
                 if step % eval_every == 0 or step == total_steps:
@@ -284,8 +327,10 @@ def train_run(
                             f"max_length {L} ({e}); lower train.batch_size or data.max_length, or use fewer "
                             "workers per GPU") from None
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()  # this run's stream only: others may be capturing
     train_time = time.perf_counter() - t_train
+    if fast is not None:
+        fast.close()
 
     # restore the best checkpoint (by validation loss) before the one test evaluation
     with torch.no_grad():
@@ -298,13 +343,13 @@ def train_run(
         "validation": best["val"], "curve": curve,
         "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
         "peak_memory_bytes": peak_memory(device), "device": str(device),
-        "precision": "bf16-autocast" if s.amp else "fp32",
+        "precision": "bf16-autocast" if s.amp else "fp32", "step_mode": mode,
         "trainable_params": s.trainable, "total_params": s.total,
         "n_train": len(enc_train), "n_validation": len(enc_val),
     }
     if evaluate_test:
         enc_test = D.encode(tok, splits.test, spec, L)
-        logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets)
+        logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets, runner)
         test = scores(logits, enc_test.labels)
         maj = majority_accuracy(enc_train.labels, enc_test.labels)
         metrics.update({
@@ -314,6 +359,8 @@ def train_run(
             "test_predictions": logits.argmax(-1).tolist(), "test_labels": enc_test.labels.tolist(),
             "test_idx": splits.test["idx"].tolist(),
         })
+    if runner is not None:
+        runner.close()
     metrics["wall_time_s"] = time.perf_counter() - t_start
     if keep_model:
         metrics["_model"] = s.model

@@ -254,8 +254,9 @@ def _tune_unit(arg, device):
 
 
 def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, workers: int = 1,
-         progress=None, stop=None) -> dict:
-    """Run (or finish) the studies with ``workers`` processes, then export every study."""
+         progress=None, stop=None, streams: int = 1) -> dict:
+    """Run (or finish) the studies with ``workers`` processes x ``streams`` threads each, then export every
+    study."""
     from lorastudy.workers import run_units
 
     pairs = [(t, m) for t in (tasks or cfg.tasks) for m in (methods or cfg.methods)]
@@ -264,7 +265,7 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
     if progress is not None:
         progress.set_total(missing)
     failures = []
-    if workers <= 1:
+    if workers <= 1 and streams <= 1:
         for t, m in todo:
             if stop is not None and stop():
                 break
@@ -275,10 +276,10 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
             if progress is not None:
                 progress.end(f"{t}/{m}")
     else:
-        # each study gets ceil(workers / studies) workers, all studies at once
-        per = max(1, math.ceil(workers / max(len(todo), 1)))
-        units = [(f"{t}/{m}#{w}", (cfg, t, m, w)) for t, m in todo for w in range(per)]
-        for r in run_units(units, _tune_unit, workers, progress=None, stop=stop):
+        # each study gets ceil(concurrency / studies) workers, all studies at once
+        per = max(1, math.ceil(workers * streams / max(len(todo), 1)))
+        units = [(f"{t}/{m}#{w}", (cfg, t, m, w)) for w in range(per) for t, m in todo]
+        for r in run_units(units, _tune_unit, workers, progress=None, stop=stop, streams=streams):
             if not r.ok:
                 failures.append({"unit": r.name, "error": r.error})
     summary = [export(cfg, t, m) for t, m in pairs]

@@ -3,12 +3,19 @@
 One process per unit, at most N alive, spread round-robin over the visible GPUs (several per GPU allowed). A unit
 that raises or whose process dies is reported as failed with its error; the others go on. With one worker and no
 GPU spreading needed, units run in this process (no start-up cost).
+
+``streams > 1``: each process runs that many units at once, one thread and one CUDA stream each. Why: processes on
+one GPU are time-sliced (without MPS their kernels never overlap), so once a run's step is a CUDA-graph replay that
+keeps the GPU busy, more processes add little; graphs replayed on several streams of one process do overlap
+(measured in benchmarks/train_step.py, part ``workers``).
 """
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -34,6 +41,19 @@ class _Slot:
     extra: dict = field(default_factory=dict)
 
 
+# Runs per process on a GPU when --streams is not given; chosen from the worker-scaling curve measured on the H200
+# (benchmarks/results/RESULTS.md, "worker scaling").
+DEFAULT_GPU_STREAMS = 8
+
+
+def default_streams(streams: int | None) -> int:
+    if streams is not None:
+        if streams < 1:
+            raise ValueError(f"streams must be >= 1, got {streams}")
+        return streams
+    return DEFAULT_GPU_STREAMS if visible_gpus() else 1
+
+
 def visible_gpus() -> int:
     try:
         import torch
@@ -57,11 +77,56 @@ def _child(conn, fn, arg, device, threads):
         conn.close()
 
 
+def run_threads(chunk: list[tuple[str, Any]], device: str | None, fn: Callable[[Any, str | None], Any]
+                ) -> list[UnitResult]:
+    """Run the units of ``chunk`` at once, one thread each, each on its own CUDA stream when there is a GPU."""
+    import torch
+
+    results: list[UnitResult | None] = [None] * len(chunk)
+
+    def one(i: int, name: str, arg: Any) -> None:
+        t0 = time.perf_counter()
+        try:
+            if torch.cuda.is_available():
+                dev = torch.device(device or "cuda")
+                with torch.cuda.device(dev), torch.cuda.stream(torch.cuda.Stream(dev)):
+                    value = fn(arg, device)
+            else:
+                value = fn(arg, device)
+            results[i] = UnitResult(name, True, value, seconds=time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 - reported per unit, the other threads go on
+            results[i] = UnitResult(name, False, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=one, args=(i, n, a), name=f"unit-{n}") for i, (n, a) in enumerate(chunk)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [r for r in results if r is not None]
+
+
+def _chunk_fn(chunk, device, fn):
+    return run_threads(chunk, device, fn)
+
+
 def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any], workers: int = 1,
-              progress=None, stop: Callable[[], bool] | None = None) -> list[UnitResult]:
+              progress=None, stop: Callable[[], bool] | None = None, streams: int = 1) -> list[UnitResult]:
     """Run ``fn(arg, device)`` for each ``(name, arg)``. ``device`` is "cuda:i" or None (the config decides).
 
+    ``workers`` processes, each running ``streams`` units at once (threads, one CUDA stream each).
     ``stop()`` is checked between units (time budgets): units not started are left for a later invocation."""
+    if streams > 1:
+        # units are dealt round-robin into chunks of `streams`; one chunk = one unit of the process pool
+        n_chunks = max(1, -(-len(units) // streams))
+        chunks = [units[i::n_chunks] for i in range(n_chunks)]
+        named = [("+".join(n for n, _ in c), c) for c in chunks]
+        out: list[UnitResult] = []
+        for r in run_units(named, functools.partial(_chunk_fn, fn=fn), workers, progress, stop):
+            if r.ok:
+                out += r.value
+            else:  # the process died: every unit of its chunk failed with it
+                out += [UnitResult(n, False, error=r.error, seconds=r.seconds) for n, _ in dict(named)[r.name]]
+        return out
     ngpu = visible_gpus()
     results: list[UnitResult] = []
     if workers <= 1 and ngpu <= 1:

@@ -1,0 +1,243 @@
+"""Static-shape training and evaluation steps, replayed as CUDA graphs on GPU.
+
+Why: at the protocol's batch sizes (1-4) an eager step is bound by ~2,000 kernel launches and Python work, not by
+the GPU (95-165 ms per SmolLM2-135M step measured on the H200, see benchmarks/results/). Capturing
+forward+backward once per padded width and the optimizer step once, then replaying them, removes that host work
+without changing what is computed:
+
+* the same rows in the same order, padded to a bucket width; masking and mask-derived position ids make the
+  padding invisible (tested against dynamic padding);
+* a batch smaller than the static batch size (the last one of an epoch) is filled with zero-weight copies of one of
+  its rows, and the loss is the weighted mean, i.e. exactly the mean over the real rows (a fully masked pad row
+  would give NaN, and 0 x NaN is NaN, hence copies of a real row);
+* AdamW with the same hyperparameters (fused and ``capturable``: the step count and the learning rate live on the
+  device, the schedule writes the lr tensor in place), clipping at ``max_norm`` with foreach kernels;
+* gradients live in persistent buffers that the optimizer graph zeroes after each step, so every graph reads and
+  writes the same tensors and all graphs can share one memory pool.
+
+``cuda_graph=False`` runs the very same static code path eagerly (how CPU tests compare it with the eager step).
+torch.compile is not used: it would add a compilation per shape bucket to every short tuning trial, and graph
+replay already removes the launch overhead it would remove.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lorastudy import modeling as M
+
+DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+# Several runs may share a process, one thread and CUDA stream each (workers.run_units with streams > 1). Captures
+# are serialised; each captures in "thread_local" mode so that the other threads keep launching work meanwhile.
+_CAPTURE_LOCK = threading.Lock()
+
+
+def default_buckets(max_length: int) -> list[int]:
+    """Padded widths for the fast path when the config names none: a few widths up to ``max_length``."""
+    return sorted({b for b in DEFAULT_BUCKETS if b < max_length} | {max_length})
+
+
+class _Replayable:
+    """A callable captured into a CUDA graph on first use (after warm-up on a side stream), then replayed."""
+
+    def __init__(self, fn: Callable[[], None], pool, warmup: int = 2,
+                 before_warmup: Callable[[], object] | None = None,
+                 after_warmup: Callable[[object], None] | None = None) -> None:
+        self.fn, self.pool, self.warmup = fn, pool, warmup
+        self.before, self.after = before_warmup, after_warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def capture(self) -> None:
+        with _CAPTURE_LOCK:
+            saved = self.before() if self.before else None
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture stream, as the CUDA-graph docs prescribe
+                for _ in range(self.warmup):
+                    self.fn()
+            torch.cuda.current_stream().wait_stream(side)
+            if self.after:
+                self.after(saved)  # undo the warm-up's effect on persistent state
+            self.graph = torch.cuda.CUDAGraph()
+            # no garbage collection during capture: freeing an old graph in the middle of one invalidates it
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+                    self.fn()
+            finally:
+                if enabled:
+                    gc.enable()
+
+    def __call__(self) -> None:
+        if self.graph is None:
+            self.capture()
+        self.graph.replay()
+
+
+def _static_inputs(batch_size: int, width: int, device: torch.device) -> dict[str, torch.Tensor]:
+    z = dict(dtype=torch.long, device=device)
+    return {"input_ids": torch.zeros(batch_size, width, **z), "attention_mask": torch.ones(batch_size, width, **z),
+            "position_ids": torch.zeros(batch_size, width, **z)}
+
+
+def _fill(static: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> int:
+    """Copy a collated batch (rows <= static rows, same width) into the static buffers; surplus rows repeat row 0."""
+    n = batch["input_ids"].shape[0]
+    for k in ("input_ids", "attention_mask", "position_ids"):
+        static[k][:n].copy_(batch[k], non_blocking=True)
+        if n < static[k].shape[0]:
+            static[k][n:].copy_(batch[k][:1].expand(static[k].shape[0] - n, -1), non_blocking=True)
+    return n
+
+
+class StaticTrainStep:
+    """The training step over static shapes: ``step(batch, labels)`` accumulates the loss on the device."""
+
+    def __init__(self, model, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, batch_size: int,
+                 max_norm: float, amp: torch.dtype | None, device: torch.device, cuda_graph: bool) -> None:
+        if cuda_graph and device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device; use train.fast_step=static or eager on CPU")
+        self.model, self.params, self.opt = model, params, opt
+        self.batch_size, self.max_norm, self.amp, self.device = batch_size, max_norm, amp, device
+        self.cuda_graph = cuda_graph
+        self.mask_dtype = amp or torch.float32  # the 4-D mask must match the attention's query dtype
+        self.loss_sum = torch.zeros((), device=device)
+        self.n_steps = 0
+        self.labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.weights = torch.zeros(batch_size, dtype=torch.float32, device=device)
+        self.inputs: dict[int, dict[str, torch.Tensor]] = {}
+        self.fwd_bwd: dict[int, Callable[[], None]] = {}
+        for p in params:  # persistent gradient buffers (see module docstring)
+            p.grad = torch.zeros_like(p)
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
+        self.opt_step: Callable[[], None] = self._optimizer_step
+        if cuda_graph:
+            if not all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups):
+                raise ValueError("CUDA-graph training needs AdamW(capturable=True) with tensor learning rates "
+                                 "(make_optimizer(..., graphs=True))")
+            graph = _Replayable(self._optimizer_step, self.pool, warmup=1,
+                                before_warmup=self._zero_lr, after_warmup=self._reset_optimizer)
+            graph.capture()  # now, while the gradients are still zero (the warm-up relies on it)
+            self.opt_step = graph
+
+    # -- the computation (identical with and without capture) -------------------------------------------------
+    def _forward_backward(self, width: int) -> None:
+        st = self.inputs[width]
+        batch = dict(st, mask4d=M.additive_mask_4d(st["attention_mask"], self.mask_dtype))
+        # autocast's weight-cast cache must be off under capture (the cast copies would be freed after it)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
+                            cache_enabled=not self.cuda_graph):
+            logits = M.classifier_logits(self.model, batch)
+        ce = F.cross_entropy(logits.float(), self.labels, reduction="none")
+        loss = (ce * self.weights).sum() / self.weights.sum()
+        loss.backward()
+        self.loss_sum.add_(loss.detach())
+
+    def _optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        self.opt.step()
+        torch._foreach_zero_([p.grad for p in self.params])
+
+    # -- warm-up bookkeeping for capture ---------------------------------------------------------------------
+    def _zero_lr(self) -> list[torch.Tensor]:
+        """The optimizer graph is warmed up with zero gradients and lr 0: AdamW then changes no weight (decay is
+        multiplied by lr) and leaves its moments at zero; only the step counters move, and they are reset."""
+        saved = [g["lr"].clone() for g in self.opt.param_groups]
+        for g in self.opt.param_groups:
+            g["lr"].zero_()
+        return saved
+
+    def _reset_optimizer(self, saved_lrs: list[torch.Tensor]) -> None:
+        for g, lr in zip(self.opt.param_groups, saved_lrs, strict=True):
+            g["lr"].copy_(lr)
+            for p in g["params"]:
+                st = self.opt.state[p]
+                for k in ("exp_avg", "exp_avg_sq", "step"):
+                    st[k].zero_()
+
+    def _save_loss(self) -> torch.Tensor:
+        return self.loss_sum.clone()
+
+    def _restore_after_fwd_warmup(self, saved_loss: torch.Tensor) -> None:
+        self.loss_sum.copy_(saved_loss)
+        torch._foreach_zero_([p.grad for p in self.params])  # warm-up happens between steps, when grads are zero
+
+    # -- public ------------------------------------------------------------------------------------------------
+    def step(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> None:
+        """One optimizer step on a collated CPU batch already padded to a bucket width."""
+        n, width = batch["input_ids"].shape
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} rows exceeds the static batch size {self.batch_size}")
+        if width not in self.inputs:
+            self.inputs[width] = _static_inputs(self.batch_size, width, self.device)
+            fn = lambda w=width: self._forward_backward(w)  # noqa: E731
+            self.fwd_bwd[width] = _Replayable(fn, self.pool, before_warmup=self._save_loss,
+                                              after_warmup=self._restore_after_fwd_warmup) if self.cuda_graph else fn
+        _fill(self.inputs[width], batch)
+        self.labels[:n].copy_(labels, non_blocking=True)
+        self.labels[n:].copy_(labels[:1].expand(self.batch_size - n), non_blocking=True)
+        self.weights.zero_()
+        self.weights[:n] = 1.0
+        self.fwd_bwd[width]()
+        self.opt_step()
+        self.n_steps += 1
+
+    def close(self) -> None:
+        """Drop the graphs and their memory now (not whenever the garbage collector gets to them)."""
+        with _CAPTURE_LOCK:
+            self.fwd_bwd.clear()
+            self.opt_step = self._optimizer_step
+            self.inputs.clear()
+
+    def take_loss(self) -> tuple[torch.Tensor, int]:
+        """(sum of step losses since the last call, number of steps); resets the accumulator."""
+        out, n = self.loss_sum.clone(), self.n_steps
+        self.loss_sum.zero_()
+        self.n_steps = 0
+        return out, n
+
+
+class StaticForward:
+    """Evaluation forward over static shapes (``eval`` mode, no grad): ``logits(batch)`` -> [rows, labels]."""
+
+    def __init__(self, model, batch_size: int, amp: torch.dtype | None, device: torch.device,
+                 cuda_graph: bool) -> None:
+        self.model, self.batch_size, self.amp, self.device, self.cuda_graph = model, batch_size, amp, device, cuda_graph
+        self.mask_dtype = amp or torch.float32
+        self.out = torch.zeros(batch_size, model.config.num_labels, dtype=torch.float32, device=device)
+        self.inputs: dict[int, dict[str, torch.Tensor]] = {}
+        self.runs: dict[int, Callable[[], None]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
+
+    @torch.no_grad()
+    def _forward(self, width: int) -> None:
+        st = self.inputs[width]
+        batch = dict(st, mask4d=M.additive_mask_4d(st["attention_mask"], self.mask_dtype))
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
+                            cache_enabled=not self.cuda_graph):
+            self.out.copy_(M.classifier_logits(self.model, batch).float())
+
+    def close(self) -> None:
+        with _CAPTURE_LOCK:
+            self.runs.clear()
+            self.inputs.clear()
+
+    @torch.no_grad()
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.model.training:
+            raise RuntimeError("StaticForward needs the model in eval mode (dropout is baked into a graph)")
+        n, width = batch["input_ids"].shape
+        if width not in self.inputs:
+            self.inputs[width] = _static_inputs(self.batch_size, width, self.device)
+            fn = lambda w=width: self._forward(w)  # noqa: E731
+            self.runs[width] = _Replayable(fn, self.pool, warmup=1) if self.cuda_graph else fn
+        _fill(self.inputs[width], batch)
+        self.runs[width]()
+        return self.out[:n]
