@@ -342,7 +342,8 @@ def train_run(
         "best_step": best["step"], "steps": step, "total_steps_planned": total_steps, "stopped_early": stopped_early,
         "validation": best["val"], "curve": curve,
         "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
-        "peak_memory_bytes": peak_memory(device), "device": str(device),
+        # process-wide: with several runs per process (--streams) it covers all of them
+        "peak_memory_bytes": peak_memory(device), "peak_memory_scope": "process", "device": str(device),
         "precision": "bf16-autocast" if s.amp else "fp32", "step_mode": mode,
         "trainable_params": s.trainable, "total_params": s.total,
         "n_train": len(enc_train), "n_validation": len(enc_val),

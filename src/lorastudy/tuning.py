@@ -13,7 +13,6 @@ No pruning is used (every trial trains to its end or to early stopping); outputs
 from __future__ import annotations
 
 import functools
-import math
 import os
 import socket
 import time
@@ -113,8 +112,11 @@ def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
-def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop=None) -> int:
-    """Work on one study until ``n_trials`` trials are complete. Returns trials this worker completed."""
+def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop=None, wait: bool = True) -> int:
+    """Work on one study until ``n_trials`` trials are complete. Returns trials this worker completed.
+
+    ``wait=False``: return as soon as the missing trials are all running elsewhere (the worker can then help
+    another study) instead of waiting for them in case one fails."""
     study = get_study(cfg, task, method, worker)
     fail_orphans(study)
     target = cfg.search.n_trials
@@ -125,6 +127,8 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
             break
         live = study.get_trials(deepcopy=False, states=live_states)
         if len(live) >= target:
+            if not wait:
+                break
             time.sleep(1.0)  # the rest are running elsewhere; wait in case one fails
             fail_orphans(study)
             continue
@@ -248,9 +252,16 @@ def is_done(cfg, task: str, method: str) -> bool:
 
 
 def _tune_unit(arg, device):
-    cfg, task, method, worker = arg
+    """One worker loop over all unfinished studies: it starts at its own study (worker k at study k mod S), helps
+    the others when its study has every missing trial running, then waits on each until it is complete."""
+    cfg, pairs, worker, stop, on_trial = arg
     del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
-    return run_worker(cfg, task, method, worker)
+    order = pairs[worker % len(pairs):] + pairs[: worker % len(pairs)]
+    done = 0
+    for wait in (False, True):
+        for t, m in order:
+            done += run_worker(cfg, t, m, worker, on_trial=on_trial, stop=stop, wait=wait)
+    return done
 
 
 def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, workers: int = 1,
@@ -275,10 +286,12 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
                        stop=stop)
             if progress is not None:
                 progress.end(f"{t}/{m}")
-    else:
-        # each study gets ceil(concurrency / studies) workers, all studies at once
-        per = max(1, math.ceil(workers * streams / max(len(todo), 1)))
-        units = [(f"{t}/{m}#{w}", (cfg, t, m, w)) for w in range(per) for t, m in todo]
+    elif todo:
+        # workers x streams loops at once; each moves on to other studies when its own needs no more hands, so
+        # no slot idles while any study has trials left to start
+        here = streams > 1 and workers <= 1  # threads of this process: the stop check and progress can be shared
+        advance = (lambda *_: progress.advance_rows(1)) if progress is not None and here else None
+        units = [(f"worker{w}", (cfg, todo, w, stop if here else None, advance)) for w in range(workers * streams)]
         for r in run_units(units, _tune_unit, workers, progress=None, stop=stop, streams=streams):
             if not r.ok:
                 failures.append({"unit": r.name, "error": r.error})

@@ -97,11 +97,15 @@ def run_threads(chunk: list[tuple[str, Any]], device: str | None, fn: Callable[[
         except BaseException as e:  # noqa: BLE001 - reported per unit, the other threads go on
             results[i] = UnitResult(name, False, error=f"{type(e).__name__}: {e}", seconds=time.perf_counter() - t0)
 
-    threads = [threading.Thread(target=one, args=(i, n, a), name=f"unit-{n}") for i, (n, a) in enumerate(chunk)]
+    # daemon threads joined with a timeout: Ctrl-C / SIGINT reaches the main thread and ends the process (a trial
+    # left RUNNING is then recovered as an orphan on the next start) instead of waiting for every run to finish
+    threads = [threading.Thread(target=one, args=(i, n, a), name=f"unit-{n}", daemon=True)
+               for i, (n, a) in enumerate(chunk)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        while t.is_alive():
+            t.join(timeout=0.5)
     return [r for r in results if r is not None]
 
 
