@@ -300,7 +300,7 @@ def _worker(rank: int, mode: str, method: str, seconds: float, streams: int, bar
             pass
 
 
-def worker_scaling(counts: list[int], method: str, seconds: float) -> dict:
+def worker_scaling(counts: list[int], method: str, seconds: float, save=None) -> dict:
     """Aggregate steps/s as concurrent runs grow, as processes (time-sliced on the GPU) and as streams of one
     process (their graphs may overlap), against one eager run."""
     import queue as queue_mod
@@ -334,6 +334,8 @@ def worker_scaling(counts: list[int], method: str, seconds: float) -> dict:
                  "errors": errors, "peak_memory_bytes_per_process": max((r[2] for r in res), default=0),
                  "wall_s_incl_startup": time.perf_counter() - t0}
         out["points"].append(point)
+        if save is not None:
+            save(out)  # a run cut short by its time limit keeps every finished point
         print(f"{mode:5s} processes={procs_n:<3d} streams={streams:<3d} aggregate "
               f"{point['aggregate_steps_per_s']:8.1f} steps/s  per run "
               f"{np.mean(rates) if rates else float('nan'):7.1f}  errors {errors[:1]}", flush=True)
@@ -392,7 +394,8 @@ def main() -> None:
         if device.type != "cuda":
             print("workers: needs a GPU, skipped")
         else:
-            result["workers"] = worker_scaling(a.workers, a.worker_method, a.worker_seconds)
+            result["workers"] = worker_scaling(a.workers, a.worker_method, a.worker_seconds,
+                                               save=lambda w: (result.__setitem__("workers", w), save()))
             save()
     print(f"wrote {a.out}")
 

@@ -106,3 +106,32 @@ def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
     # the completed trials of the first run were kept, not redone
     assert done_numbers <= {t.number for t in trials if t.state == TrialState.COMPLETE}
     assert len(trials) == 4  # 3 complete + the interrupted one
+
+
+def test_sigterm_stops_threaded_tune_and_frees_its_trials(tiny_cfg):
+    """`timeout` / a scheduler's cancel: a tune running trials in threads (--streams) exits promptly and leaves no
+    RUNNING trial behind (they are marked failed, to be replaced by the next run on any machine)."""
+    long = ["search.n_trials=4", "data.train_limit.rte=1500", "search.max_steps=300"]
+    cfg = _tiny(tiny_cfg, "methods=[full]", *long)
+    cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), "--streams", "2",
+           "--set", f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]",
+           "--set", "methods=[full]"] + [a for kv in long for a in ("--set", kv)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            states, _ = _states(cfg, "rte", "full")
+        except Exception:
+            continue
+        if states.count(TrialState.RUNNING) == 2:
+            break
+        assert p.poll() is None, "tune finished before it could be interrupted"
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=60)
+    assert time.time() - t0 < 30 and p.returncode != 0
+    after, st = _states(cfg, "rte", "full")
+    assert TrialState.RUNNING not in after
+    assert [t.user_attrs.get("interrupted") for t in st.get_trials(deepcopy=False)
+            if t.state == TrialState.FAIL].count(True) == 2

@@ -12,9 +12,12 @@ No pruning is used (every trial trains to its end or to early stopping); outputs
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import socket
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -108,6 +111,37 @@ def fail_orphans(study: optuna.Study) -> int:
     return n
 
 
+def fail_own_running(cfg, pairs: list[tuple[str, str]]) -> int:
+    """Mark the RUNNING trials of this process as FAIL (``interrupted``): called when the process is stopped, so
+    that a rerun, on this machine or another, replaces them at once instead of waiting for their heartbeat."""
+    host, pid, n = socket.gethostname(), os.getpid(), 0
+    for t, m in pairs:
+        study = get_study(cfg, t, m)
+        for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if tr.user_attrs.get("host") == host and tr.user_attrs.get("pid") == pid:
+                study._storage.set_trial_user_attr(tr._trial_id, "interrupted", True)
+                study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+                n += 1
+    return n
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``timeout``, a scheduler's cancel) ends the search like Ctrl-C does (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -161,6 +195,7 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         for k in ("loss", "accuracy", "f1"):
             trial.set_user_attr(f"val_{k}", val[k])
         trial.set_user_attr("best_step", m["best_step"])
+        trial.set_user_attr("steps", m["steps"])
         trial.set_user_attr("train_time_s", m["train_time_s"])
         trial.set_user_attr("peak_memory_bytes", m["peak_memory_bytes"])
         trial.set_user_attr("seconds", time.perf_counter() - t0)
@@ -268,7 +303,6 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
          progress=None, stop=None, streams: int = 1) -> dict:
     """Run (or finish) the studies with ``workers`` processes x ``streams`` threads each, then export every
     study."""
-    from lorastudy.workers import run_units
 
     pairs = [(t, m) for t in (tasks or cfg.tasks) for m in (methods or cfg.methods)]
     todo = [(t, m) for t, m in pairs if not is_done(cfg, t, m)]
@@ -276,6 +310,21 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
     if progress is not None:
         progress.set_total(missing)
     failures = []
+    try:
+        with _sigterm_as_interrupt():
+            _tune_todo(cfg, todo, workers, streams, progress, stop, failures)
+    except KeyboardInterrupt:
+        n = fail_own_running(cfg, todo)
+        print(f"tune: interrupted; {n} running trial(s) marked failed, to be replaced on the next run", flush=True)
+        raise
+    summary = [export(cfg, t, m) for t, m in pairs]
+    _write_summary(cfg, summary, failures)
+    return {"studies": summary, "failures": failures}
+
+
+def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: list) -> None:
+    from lorastudy.workers import run_units
+
     if workers <= 1 and streams <= 1:
         for t, m in todo:
             if stop is not None and stop():
@@ -295,9 +344,6 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
         for r in run_units(units, _tune_unit, workers, progress=None, stop=stop, streams=streams):
             if not r.ok:
                 failures.append({"unit": r.name, "error": r.error})
-    summary = [export(cfg, t, m) for t, m in pairs]
-    _write_summary(cfg, summary, failures)
-    return {"studies": summary, "failures": failures}
 
 
 def _write_summary(cfg, summary: list[dict], failures: list[dict]) -> None:
