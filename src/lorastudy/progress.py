@@ -43,14 +43,26 @@ class Progress:
         self.done += ok
         self.failed += not ok
         self._p.update(self._task, advance=1, status=self._status())
+        self._log(f"{unit}{'' if ok else ' FAILED'}")
 
     def end(self, unit: str) -> None:
         """Unit no longer running, without counting it (its sub-units were counted)."""
         self.running.discard(unit)
         self._p.update(self._task, status=self._status())
 
-    def advance_rows(self, n: int) -> None:
+    def advance_rows(self, n: int, label: str = "") -> None:
         self._p.update(self._task, advance=n)
+        self._log(label)
+
+    def _log(self, label: str) -> None:
+        """Without a terminal (a log file, a batch job) the live bar shows nothing until the end: one line per
+        finished unit instead."""
+        if self._p.console.is_terminal:
+            return
+        t = self._p.tasks[0]
+        total = "?" if t.total is None else f"{t.total:.0f}"
+        self._p.console.print(f"{self.phase}: {t.completed:.0f}/{total} done, {time.perf_counter() - self.t0:.0f} s"
+                              + (f" ({label})" if label else ""), highlight=False)
 
     def print(self, *a, **k) -> None:
         self._p.console.print(*a, **k)

@@ -202,7 +202,7 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         study.tell(trial, val["accuracy"])
         done_here += 1
         if on_trial is not None:
-            on_trial(task, method, trial.number)
+            on_trial(task, method, trial.number, val["accuracy"])
     return done_here
 
 
@@ -322,6 +322,13 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
     return {"studies": summary, "failures": failures}
 
 
+def _trial_logger(progress):
+    if progress is None:
+        return None
+    return lambda task, method, number, acc: progress.advance_rows(
+        1, f"{task}/{method} trial {number}: val acc {acc:.4f}")
+
+
 def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: list) -> None:
     from lorastudy.workers import run_units
 
@@ -331,15 +338,14 @@ def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: 
                 break
             if progress is not None:
                 progress.start(f"{t}/{m}")
-            run_worker(cfg, t, m, 0, on_trial=(lambda *_: progress.advance_rows(1)) if progress else None,
-                       stop=stop)
+            run_worker(cfg, t, m, 0, on_trial=_trial_logger(progress), stop=stop)
             if progress is not None:
                 progress.end(f"{t}/{m}")
     elif todo:
         # workers x streams loops at once; each moves on to other studies when its own needs no more hands, so
         # no slot idles while any study has trials left to start
         here = streams > 1 and workers <= 1  # threads of this process: the stop check and progress can be shared
-        advance = (lambda *_: progress.advance_rows(1)) if progress is not None and here else None
+        advance = _trial_logger(progress) if here else None
         units = [(f"worker{w}", (cfg, todo, w, stop if here else None, advance)) for w in range(workers * streams)]
         for r in run_units(units, _tune_unit, workers, progress=None, stop=stop, streams=streams):
             if not r.ok:
