@@ -242,6 +242,8 @@ def train_run(
     L = cfg.data.max_length
     mode = step_mode(cfg.train.fast_step, device)
     buckets = cfg.train.shape_buckets or (default_buckets(L) if mode != "eager" else None)
+    if mode != "eager":  # every batch must land in a bucket: a graph per stray width would pile up
+        buckets = sorted(set(buckets) | {L})
     enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
     if len(enc_train) == 0 or len(enc_val) == 0:
         raise TrainingError(f"{task}: empty train or validation split")
