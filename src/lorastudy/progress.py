@@ -19,6 +19,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.done = self.failed = 0
         self.running: set[str] = set()
+        self._last_log = -float("inf")
 
     def __enter__(self) -> Progress:
         self._p.start()
@@ -59,6 +60,10 @@ class Progress:
         finished unit instead."""
         if self._p.console.is_terminal:
             return
+        now = time.perf_counter()
+        if not label and now - self._last_log < 10:  # unlabeled row counts (extraction batches): every 10 s
+            return
+        self._last_log = now
         t = self._p.tasks[0]
         total = "?" if t.total is None else f"{t.total:.0f}"
         self._p.console.print(f"{self.phase}: {t.completed:.0f}/{total} done, {time.perf_counter() - self.t0:.0f} s"

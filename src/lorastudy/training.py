@@ -4,7 +4,9 @@ Read it top to bottom: ``train_run`` sets up, loops over length-grouped batches,
 few times per epoch, stops early on validation loss, restores the best weights and evaluates the test split once.
 
 No host sync inside the step: the running loss stays on the device and is read at evaluation points only; a NaN/inf
-anywhere in the window makes that sum non-finite, so divergence is still caught.
+anywhere in the window makes that sum non-finite, so divergence is still caught. On CUDA the step and the evaluation
+forward are replayed as CUDA graphs over static padded shapes (``train.fast_step``, see fast_step.py); ``train_step``
+below is the eager reference path.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets
 # Runs may share a process (workers.run_units with streams > 1): seeding and building a model hold this lock, so
 # each run's initial weights come from its own seed whatever the other threads draw meanwhile.
 _INIT_LOCK = threading.Lock()
+_ACTIVE = {"runs": 0}  # runs training in this process now (guarded by _INIT_LOCK)
 
 
 class TrainingError(RuntimeError):
@@ -238,137 +241,146 @@ def train_run(
     with _INIT_LOCK:
         seed_everything(seed)
         s = build_model(cfg, task, method, seed, hp, device)
-    tok, pad, side = s.tokenizer, s.tokenizer.pad_token_id, cfg.model.padding_side
-    L = cfg.data.max_length
-    mode = step_mode(cfg.train.fast_step, device)
-    buckets = cfg.train.shape_buckets or (default_buckets(L) if mode != "eager" else None)
-    if mode != "eager":  # every batch must land in a bucket: a graph per stray width would pile up
-        buckets = sorted(set(buckets) | {L})
-    enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
-    if len(enc_train) == 0 or len(enc_val) == 0:
-        raise TrainingError(f"{task}: empty train or validation split")
-
-    opt = make_optimizer(s.model, hp, device, graphs=mode == "cuda_graph")
-    steps_per_epoch = math.ceil(len(enc_train) / hp.batch_size)
-    total_steps = math.ceil(hp.epochs * steps_per_epoch)
-    if hp.max_steps:
-        total_steps = min(total_steps, hp.max_steps)
-    sched = get_linear_schedule_with_warmup(opt, int(round(hp.warmup_ratio * total_steps)), total_steps)
-    eval_every = max(1, steps_per_epoch // cfg.train.evals_per_epoch)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    fast = runner = None
-    if mode != "eager":  # static shapes; CUDA graphs unless mode == "static" (see fast_step.py)
-        fast = StaticTrainStep(s.model, s.params, opt, hp.batch_size, cfg.train.max_grad_norm, s.amp, device,
-                               cuda_graph=mode == "cuda_graph")
-        runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, device, cuda_graph=mode == "cuda_graph")
-
-    rng = np.random.default_rng(seed)
-    lengths = enc_train.lengths()
-    labels_all = torch.tensor(enc_train.labels)
-    curve: list[dict] = []
-    best = {"loss": math.inf, "step": 0, "state": None}
-    bad_evals, step, tokens = 0, 0, 0
-    run_loss, run_n = torch.zeros((), device=device), 0
-    stopped_early = False
-    t_train = time.perf_counter()
-
-    def evaluate(step: int) -> bool:
-        """Validation pass; returns True when early stopping fires."""
-        nonlocal run_loss, run_n, bad_evals
-        if fast is not None:
-            run_loss, run_n = fast.take_loss()
-        train_loss = float(run_loss.item()) / max(run_n, 1)  # the one host sync per evaluation window
-        if not math.isfinite(train_loss):
-            raise TrainingError(f"{task}/{method}/seed{seed}: non-finite training loss before step {step} "
-                                f"(lr={hp.lr}); the run is marked failed")
-        run_loss, run_n = torch.zeros((), device=device), 0
-        val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets,
-                             runner), enc_val.labels)
-        if not math.isfinite(val["loss"]):
-            raise TrainingError(f"{task}/{method}/seed{seed}: non-finite validation loss at step {step}")
-        curve.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss,
-                      "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
-                      "lr": float(sched.get_last_lr()[0])})
-        if on_eval is not None:
-            on_eval(step, val)
-        if val["loss"] < best["loss"]:
-            best.update(loss=val["loss"], step=step, val=val,
-                        state={n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad})
-            bad_evals = 0
-        else:
-            bad_evals += 1
-        return bad_evals >= cfg.train.patience
-
+        _ACTIVE["runs"] += 1
+        alone = _ACTIVE["runs"] == 1
     try:
-        epoch = 0
-        while step < total_steps and not stopped_early:
-            for idx in (D.length_grouped_order(lengths, hp.batch_size, rng) if cfg.train.group_by_length
-                        else [b for b in np.array_split(rng.permutation(len(lengths)),
-                                                        steps_per_epoch)]):
-                pad_to = D.bucket_width(int(lengths[idx].max()), buckets)
-                cpu_batch = D.collate([enc_train.input_ids[i] for i in idx], pad, side, pad_to)
-                if fast is not None:
-                    fast.step(cpu_batch, labels_all[torch.as_tensor(idx)])
-                    sched.step()
-                else:
-                    y = labels_all[torch.as_tensor(idx)].to(device, non_blocking=True)
-                    run_loss += train_step(s, opt, sched, to_device(cpu_batch, device), y, cfg.train.max_grad_norm)
-                    run_n += 1
-                tokens += int(lengths[idx].sum())
-                step += 1
-                if step % eval_every == 0 or step == total_steps:
-                    if evaluate(step):
-                        stopped_early = True
-                        break
-                if step >= total_steps:
-                    break
-            epoch += 1
-    except torch.cuda.OutOfMemoryError as e:
-        raise TrainingError(f"{task}/{method}/seed{seed}: GPU out of memory at batch size {hp.batch_size}, "
-                            f"max_length {L} ({e}); lower train.batch_size or data.max_length, or use fewer "
-                            "workers per GPU") from None
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # this run's stream only: others may be capturing
-    train_time = time.perf_counter() - t_train
-    if fast is not None:
-        fast.close()
+        tok, pad, side = s.tokenizer, s.tokenizer.pad_token_id, cfg.model.padding_side
+        L = cfg.data.max_length
+        mode = step_mode(cfg.train.fast_step, device)
+        buckets = cfg.train.shape_buckets or (default_buckets(L) if mode != "eager" else None)
+        if mode != "eager":  # every batch must land in a bucket: a graph per stray width would pile up
+            buckets = sorted(set(buckets) | {L})
+        enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
+        if len(enc_train) == 0 or len(enc_val) == 0:
+            raise TrainingError(f"{task}: empty train or validation split")
 
-    # restore the best checkpoint (by validation loss) before the one test evaluation
-    with torch.no_grad():
-        for n, p in s.model.named_parameters():
-            if n in best["state"]:
-                p.copy_(best["state"][n])
-    metrics: dict[str, Any] = {
-        "task": task, "method": method, "seed": seed, "hparams": asdict(hp),
-        "best_step": best["step"], "steps": step, "total_steps_planned": total_steps, "stopped_early": stopped_early,
-        "validation": best["val"], "curve": curve,
-        "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
-        # process-wide: with several runs per process (--streams) it covers all of them
-        "peak_memory_bytes": peak_memory(device), "peak_memory_scope": "process", "device": str(device),
-        "precision": "bf16-autocast" if s.amp else "fp32", "step_mode": mode,
-        "trainable_params": s.trainable, "total_params": s.total,
-        "n_train": len(enc_train), "n_validation": len(enc_val),
-    }
-    if evaluate_test:
-        enc_test = D.encode(tok, splits.test, spec, L)
-        logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets, runner)
-        test = scores(logits, enc_test.labels)
-        maj = majority_accuracy(enc_train.labels, enc_test.labels)
-        metrics.update({
-            "test": test, "n_test": len(enc_test), "majority_accuracy": maj,
-            # the known full-FT failure mode on RTE/MRPC: reported, never dropped
-            "collapsed": bool(test["accuracy"] <= maj),
-            "test_predictions": logits.argmax(-1).tolist(), "test_labels": enc_test.labels.tolist(),
-            "test_idx": splits.test["idx"].tolist(),
-        })
-    if runner is not None:
-        runner.close()
-    metrics["wall_time_s"] = time.perf_counter() - t_start
-    if keep_model:
-        metrics["_model"] = s.model
-        metrics["_tokenizer"] = tok
-    return metrics
+        opt = make_optimizer(s.model, hp, device, graphs=mode == "cuda_graph")
+        steps_per_epoch = math.ceil(len(enc_train) / hp.batch_size)
+        total_steps = math.ceil(hp.epochs * steps_per_epoch)
+        if hp.max_steps:
+            total_steps = min(total_steps, hp.max_steps)
+        sched = get_linear_schedule_with_warmup(opt, int(round(hp.warmup_ratio * total_steps)), total_steps)
+        eval_every = max(1, steps_per_epoch // cfg.train.evals_per_epoch)
+        if device.type == "cuda" and alone:
+            # the peak is per process: reset only when no other run of this process is under way, so that with
+            # several runs per process (--streams) it covers all of them (peak_memory_scope = "process")
+            torch.cuda.reset_peak_memory_stats(device)
+        fast = runner = None
+        if mode != "eager":  # static shapes; CUDA graphs unless mode == "static" (see fast_step.py)
+            fast = StaticTrainStep(s.model, s.params, opt, hp.batch_size, cfg.train.max_grad_norm, s.amp, device,
+                                   cuda_graph=mode == "cuda_graph")
+            runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, device, cuda_graph=mode == "cuda_graph")
+
+        rng = np.random.default_rng(seed)
+        lengths = enc_train.lengths()
+        labels_all = torch.tensor(enc_train.labels)
+        curve: list[dict] = []
+        best = {"loss": math.inf, "step": 0, "state": None}
+        bad_evals, step, tokens = 0, 0, 0
+        run_loss, run_n = torch.zeros((), device=device), 0
+        stopped_early = False
+        t_train = time.perf_counter()
+
+        def evaluate(step: int) -> bool:
+            """Validation pass; returns True when early stopping fires."""
+            nonlocal run_loss, run_n, bad_evals
+            if fast is not None:
+                run_loss, run_n = fast.take_loss()
+            train_loss = float(run_loss.item()) / max(run_n, 1)  # the one host sync per evaluation window
+            if not math.isfinite(train_loss):
+                raise TrainingError(f"{task}/{method}/seed{seed}: non-finite training loss before step {step} "
+                                    f"(lr={hp.lr}); the run is marked failed")
+            run_loss, run_n = torch.zeros((), device=device), 0
+            val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets,
+                                 runner), enc_val.labels)
+            if not math.isfinite(val["loss"]):
+                raise TrainingError(f"{task}/{method}/seed{seed}: non-finite validation loss at step {step}")
+            curve.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss,
+                          "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+                          "lr": float(sched.get_last_lr()[0])})
+            if on_eval is not None:
+                on_eval(step, val)
+            if val["loss"] < best["loss"]:
+                best.update(loss=val["loss"], step=step, val=val,
+                            state={n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad})
+                bad_evals = 0
+            else:
+                bad_evals += 1
+            return bad_evals >= cfg.train.patience
+
+        try:
+            epoch = 0
+            while step < total_steps and not stopped_early:
+                for idx in (D.length_grouped_order(lengths, hp.batch_size, rng) if cfg.train.group_by_length
+                            else [b for b in np.array_split(rng.permutation(len(lengths)),
+                                                            steps_per_epoch)]):
+                    pad_to = D.bucket_width(int(lengths[idx].max()), buckets)
+                    cpu_batch = D.collate([enc_train.input_ids[i] for i in idx], pad, side, pad_to)
+                    if fast is not None:
+                        fast.step(cpu_batch, labels_all[torch.as_tensor(idx)])
+                        sched.step()
+                    else:
+                        y = labels_all[torch.as_tensor(idx)].to(device, non_blocking=True)
+                        run_loss += train_step(s, opt, sched, to_device(cpu_batch, device), y, cfg.train.max_grad_norm)
+                        run_n += 1
+                    tokens += int(lengths[idx].sum())
+                    step += 1
+                    if step % eval_every == 0 or step == total_steps:
+                        if evaluate(step):
+                            stopped_early = True
+                            break
+                    if step >= total_steps:
+                        break
+                epoch += 1
+        except torch.cuda.OutOfMemoryError as e:
+            raise TrainingError(f"{task}/{method}/seed{seed}: GPU out of memory at batch size {hp.batch_size}, "
+                                f"max_length {L} ({e}); lower train.batch_size or data.max_length, or use fewer "
+                                "workers per GPU") from None
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()  # this run's stream only: others may be capturing
+        train_time = time.perf_counter() - t_train
+        if fast is not None:
+            fast.close()
+
+        # restore the best checkpoint (by validation loss) before the one test evaluation
+        with torch.no_grad():
+            for n, p in s.model.named_parameters():
+                if n in best["state"]:
+                    p.copy_(best["state"][n])
+        metrics: dict[str, Any] = {
+            "task": task, "method": method, "seed": seed, "hparams": asdict(hp),
+            "best_step": best["step"], "steps": step, "total_steps_planned": total_steps,
+            "stopped_early": stopped_early,
+            "validation": best["val"], "curve": curve,
+            "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
+            # process-wide: with several runs per process (--streams) it covers all of them
+            "peak_memory_bytes": peak_memory(device), "peak_memory_scope": "process", "device": str(device),
+            "precision": "bf16-autocast" if s.amp else "fp32", "step_mode": mode,
+            "trainable_params": s.trainable, "total_params": s.total,
+            "n_train": len(enc_train), "n_validation": len(enc_val),
+        }
+        if evaluate_test:
+            enc_test = D.encode(tok, splits.test, spec, L)
+            logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets, runner)
+            test = scores(logits, enc_test.labels)
+            maj = majority_accuracy(enc_train.labels, enc_test.labels)
+            metrics.update({
+                "test": test, "n_test": len(enc_test), "majority_accuracy": maj,
+                # the known full-FT failure mode on RTE/MRPC: reported, never dropped
+                "collapsed": bool(test["accuracy"] <= maj),
+                "test_predictions": logits.argmax(-1).tolist(), "test_labels": enc_test.labels.tolist(),
+                "test_idx": splits.test["idx"].tolist(),
+            })
+        if runner is not None:
+            runner.close()
+        metrics["wall_time_s"] = time.perf_counter() - t_start
+        if keep_model:
+            metrics["_model"] = s.model
+            metrics["_tokenizer"] = tok
+        return metrics
+    finally:
+        with _INIT_LOCK:
+            _ACTIVE["runs"] -= 1
 
 
 def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir: Path, *,
