@@ -4,7 +4,7 @@ aggregate throughput of N training processes sharing one GPU. Prints tables and 
 
 Parts (``--parts``):
   steps       ms/step, tokens/s, speedup vs HF eager and MFU, for SmolLM2-135M (real weights) and TinyLlama-1.1B's
-              architecture (random weights), full FT and LoRA, at several batch sizes; kernels per step (profiler).
+              architecture (random weights), full FT and LoRA, at several batch sizes; CUDA kernels per step by name.
   trajectory  200 steps on real SST-2 batches (batch 4, dropout 0): fast vs eager losses, and eager on the same
               bucket-padded batches as the bf16-noise reference (same math, other shapes).
   workers     N = 1, 2, 4, 8, 16 concurrent SmolLM2 runs on one GPU (fast path, batch 4), as N processes and as N
@@ -109,8 +109,11 @@ def release(params, device) -> None:
         torch.cuda.empty_cache()
 
 
-def kernels_per_step(model, params, bs, seq, amp, device, gen) -> int:
-    """CUDA kernels one static step launches (what a graph replays): the floor of a launch-bound step."""
+def step_profile(model, params, bs, seq, amp, device, gen, top: int = 15) -> dict:
+    """The CUDA kernels one static step launches (what a graph replays), counted and grouped by name by the
+    profiler: the floor of a launch-bound step, and what to fuse first."""
+    from collections import Counter
+
     from torch.profiler import ProfilerActivity, profile
 
     opt = make_optimizer(model, HParams(1e-5, bs, 1, 0.0, 0.0, 16, 0.0), device)
@@ -122,9 +125,9 @@ def kernels_per_step(model, params, bs, seq, amp, device, gen) -> int:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         st.step(b, y)
         sync(device)
-    n = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    names = [e.name[:70] for e in prof.events() if e.device_type.name == "CUDA"]
     release(params, device)
-    return n
+    return {"count": len(names), "top": Counter(names).most_common(top)}
 
 
 def bench_model(name, method, batch_sizes, lengths, device, steps, warm, gen) -> list[dict]:
@@ -171,10 +174,12 @@ def bench_model(name, method, batch_sizes, lengths, device, steps, warm, gen) ->
                   f"x{res['speedup_fast_vs_hf']:6.1f} vs HF  MFU {res['mfu_fast']:6.1%}  "
                   f"{res['fast_tokens_per_s']:9.0f} tok/s", flush=True)
     if device.type == "cuda":
-        k = kernels_per_step(model, params, 4, LENGTHS["sst2"], amp, device, gen)
+        prof = step_profile(model, params, 4, LENGTHS["sst2"], amp, device, gen)
         for r in rows:
-            r["kernels_per_step_b4_sst2"] = k
-        print(f"{name} {method}: {k} CUDA kernels per step (batch 4 x {LENGTHS['sst2']})", flush=True)
+            r["kernels_per_step_b4_sst2"] = prof["count"]
+            r["kernel_histogram_b4_sst2"] = prof["top"]
+        print(f"{name} {method}: {prof['count']} CUDA kernels per step (batch 4 x {LENGTHS['sst2']}); most "
+              f"frequent: {prof['top'][:5]}", flush=True)
     del model
     release([], device)
     return rows
