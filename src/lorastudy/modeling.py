@@ -86,9 +86,17 @@ def _gguf_to_dir(gguf: Path) -> Path:
     plain.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "COMPLETE").write_text(str(gguf))
+    if (out / "COMPLETE").is_file():  # another process converted it meanwhile: keep that copy (it may be in use)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return out
     if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        shutil.rmtree(out)  # a partial leftover of an interrupted conversion
+    try:
+        os.replace(tmp, out)
+    except OSError:  # lost the race to a process that renamed its copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "COMPLETE").is_file():
+            raise
     return out
 
 
