@@ -18,6 +18,7 @@ def test_run_threads_reports_each_unit():
     res = run_units([(f"u{i}", i) for i in range(5)], fn, workers=1, streams=2)
     assert sorted(r.value for r in res) == [0, 2, 4, 6, 8]
     assert default_streams(None) == 1 and default_streams(4) == 4  # CPU: one run per process unless asked
+    assert default_streams(None, "cpu") == 1
     with pytest.raises(ValueError):
         default_streams(0)
 

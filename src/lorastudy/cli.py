@@ -249,7 +249,7 @@ def drift(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -
 
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (spread over visible GPUs)")]
 StreamsOpt = Annotated[int | None, typer.Option(
-    "--streams", help="Runs at once inside each worker process, one thread and CUDA stream each "
+    "--streams", min=1, help="Runs at once inside each worker process, one thread and CUDA stream each "
                       "(default: 8 with a GPU, 1 without)")]
 
 
@@ -278,7 +278,7 @@ def tune(
     store.check_manifest(cfg)
     with Progress("tune (trials)", console=console) as prog:
         res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog,
-                       streams=default_streams(streams))
+                       streams=default_streams(streams, cfg.train.device))
     tbl = Table(title="phase 1: best validation accuracy")
     for c in ("task", "method", "complete", "best val acc", "best trial"):
         tbl.add_column(c)
@@ -302,7 +302,8 @@ def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOp
     cfg = _load(config, set_, data_dir)
     store.check_manifest(cfg)
     with Progress("train-all (runs)", console=console) as prog:
-        res = train_all(cfg, workers, progress=prog, log=console.print, streams=default_streams(streams))
+        res = train_all(cfg, workers, progress=prog, log=console.print,
+                        streams=default_streams(streams, cfg.train.device))
     console.print(f"trained {len(res['trained'])}, skipped {len(res['skipped_complete'])} complete, "
                   f"failed {len(res['failures'])}")
     for f in res["failures"]:
@@ -391,7 +392,7 @@ def run(
             raise ConfigError(f"{name} {ph!r}: phases are {', '.join(PHASES)}")
     cfg = _load(config, set_, data_dir)
     res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,
-                       console=console, streams=default_streams(streams))
+                       console=console, streams=default_streams(streams, cfg.train.device))
     tbl = Table(title=f"study {cfg.name}: {cfg.out}")
     tbl.add_column("phase")
     tbl.add_column("seconds", justify="right")

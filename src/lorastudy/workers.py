@@ -46,12 +46,13 @@ class _Slot:
 DEFAULT_GPU_STREAMS = 8
 
 
-def default_streams(streams: int | None) -> int:
+def default_streams(streams: int | None, train_device: str = "auto") -> int:
+    """``--streams`` as given, else 8 when runs will train on a GPU (``train.device``), 1 otherwise."""
     if streams is not None:
         if streams < 1:
             raise ValueError(f"streams must be >= 1, got {streams}")
         return streams
-    return DEFAULT_GPU_STREAMS if visible_gpus() else 1
+    return DEFAULT_GPU_STREAMS if visible_gpus() and train_device != "cpu" else 1
 
 
 def visible_gpus() -> int:
