@@ -46,7 +46,9 @@ def train_step() -> list[str]:
            f"steps, fast path {5 * d['meta']['steps']}, after {d['meta']['warmup']} warm-up; random token batches; "
            "bf16 autocast, fp32 master weights, AdamW, clipping at 0.3). HF eager = a plain HF/PEFT loop "
            "(`.item()` per step); eager = `train.fast_step=eager`; fast = `train.fast_step=cuda_graph`. MFU: model "
-           "FLOPs (6N per token full FT, 4N LoRA, plus attention) over 790 TFLOP/s.", "",
+           "FLOPs (6N per token full FT, 4N LoRA, plus attention) over 790 TFLOP/s."
+           + ("" if d["meta"].get("code_version") else " Measured before the fast path routed RMSNorms through "
+              "`torch.rms_norm` (fewer kernels per step): that change is not measured on the GPU yet."), "",
            "| model | method | tokens | batch | HF eager ms | eager ms | fast ms | fast vs HF | fast tokens/s | "
            "MFU (fast) | kernels per step (4 x 24 tokens) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:

@@ -32,9 +32,10 @@ from transformers import get_linear_schedule_with_warmup
 from lorastudy import data as D
 from lorastudy import modeling as M
 from lorastudy.config import load_config
-from lorastudy.fast_step import StaticTrainStep, default_buckets
+from lorastudy.fast_step import StaticTrainStep, default_buckets, fuse_rms_norms
 from lorastudy.serving.benchmark import random_batch
 from lorastudy.serving.build import synthetic_base
+from lorastudy.store import code_version
 from lorastudy.training import HParams, Setup, make_optimizer, train_step
 
 LENGTHS = {"sst2": 24, "rte": 64}  # SST-2-like and RTE-like batch lengths (tokens), cf. data-stats p50
@@ -96,6 +97,7 @@ def hf_eager_step(model, params, opt, b, y, amp, device):
 
 
 def fast_stepper(model, params, bs, amp, device, lr=1e-5):
+    """The fast path as train_run sets it up (fused RMSNorms included: undo with fuse_rms_norms' return value)."""
     graphs = device.type == "cuda"
     opt = make_optimizer(model, HParams(lr, bs, 1, 0.0, 0.0, 16, 0.0), device, graphs=graphs)
     sched = get_linear_schedule_with_warmup(opt, 0, 10**7)
@@ -116,6 +118,7 @@ def step_profile(model, params, bs, seq, amp, device, gen, top: int = 15) -> dic
 
     from torch.profiler import ProfilerActivity, profile
 
+    undo = fuse_rms_norms(model)
     opt = make_optimizer(model, HParams(1e-5, bs, 1, 0.0, 0.0, 16, 0.0), device)
     st = StaticTrainStep(model, params, opt, bs, 0.3, amp, device, cuda_graph=False)  # the captured code, eagerly
     b = {k: v.cpu() for k, v in random_batch(model.config.vocab_size, bs, seq, "cpu", gen).items()}
@@ -126,6 +129,7 @@ def step_profile(model, params, bs, seq, amp, device, gen, top: int = 15) -> dic
         st.step(b, y)
         sync(device)
     names = [e.name[:70] for e in prof.events() if e.device_type.name == "CUDA"]
+    undo()
     release(params, device)
     return {"count": len(names), "top": Counter(names).most_common(top)}
 
@@ -155,10 +159,13 @@ def bench_model(name, method, batch_sizes, lengths, device, steps, warm, gen) ->
                                                    warm, steps, device)
             del opt, sched
             release(params, device)
+            undo = fuse_rms_norms(model)
             st, opt, sched = fast_stepper(model, params, bs, amp, device)
             cpu_b, cpu_y = {k: v.cpu() for k, v in b.items()}, y.cpu()
             res["fast_ms"] = time_steps(lambda st=st, sched=sched, b=cpu_b, y=cpu_y: (st.step(b, y), sched.step()),
                                         warm, steps * 5, device)
+            st.close()
+            undo()  # the eager loops of the next shape run HF's own modules
             del st, opt, sched
             release(params, device)
             tokens = bs * seq
@@ -202,6 +209,7 @@ def trajectory(method: str, n_steps: int, device, glue: str | None) -> dict:
         model = make_model("smollm2", method, device, dropout=0.0, seed=0)
         params = [p for p in model.parameters() if p.requires_grad]
         if variant == "fast":
+            fuse_rms_norms(model)
             st, opt, sched = fast_stepper(model, params, 4, amp, device, lr=lr)
             sched = get_linear_schedule_with_warmup(opt, int(0.1 * n_steps), n_steps)
         else:
@@ -249,6 +257,7 @@ def _steps_loop(mode: str, method: str, seconds: float, rank: int, ready) -> tup
     b = {k: v.cpu() for k, v in random_batch(model.config.vocab_size, 4, LENGTHS["sst2"], "cpu", gen).items()}
     y = torch.randint(0, 2, (4,), generator=gen)
     if mode == "fast":
+        fuse_rms_norms(model)
         st, _, sched = fast_stepper(model, params, 4, torch.bfloat16, device)
         fn = lambda: (st.step(b, y), sched.step())  # noqa: E731
     else:
@@ -378,7 +387,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     result: dict = {"meta": {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "steps": a.steps, "warmup": a.warmup,
+        "torch": torch.__version__, "steps": a.steps, "warmup": a.warmup, "code_version": code_version(),
         "command": "python " + " ".join(sys.argv)}}
 
     def save() -> None:  # after every part: a later failure keeps what was measured

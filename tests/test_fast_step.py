@@ -109,3 +109,30 @@ def test_step_mode_and_buckets():
     with pytest.raises(ValueError, match="CUDA device"):
         StaticTrainStep(_tiny("full"), [], None, 4, 0.3, None, cpu, cuda_graph=True)
 
+
+
+def test_fused_rms_norm_same_forward_and_gradients():
+    """torch.rms_norm in place of HF's RMSNorm: same logits and gradients; undo restores HF's code."""
+    from lorastudy.fast_step import fuse_rms_norms
+
+    ref, fused = _tiny("full"), _tiny("full")
+    fused.load_state_dict(ref.state_dict())
+    batch = D.collate(_batches()[0][0], PAD)
+    y = torch.tensor([0, 1, 1, 0])
+    undo = fuse_rms_norms(fused)
+    norms = [m for m in fused.modules() if "forward" in vars(m)]
+    assert len(norms) == 2 * fused.config.num_hidden_layers + 1  # two per layer + the final norm
+    outs = []
+    for model in (ref, fused):
+        logits = M.classifier_logits(model, batch)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        outs.append((logits.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
+    for g_ref, g_fused in zip(outs[0][1], outs[1][1], strict=True):
+        torch.testing.assert_close(g_ref, g_fused, rtol=1e-4, atol=1e-6)
+    # a bf16 input keeps HF's code (its rounding differs from the fused kernel's)
+    x = torch.randn(2, 3, fused.config.hidden_size, dtype=torch.bfloat16)
+    norm = norms[0]
+    torch.testing.assert_close(norm(x), type(norm).forward(norm, x))
+    undo()
+    assert not any("forward" in vars(m) for m in fused.modules())

@@ -29,7 +29,7 @@ from transformers import get_linear_schedule_with_warmup
 from lorastudy import data as D
 from lorastudy import modeling as M
 from lorastudy import store
-from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets
+from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets, fuse_rms_norms
 
 # Runs may share a process (workers.run_units with streams > 1): seeding and building a model hold this lock, so
 # each run's initial weights come from its own seed whatever the other threads draw meanwhile.
@@ -267,6 +267,7 @@ def train_run(
             torch.cuda.reset_peak_memory_stats(device)
         fast = runner = None
         if mode != "eager":  # static shapes; CUDA graphs unless mode == "static" (see fast_step.py)
+            fuse_rms_norms(s.model)  # fewer kernels, same computation (the model is this run's own)
             fast = StaticTrainStep(s.model, s.params, opt, hp.batch_size, cfg.train.max_grad_norm, s.amp, device,
                                    cuda_graph=mode == "cuda_graph")
             runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, device, cuda_graph=mode == "cuda_graph")
