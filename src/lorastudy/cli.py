@@ -250,7 +250,7 @@ def drift(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (spread over visible GPUs)")]
 StreamsOpt = Annotated[int | None, typer.Option(
     "--streams", min=1, help="Runs at once inside each worker process, one thread and CUDA stream each "
-                      "(default: 8 with a GPU, 1 without)")]
+                      "(default: 8 when runs train on a GPU, else 1)")]
 
 
 @app.command()
