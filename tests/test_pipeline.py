@@ -195,3 +195,22 @@ def test_bad_config_exit_code_2(tmp_path):
     assert r.exit_code == 2 and "train.batch_size" in r.output and str(p) in r.output
     r = _cli("run", TINY, "--only", "nope")
     assert r.exit_code == 2
+
+
+def test_tune_and_train_all_with_streams(glue_dir, tmp_path):
+    """Several runs per process (--streams): phases 1 and 2 complete, every run lands, nothing fails."""
+    out = tmp_path / "results"
+    sets = ["tasks=[rte, mrpc]", "methods=[lora]", "search.n_trials=2"]
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "tune",
+             "--streams", "3", *[a for s in sets for a in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    r = _cli("train-all", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--streams", "3",
+             *[a for s in sets for a in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "phase2" / "summary.json").read_text())
+    seeds = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text()).get("seeds", [42, 1337, 2024])
+    assert not summary["failures"] and len(summary["trained"]) == 2 * len(seeds)
+    for task in ("rte", "mrpc"):
+        assert json.loads((out / "phase1" / f"{task}_lora" / "trials.json").read_text())
+        for s in seeds:
+            assert (out / "phase2" / task / "lora" / f"seed{s}" / "COMPLETE").is_file()
