@@ -70,25 +70,37 @@ def test_concurrent_workers_one_sqlite_exact_trial_count(tiny_cfg, workers, stre
             assert t.user_attrs.get("surplus") or t.user_attrs.get("interrupted") or t.user_attrs.get("error")
 
 
-def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
-    long = ["search.n_trials=3", "data.train_limit.rte=1500", "search.max_steps=300"]  # trials of a few seconds
+def _long_tune(tiny_cfg, n_trials: int, extra: list[str] | None = None):
+    """A config and `lorastudy tune` command for full-FT RTE trials of a few seconds each (time to interrupt)."""
+    long = [f"search.n_trials={n_trials}", "data.train_limit.rte=1500", "search.max_steps=300"]
     cfg = _tiny(tiny_cfg, "methods=[full]", *long)
-    cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), "--set",
-           f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]",
+    cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), *(extra or []),
+           "--set", f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]",
            "--set", "methods=[full]"] + [a for kv in long for a in ("--set", kv)]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # wait until one trial is complete and the next is running, then kill
-    deadline = time.time() + 240
+    return cfg, cmd
+
+
+def _wait_for(p, cfg, ready, poll: float, timeout: float = 240) -> None:
+    """Poll the study's trial states until ``ready(states)``; the tune process must still be running."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        time.sleep(1)
+        time.sleep(poll)
         try:
             states, _ = _states(cfg, "rte", "full")
         except Exception:
             continue
-        if states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states:
-            time.sleep(0.5)  # inside the trial's training
-            break
+        if ready(states):
+            return
         assert p.poll() is None, "tune finished before it could be interrupted"
+
+
+def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
+    cfg, cmd = _long_tune(tiny_cfg, n_trials=3)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # wait until one trial is complete and the next is running, then kill
+    _wait_for(p, cfg, lambda states: states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states,
+              poll=1.0)
+    time.sleep(0.5)  # inside the trial's training
     p.send_signal(signal.SIGKILL)
     p.wait()
     before, st = _states(cfg, "rte", "full")
@@ -111,22 +123,9 @@ def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
 def test_sigterm_stops_threaded_tune_and_frees_its_trials(tiny_cfg):
     """`timeout` / a scheduler's cancel: a tune running trials in threads (--streams) exits promptly and leaves no
     RUNNING trial behind (they are marked failed, to be replaced by the next run on any machine)."""
-    long = ["search.n_trials=4", "data.train_limit.rte=1500", "search.max_steps=300"]
-    cfg = _tiny(tiny_cfg, "methods=[full]", *long)
-    cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), "--streams", "2",
-           "--set", f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]",
-           "--set", "methods=[full]"] + [a for kv in long for a in ("--set", kv)]
+    cfg, cmd = _long_tune(tiny_cfg, n_trials=4, extra=["--streams", "2"])
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        time.sleep(0.5)
-        try:
-            states, _ = _states(cfg, "rte", "full")
-        except Exception:
-            continue
-        if states.count(TrialState.RUNNING) == 2:
-            break
-        assert p.poll() is None, "tune finished before it could be interrupted"
+    _wait_for(p, cfg, lambda states: states.count(TrialState.RUNNING) == 2, poll=0.5)
     t0 = time.time()
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)
