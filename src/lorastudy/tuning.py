@@ -96,14 +96,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _mark_interrupted(study: optuna.Study, trial) -> None:
+    """A RUNNING trial whose run will never finish: FAIL, flagged ``interrupted``, so it is replaced."""
+    study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
 def fail_orphans(study: optuna.Study) -> int:
     """Mark RUNNING trials whose process (on this host) is gone as FAIL, so they are replaced, not counted."""
     host = socket.gethostname()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))):
-            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            _mark_interrupted(study, t)
             n += 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,8 +124,7 @@ def fail_own_running(cfg, pairs: list[tuple[str, str]]) -> int:
         study = get_study(cfg, t, m)
         for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if tr.user_attrs.get("host") == host and tr.user_attrs.get("pid") == pid:
-                study._storage.set_trial_user_attr(tr._trial_id, "interrupted", True)
-                study._storage.set_trial_state_values(tr._trial_id, TrialState.FAIL)
+                _mark_interrupted(study, tr)
                 n += 1
     return n
 
