@@ -96,10 +96,15 @@ def hf_eager_step(model, params, opt, b, y, amp, device):
     return out.loss.item()
 
 
+def bench_optimizer(model, bs: int, device, lr: float = 1e-5, graphs: bool = False):
+    """lorastudy's AdamW (no warmup or decay in the hyperparameters: timing only)."""
+    return make_optimizer(model, HParams(lr, bs, 1, 0.0, 0.0, 16, 0.0), device, graphs=graphs)
+
+
 def fast_stepper(model, params, bs, amp, device, lr=1e-5):
     """The fast path as train_run sets it up (fused RMSNorms included: undo with fuse_rms_norms' return value)."""
     graphs = device.type == "cuda"
-    opt = make_optimizer(model, HParams(lr, bs, 1, 0.0, 0.0, 16, 0.0), device, graphs=graphs)
+    opt = bench_optimizer(model, bs, device, lr, graphs=graphs)
     sched = get_linear_schedule_with_warmup(opt, 0, 10**7)
     return StaticTrainStep(model, params, opt, bs, 0.3, amp, device, cuda_graph=graphs), opt, sched
 
@@ -119,7 +124,7 @@ def step_profile(model, params, bs, seq, amp, device, gen, top: int = 15) -> dic
     from torch.profiler import ProfilerActivity, profile
 
     undo = fuse_rms_norms(model)
-    opt = make_optimizer(model, HParams(1e-5, bs, 1, 0.0, 0.0, 16, 0.0), device)
+    opt = bench_optimizer(model, bs, device)
     st = StaticTrainStep(model, params, opt, bs, 0.3, amp, device, cuda_graph=False)  # the captured code, eagerly
     b = {k: v.cpu() for k, v in random_batch(model.config.vocab_size, bs, seq, "cpu", gen).items()}
     y = torch.randint(0, 2, (bs,), generator=gen)
@@ -153,7 +158,7 @@ def bench_model(name, method, batch_sizes, lengths, device, steps, warm, gen) ->
             del opt
             release(params, device)
             s = Setup(model, None, device, amp, 0, 0, params)
-            opt = make_optimizer(model, HParams(1e-5, bs, 1, 0.0, 0.0, 16, 0.0), device)
+            opt = bench_optimizer(model, bs, device)
             sched = get_linear_schedule_with_warmup(opt, 0, 10**7)
             res["lorastudy_eager_ms"] = time_steps(functools.partial(train_step, s, opt, sched, b, y, 0.3),
                                                    warm, steps, device)
@@ -262,7 +267,7 @@ def _steps_loop(mode: str, method: str, seconds: float, rank: int, ready) -> tup
         fn = lambda: (st.step(b, y), sched.step())  # noqa: E731
     else:
         s = Setup(model, None, device, torch.bfloat16, 0, 0, params)
-        opt = make_optimizer(model, HParams(1e-5, 4, 1, 0.0, 0.0, 16, 0.0), device)
+        opt = bench_optimizer(model, 4, device)
         gb, gy = {k: v.to(device) for k, v in b.items()}, y.to(device)
         fn = lambda: train_step(s, opt, None, gb, gy, 0.3)  # noqa: E731
     for _ in range(5):
