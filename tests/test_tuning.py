@@ -120,10 +120,12 @@ def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
     assert len(trials) == 4  # 3 complete + the interrupted one
 
 
-def test_sigterm_stops_threaded_tune_and_frees_its_trials(tiny_cfg):
-    """`timeout` / a scheduler's cancel: a tune running trials in threads (--streams) exits promptly and leaves no
-    RUNNING trial behind (they are marked failed, to be replaced by the next run on any machine)."""
-    cfg, cmd = _long_tune(tiny_cfg, n_trials=4, extra=["--streams", "2"])
+@pytest.mark.parametrize("extra", [["--streams", "2"], ["--workers", "2"]], ids=["threads", "processes"])
+def test_sigterm_stops_parallel_tune_and_frees_its_trials(tiny_cfg, extra):
+    """`timeout` / a scheduler's cancel, sent to the tune process alone: a tune running trials in threads (--streams)
+    or worker processes (--workers) exits promptly and leaves no RUNNING trial behind (they are marked failed, to be
+    replaced by the next run on any machine, which cannot check another host's pids)."""
+    cfg, cmd = _long_tune(tiny_cfg, n_trials=4, extra=extra)
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for(p, cfg, lambda states: states.count(TrialState.RUNNING) == 2, poll=0.5)
     t0 = time.time()

@@ -318,7 +318,8 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
         with _sigterm_as_interrupt():
             _tune_todo(cfg, todo, workers, streams, progress, stop, failures)
     except KeyboardInterrupt:
-        n = fail_own_running(cfg, todo)
+        # this process's threads, then the worker processes the pool has just ended (dead pids on this host)
+        n = fail_own_running(cfg, todo) + sum(fail_orphans(get_study(cfg, t, m)) for t, m in todo)
         print(f"tune: interrupted; {n} running trial(s) marked failed, to be replaced on the next run", flush=True)
         raise
     summary = [export(cfg, t, m) for t, m in pairs]

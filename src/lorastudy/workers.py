@@ -154,6 +154,23 @@ def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any]
     ctx = mp.get_context("spawn")
     pending = list(units)
     alive: list[_Slot] = []
+    try:
+        _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results)
+    except BaseException:
+        # Ctrl-C / SIGTERM of this process: end the workers before the caller cleans up after them (a worker left
+        # running would hold its trials and the GPU past the interrupt)
+        for slot in alive:
+            slot.proc.terminate()
+        for slot in alive:
+            slot.proc.join(timeout=30)
+            if slot.proc.is_alive():
+                slot.proc.kill()
+                slot.proc.join()
+        raise
+    return results
+
+
+def _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results) -> None:
     k = 0
     while pending or alive:
         while pending and len(alive) < workers and not (stop is not None and stop()):
@@ -189,4 +206,3 @@ def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any]
             if progress:
                 progress.finish(slot.name, r.ok)
         time.sleep(0.05)
-    return results
