@@ -136,3 +136,46 @@ def test_fused_rms_norm_same_forward_and_gradients():
     torch.testing.assert_close(norm(x), type(norm).forward(norm, x))
     undo()
     assert not any("forward" in vars(m) for m in fused.modules())
+
+
+def test_seeded_dropout_replaces_lora_dropout_and_keeps_its_distribution():
+    model = M.wrap_lora(M.load_base(load_config(REPO / "configs" / "tiny.yaml", []).model, 2, seed=0)[0],
+                        4, 8, 0.25, ["q_proj", "v_proj"])
+    gen = M.seed_dropout(model, 7, torch.device("cpu"))
+    drops = [m for m in model.modules() if isinstance(m, M.SeededDropout)]
+    assert gen is not None and len(drops) == 2 * model.config.num_hidden_layers
+    assert not any(type(m) is torch.nn.Dropout and m.p > 0 for m in model.modules())
+    assert M.dropout_generators(model) == [gen]
+    d = drops[0].train()
+    y = d(torch.ones(200_000))
+    assert (y == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.01)  # inverted scaling keeps the expectation
+    assert torch.equal(d.eval()(torch.ones(10)), torch.ones(10))
+    assert M.seed_dropout(_tiny("full"), 0, torch.device("cpu")) is None  # nothing to replace
+    with pytest.raises(ValueError):
+        M.SeededDropout(1.0, gen)
+
+
+def test_dropout_masks_come_from_the_run_seed_alone(tiny_cfg):
+    """With LoRA dropout, a run gives the same result alone and beside another run in the same process (threads,
+    as with --streams): its masks come from its own generator, not the shared default one. On a GPU the runs
+    replay CUDA graphs while the other captures (which failed with the shared generator in PyTorch < 2.13)."""
+    from lorastudy.workers import run_threads
+
+    mode = "cuda_graph" if torch.cuda.is_available() else "static"
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.source={tiny_cfg.data.source}",
+                                                     f"output_dir={tiny_cfg.output_dir}", f"train.fast_step={mode}"])
+    hp = HParams.from_config(cfg, "lora", {"epochs": 1, "lr": 2e-3, "batch_size": 2, "lora_dropout": 0.3})
+    run = lambda seed, device: train_run(cfg, "rte", "lora", seed, hp)  # noqa: E731
+    alone = run(0, None)
+    torch.rand(1000)  # draws from the default generator between runs change nothing
+    both = run_threads([("a", 0), ("b", 1)], None, run)
+    assert all(r.ok for r in both), [r.error for r in both]
+    beside = both[0].value
+    assert alone["step_mode"] == beside["step_mode"] == mode
+    # exact on CPU; on a GPU up to kernel nondeterminism (other masks would move the losses by far more)
+    assert [c["train_loss"] for c in beside["curve"]] == pytest.approx([c["train_loss"] for c in alone["curve"]],
+                                                                       rel=1e-5 if mode == "cuda_graph" else 0)
+    assert alone["test_predictions"] == beside["test_predictions"]
+    # and dropout is really on: another seed's masks give another curve
+    assert [c["train_loss"] for c in both[1].value["curve"]] != [c["train_loss"] for c in alone["curve"]]

@@ -120,19 +120,50 @@ def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
     assert len(trials) == 4  # 3 complete + the interrupted one
 
 
-@pytest.mark.parametrize("extra", [["--streams", "2"], ["--workers", "2"]], ids=["threads", "processes"])
-def test_sigterm_stops_parallel_tune_and_frees_its_trials(tiny_cfg, extra):
-    """`timeout` / a scheduler's cancel, sent to the tune process alone: a tune running trials in threads (--streams)
-    or worker processes (--workers) exits promptly and leaves no RUNNING trial behind (they are marked failed, to be
-    replaced by the next run on any machine, which cannot check another host's pids)."""
+@pytest.mark.parametrize("extra, group", [(["--streams", "2"], False), (["--workers", "2"], False),
+                                          (["--workers", "2", "--streams", "2"], True)],
+                         ids=["threads", "processes", "processes_x_threads_group_signal"])
+def test_sigterm_stops_parallel_tune_and_frees_its_trials(tiny_cfg, extra, group):
+    """`timeout` / a scheduler's cancel, sent to the tune process alone or to its whole process group (what
+    `timeout` does): a tune running trials in threads (--streams) and/or worker processes (--workers) exits promptly
+    and leaves no RUNNING trial behind (they are marked failed, to be replaced by the next run on any machine, which
+    cannot check another host's pids)."""
     cfg, cmd = _long_tune(tiny_cfg, n_trials=4, extra=extra)
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(p, cfg, lambda states: states.count(TrialState.RUNNING) == 2, poll=0.5)
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=group)
+    _wait_for(p, cfg, lambda states: states.count(TrialState.RUNNING) >= 2, poll=0.5)
     t0 = time.time()
-    p.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(p.pid, signal.SIGTERM)
+    else:
+        p.send_signal(signal.SIGTERM)
     p.wait(timeout=60)
     assert time.time() - t0 < 30 and p.returncode != 0
     after, st = _states(cfg, "rte", "full")
     assert TrialState.RUNNING not in after
-    assert [t.user_attrs.get("interrupted") for t in st.get_trials(deepcopy=False)
-            if t.state == TrialState.FAIL].count(True) == 2
+    failed = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    assert len(failed) >= 2 and all(t.user_attrs.get("interrupted") for t in failed)
+
+
+def test_progress_follows_trials_finished_by_other_processes(tiny_cfg):
+    import threading
+
+    cfg = _tiny(tiny_cfg, "methods=[lora]")
+    st = tuning.get_study(cfg, "rte", "lora")
+    calls = []
+
+    class Prog:
+        def advance_rows(self, n, label=""):
+            calls.append((n, label))
+
+    done = threading.Event()
+    th = threading.Thread(target=tuning._follow_trials, args=(cfg, [("rte", "lora")], Prog(), done, 0.05))
+    th.start()
+    time.sleep(0.3)
+    for _ in range(2):  # as a worker process would: two trials complete
+        st.tell(st.ask(), 0.5)
+    deadline = time.time() + 10
+    while sum(n for n, _ in calls) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    done.set()
+    th.join()
+    assert sum(n for n, _ in calls) == 2 and "rte/lora" in calls[-1][1]

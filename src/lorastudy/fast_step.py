@@ -77,9 +77,11 @@ class _Replayable:
 
     def __init__(self, fn: Callable[[], None], pool, warmup: int = 2,
                  before_warmup: Callable[[], object] | None = None,
-                 after_warmup: Callable[[object], None] | None = None) -> None:
+                 after_warmup: Callable[[object], None] | None = None,
+                 generators: list[torch.Generator] = ()) -> None:
         self.fn, self.pool, self.warmup = fn, pool, warmup
         self.before, self.after = before_warmup, after_warmup
+        self.generators = list(generators)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def capture(self) -> None:
@@ -94,6 +96,8 @@ class _Replayable:
             if self.after:
                 self.after(saved)  # undo the warm-up's effect on persistent state
             self.graph = torch.cuda.CUDAGraph()
+            for g in self.generators:  # the run's own RNG (modeling.SeededDropout): each replay advances it
+                self.graph.register_generator_state(g)
             # no garbage collection during capture: freeing an old graph in the middle of one invalidates it
             enabled = gc.isenabled()
             gc.disable()
@@ -136,6 +140,11 @@ class StaticTrainStep:
         self.model, self.params, self.opt = model, params, opt
         self.batch_size, self.max_norm, self.amp, self.device = batch_size, max_norm, amp, device
         self.cuda_graph = cuda_graph
+        if cuda_graph and any(type(m) is torch.nn.Dropout and m.p > 0 and m.training for m in model.modules()):
+            # a graph drawing from the shared default generator breaks when another thread captures at that time
+            raise ValueError("CUDA-graph training needs the run's own dropout generator: call "
+                             "modeling.seed_dropout(model, seed, device) first")
+        self.generators = M.dropout_generators(model)
         self.mask_dtype = amp or torch.float32  # the 4-D mask must match the attention's query dtype
         self.loss_sum = torch.zeros((), device=device)
         self.n_steps = 0
@@ -208,7 +217,8 @@ class StaticTrainStep:
             self.inputs[width] = _static_inputs(self.batch_size, width, self.device)
             fn = lambda w=width: self._forward_backward(w)  # noqa: E731
             self.fwd_bwd[width] = _Replayable(fn, self.pool, before_warmup=self._save_loss,
-                                              after_warmup=self._restore_after_fwd_warmup) if self.cuda_graph else fn
+                                              after_warmup=self._restore_after_fwd_warmup,
+                                              generators=self.generators) if self.cuda_graph else fn
         _fill(self.inputs[width], batch)
         self.labels[:n].copy_(labels, non_blocking=True)
         self.labels[n:].copy_(labels[:1].expand(self.batch_size - n), non_blocking=True)

@@ -198,6 +198,54 @@ def wrap_lora(model, rank: int, alpha: float, dropout: float, target_modules: li
     return get_peft_model(model, cfg)
 
 
+class SeededDropout(torch.nn.Module):
+    """Dropout drawing its masks from one run's own generator instead of the process-wide default one.
+
+    Why: with several runs per process (``--streams``) the default CUDA generator is shared, so a run's masks would
+    depend on what the other runs drew, and a run replaying a CUDA graph that draws random numbers while another
+    run captures a graph fails in PyTorch < 2.13 ("Offset increment outside graph capture encountered
+    unexpectedly": capture puts the default generator in capture mode for every thread). A run-owned generator,
+    registered with the run's own graphs, avoids both. Same distribution as ``nn.Dropout`` (inverted scaling)."""
+
+    def __init__(self, p: float, generator: torch.Generator) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p, self.generator = p, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator)
+        return x * keep.div_(1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def seed_dropout(model, seed: int, device: torch.device) -> torch.Generator | None:
+    """Replace every ``nn.Dropout`` with p > 0 in ``model`` (LoRA's ``lora_dropout`` in practice) by a
+    :class:`SeededDropout` on one new generator on ``device`` seeded with ``seed``; returns it (None if none)."""
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if type(child) is torch.nn.Dropout and child.p > 0]
+    if not targets:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for parent, name, child in targets:
+        setattr(parent, name, SeededDropout(child.p, gen))
+    return gen
+
+
+def dropout_generators(model) -> list[torch.Generator]:
+    """The distinct generators of the model's :class:`SeededDropout` modules."""
+    seen: dict[int, torch.Generator] = {}
+    for m in model.modules():
+        if isinstance(m, SeededDropout):
+            seen.setdefault(id(m.generator), m.generator)
+    return list(seen.values())
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     train = sum(p.numel() for p in model.parameters() if p.requires_grad)

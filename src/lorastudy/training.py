@@ -241,6 +241,7 @@ def train_run(
     with _INIT_LOCK:
         seed_everything(seed)
         s = build_model(cfg, task, method, seed, hp, device)
+        M.seed_dropout(s.model, seed, device)  # the run's own dropout generator (see modeling.SeededDropout)
         _ACTIVE["runs"] += 1
         alone = _ACTIVE["runs"] == 1
     try:

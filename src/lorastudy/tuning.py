@@ -86,6 +86,17 @@ def suggest(trial: optuna.Trial, cfg, method: str) -> dict[str, Any]:
     return hp
 
 
+@functools.cache
+def host_id() -> str:
+    """This machine, for telling whether a trial's pid can be checked here: the hostname plus the boot id, since
+    fresh cloud machines often share a hostname (every lent GPU machine here is called "vm") and reuse pids."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()[:8]
+    except OSError:  # not Linux
+        boot = ""
+    return f"{socket.gethostname()}:{boot}" if boot else socket.gethostname()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -104,7 +115,7 @@ def _mark_interrupted(study: optuna.Study, trial) -> None:
 
 def fail_orphans(study: optuna.Study) -> int:
     """Mark RUNNING trials whose process (on this host) is gone as FAIL, so they are replaced, not counted."""
-    host = socket.gethostname()
+    host = host_id()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))):
@@ -116,14 +127,16 @@ def fail_orphans(study: optuna.Study) -> int:
     return n
 
 
-def fail_own_running(cfg, pairs: list[tuple[str, str]]) -> int:
-    """Mark the RUNNING trials of this process as FAIL (``interrupted``): called when the process is stopped, so
-    that a rerun, on this machine or another, replaces them at once instead of waiting for their heartbeat."""
-    host, pid, n = socket.gethostname(), os.getpid(), 0
+def fail_own_running(cfg, pairs: list[tuple[str, str]], pids: set[int] | None = None) -> int:
+    """Mark the RUNNING trials of this process (and of the worker processes ``pids`` it started) as FAIL
+    (``interrupted``): called when the process is stopped, so that a rerun, on this machine or another, replaces
+    them at once instead of waiting for their heartbeat."""
+    host, n = host_id(), 0
+    pids = {os.getpid(), *(pids or ())}
     for t, m in pairs:
         study = get_study(cfg, t, m)
         for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if tr.user_attrs.get("host") == host and tr.user_attrs.get("pid") == pid:
+            if tr.user_attrs.get("host") == host and tr.user_attrs.get("pid") in pids:
                 _mark_interrupted(study, tr)
                 n += 1
     return n
@@ -179,7 +192,7 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             continue
-        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("host", host_id())
         trial.set_user_attr("pid", os.getpid())
         hp_over = suggest(trial, cfg, method)
         if cfg.search.max_steps:
@@ -313,13 +326,14 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
     missing = sum(max(0, cfg.search.n_trials - n_complete(get_study(cfg, t, m))) for t, m in todo)
     if progress is not None:
         progress.set_total(missing)
-    failures = []
+    failures: list[dict] = []
+    workers_pids: set[int] = set()  # worker processes started (their trials are ours to free on an interrupt)
     try:
         with _sigterm_as_interrupt():
-            _tune_todo(cfg, todo, workers, streams, progress, stop, failures)
+            _tune_todo(cfg, todo, workers, streams, progress, stop, failures, workers_pids.add)
     except KeyboardInterrupt:
-        # this process's threads, then the worker processes the pool has just ended (dead pids on this host)
-        n = fail_own_running(cfg, todo) + sum(fail_orphans(get_study(cfg, t, m)) for t, m in todo)
+        # the pool has ended the worker processes; their trials and this process's threads' are freed
+        n = fail_own_running(cfg, todo, workers_pids)
         print(f"tune: interrupted; {n} running trial(s) marked failed, to be replaced on the next run", flush=True)
         raise
     summary = [export(cfg, t, m) for t, m in pairs]
@@ -334,7 +348,7 @@ def _trial_logger(progress):
         1, f"{task}/{method} trial {number}: val acc {acc:.4f}")
 
 
-def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: list) -> None:
+def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: list, on_start) -> None:
     from lorastudy.workers import run_units
 
     if workers <= 1 and streams <= 1:
@@ -352,9 +366,33 @@ def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: 
         here = streams > 1 and workers <= 1  # threads of this process: the stop check and progress can be shared
         advance = _trial_logger(progress) if here else None
         units = [(f"worker{w}", (cfg, todo, w, stop if here else None, advance)) for w in range(workers * streams)]
-        for r in run_units(units, _tune_unit, workers, progress=None, stop=stop, streams=streams):
-            if not r.ok:
-                failures.append({"unit": r.name, "error": r.error})
+        done = threading.Event()
+        if progress is not None and not here:  # trials finish in other processes: follow them in the database
+            threading.Thread(target=_follow_trials, args=(cfg, todo, progress, done), daemon=True).start()
+        try:
+            for r in run_units(units, _tune_unit, workers, progress=None, stop=stop, streams=streams,
+                               on_start=on_start):
+                if not r.ok:
+                    failures.append({"unit": r.name, "error": r.error})
+        finally:
+            done.set()
+
+
+def _follow_trials(cfg, todo, progress, done: threading.Event, every_s: float = 5.0) -> None:
+    """Advance ``progress`` as the studies' complete-trial counts grow (trials run in worker processes)."""
+    def count() -> dict:
+        return {(t, m): n_complete(get_study(cfg, t, m)) for t, m in todo}
+
+    seen = count()
+    while not done.wait(every_s):
+        try:
+            now = count()
+        except Exception:  # a busy database: try again at the next tick
+            continue
+        for key, n in now.items():
+            if n > seen[key]:
+                progress.advance_rows(n - seen[key], f"{key[0]}/{key[1]}: {n}/{cfg.search.n_trials} trials complete")
+        seen = now
 
 
 def _write_summary(cfg, summary: list[dict], failures: list[dict]) -> None:

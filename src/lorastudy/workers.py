@@ -115,18 +115,20 @@ def _chunk_fn(chunk, device, fn):
 
 
 def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any], workers: int = 1,
-              progress=None, stop: Callable[[], bool] | None = None, streams: int = 1) -> list[UnitResult]:
+              progress=None, stop: Callable[[], bool] | None = None, streams: int = 1,
+              on_start: Callable[[int], None] | None = None) -> list[UnitResult]:
     """Run ``fn(arg, device)`` for each ``(name, arg)``. ``device`` is "cuda:i" or None (the config decides).
 
-    ``workers`` processes, each running ``streams`` units at once (threads, one CUDA stream each).
-    ``stop()`` is checked between units (time budgets): units not started are left for a later invocation."""
+    ``workers`` processes, each running ``streams`` units at once (threads, one CUDA stream each); ``on_start(pid)``
+    is called for each worker process started. ``stop()`` is checked between units (time budgets): units not
+    started are left for a later invocation. An interrupt (Ctrl-C, SIGTERM turned into one) ends the workers."""
     if streams > 1:
         # units are dealt round-robin into chunks of `streams`; one chunk = one unit of the process pool
         n_chunks = max(1, -(-len(units) // streams))
         chunks = [units[i::n_chunks] for i in range(n_chunks)]
         named = [("+".join(n for n, _ in c), c) for c in chunks]
         out: list[UnitResult] = []
-        for r in run_units(named, functools.partial(_chunk_fn, fn=fn), workers, progress, stop):
+        for r in run_units(named, functools.partial(_chunk_fn, fn=fn), workers, progress, stop, on_start=on_start):
             if r.ok:
                 out += r.value
             else:  # the process died: every unit of its chunk failed with it
@@ -155,7 +157,7 @@ def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any]
     pending = list(units)
     alive: list[_Slot] = []
     try:
-        _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results)
+        _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results, on_start)
     except BaseException:
         # Ctrl-C / SIGTERM of this process: end the workers before the caller cleans up after them (a worker left
         # running would hold its trials and the GPU past the interrupt)
@@ -170,7 +172,7 @@ def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, str | None], Any]
     return results
 
 
-def _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results) -> None:
+def _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results, on_start) -> None:
     k = 0
     while pending or alive:
         while pending and len(alive) < workers and not (stop is not None and stop()):
@@ -182,6 +184,8 @@ def _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results) 
             p = ctx.Process(target=_child, args=(child, fn, arg, device, threads), daemon=False)
             p.start()
             child.close()
+            if on_start:
+                on_start(p.pid)
             alive.append(_Slot(name, p, parent, time.perf_counter()))
             if progress:
                 progress.start(name)
