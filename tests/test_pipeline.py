@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -177,6 +178,22 @@ def test_full_disk_does_not_corrupt_earlier_results(tmp_path, monkeypatch):
         store.atomic_write_json(target, {"ok": 2})
     assert json.loads(target.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+
+
+def test_results_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through owner-only temp files; the results must still be readable like any other file."""
+    import stat
+
+    from lorastudy import representations as R
+    from lorastudy import store
+
+    store.atomic_write_json(tmp_path / "a.json", {"ok": 1})
+    reps = {p: np.ones((2, 3, 4), dtype=np.float32) for p in R.POOLINGS} | {"layer_names": ["l0", "l1"]}
+    R.save(tmp_path / "r.safetensors", reps, {"task": "rte"})
+    (tmp_path / "plain.txt").write_text("x")  # what open() gives under this process's umask
+    expected = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    for name in ("a.json", "r.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
 
 
 def test_help_lists_only_working_commands():

@@ -21,6 +21,7 @@ from safetensors.numpy import load_file, save_file
 
 from lorastudy import data as D
 from lorastudy import modeling as M
+from lorastudy import store
 
 POOLINGS = ("last", "mean")
 FILE = "representations.safetensors"
@@ -101,7 +102,7 @@ def save(path: Path, reps: dict, meta: dict, dtype: str = "float32") -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=md)
-        os.replace(tmp, path)
+        store.publish(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

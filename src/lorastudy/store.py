@@ -40,6 +40,22 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; read once (os.umask is process-wide, not thread-safe)
+
+
+def publish(tmp: str | Path, path: Path) -> None:
+    """Give a finished temp file the usual permissions (mkstemp makes it owner-only: shared results dirs would be
+    unreadable to others) and rename it onto ``path`` in one step."""
+    os.chmod(tmp, _FILE_MODE)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, rename: a crash or a full disk leaves the old file."""
     path = Path(path)
@@ -50,7 +66,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
