@@ -46,15 +46,30 @@ def train_step() -> list[str]:
            f"steps, fast path {5 * d['meta']['steps']}, after {d['meta']['warmup']} warm-up; random token batches; "
            "bf16 autocast, fp32 master weights, AdamW, clipping at 0.3). HF eager = a plain HF/PEFT loop "
            "(`.item()` per step); eager = `train.fast_step=eager`; fast = `train.fast_step=cuda_graph`. MFU: model "
-           "FLOPs (6N per token full FT, 4N LoRA, plus attention) over 790 TFLOP/s."
-           + ("" if d["meta"].get("code_version") else " Measured before the fast path routed RMSNorms through "
-              "`torch.rms_norm` (fewer kernels per step): that change is not measured on the GPU yet."), "",
+           "FLOPs (6N per token full FT, 4N LoRA, plus attention) over 790 TFLOP/s. "
+           + d["meta"].get("machine", "") + ("; " + d["meta"]["note"] if d["meta"].get("note") else "") + ".", "",
            "| model | method | tokens | batch | HF eager ms | eager ms | fast ms | fast vs HF | fast tokens/s | "
            "MFU (fast) | kernels per step (4 x 24 tokens) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
         out.append(f"| {r['model']} | {r['method']} | {r['seq_len']} | {r['batch_size']} | {r['hf_eager_ms']:.1f} | "
                    f"{r['lorastudy_eager_ms']:.1f} | {r['fast_ms']:.2f} | {r['speedup_fast_vs_hf']:.1f}x | "
                    f"{r['fast_tokens_per_s']:.0f} | {r['mfu_fast']:.1%} | {r.get('kernels_per_step_b4_sst2', '')} |")
+    before = _load("train_step_h200_before_rmsnorm.json")
+    if before is not None:
+        old = {(r["model"], r["method"], r["batch_size"]): r for r in before["rows"]}
+        out += ["", "Fused RMSNorm (`torch.rms_norm` on the fast path, one kernel each way instead of HF's ~6 forward "
+                "and ~10 backward): the fast step before (`train_step_h200_before_rmsnorm.json`, same command, "
+                "measured in the previous session, before the change) and now.", "",
+                "| model | method | batch | fast ms before | fast ms now | change | kernels per step before -> now |",
+                "|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            b = old.get((r["model"], r["method"], r["batch_size"]))
+            if b is None:
+                continue
+            k = (f"{b['kernels_per_step_b4_sst2']:,} -> {r['kernels_per_step_b4_sst2']:,}"
+                 if b.get("kernels_per_step_b4_sst2") and r.get("kernels_per_step_b4_sst2") else "")
+            out.append(f"| {r['model']} | {r['method']} | {r['batch_size']} | {b['fast_ms']:.2f} | "
+                       f"{r['fast_ms']:.2f} | {r['fast_ms'] / b['fast_ms'] - 1:+.1%} | {k} |")
     return out + [""]
 
 
@@ -123,6 +138,58 @@ def study_time() -> list[str]:
                    f"{r['seconds_fast_best_concurrency'] / 3600:.2f} | {r['seconds_one_eager_run'] / 3600:.2f} | "
                    f"{'' if tr is None else f'{tr / 3600:.2f}'} |")
     out += ["", "Not included: " + "; ".join(d["not_included"]) + "."]
+    return out + [""]
+
+
+def tuning_complete() -> list[str]:
+    d = _load("tune_smollm2_h200x4.json")
+    if d is None:
+        return []
+    m, trials = d["meta"], d["trials"]
+    done = [t for t in trials if t["state"] == "COMPLETE"]
+    wall = sum(c["wall_s"] for c in m["calls"])
+    out = [f"## Phase 1 complete: configs/smollm2.yaml tuning, {len(done)} trials ({m['machine']})", "",
+           f"Inside each call: `{m['command_inside']}`. The Optuna database was carried from call to call "
+           "(`.carryr/optuna.db`); trials still running when a call's time ran out were marked failed "
+           "(`interrupted`) and rerun from scratch by the next call. Database, best hyperparameters "
+           "(`*_optimal.yaml`), summary and optimization-history plots: `tune_smollm2_h200x4/`; every trial: "
+           "`tune_smollm2_h200x4.json`; GPU samples: `tune_smollm2_h200x4_gpu.txt`.", "",
+           "| call | command | wall s | rc | workers x streams | GPU max memory GiB (per GPU) | "
+           "GPU mean util % (per GPU) | note |", "|---|---|---|---|---|---|---|---|"]
+    for i, c in enumerate(m["calls"], 1):
+        gpus = c["gpus"].values()
+        mem = " / ".join(f"{g['max_memory_mib'] / 1024:.1f}" for g in gpus)
+        util = " / ".join(f"{g['mean_util_pct']:.0f}" for g in gpus)
+        out.append(f"| {i} | `{c['command']}` | {c['wall_s']} | {c['rc']} | {c['workers']} x "
+                   f"{c['streams_per_worker']} | {mem} | {util} | {c['note']} |")
+    out += ["", f"Tuning wall time over the three calls: {wall} s ({wall / 60:.1f} min) on 4 GPUs.", ""]
+    reasons: dict[str, int] = {}
+    for t in trials:
+        if t["state"] == "FAIL":
+            ua = t["user_attrs"]
+            err = ua.get("error", "?")
+            why = ("interrupted (call time limit)" if ua.get("interrupted") else
+                   "surplus (proposed after the study had all its trials)" if ua.get("surplus") else
+                   f"diverged ({t['method']}): non-finite training loss" if "non-finite" in err else err)
+            reasons[why] = reasons.get(why, 0) + 1
+    out += ["| trials failed or replaced, by cause | count |", "|---|---|"]
+    out += [f"| {k} | {v} |" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    summary = json.loads((R / "tune_smollm2_h200x4" / "summary.json").read_text())
+    out += ["", "| task | method | complete | best val acc | best val F1 | trial s (median) | steps (median) | "
+            "lr | batch | epochs | warmup | weight decay | LoRA alpha | LoRA dropout |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for st in summary["studies"]:
+        mine = [t for t in done if t["task"] == st["task"] and t["method"] == st["method"]]
+        secs = sorted(t["user_attrs"]["seconds"] for t in mine)
+        steps = sorted(t["user_attrs"]["steps"] for t in mine)
+        hp = st["best_hparams"]
+        f1 = "" if st.get("best_val_f1") is None else f"{st['best_val_f1']:.4f}"
+        drop = "" if hp.get("lora_dropout") is None else f"{hp['lora_dropout']:.3f}"
+        out.append(f"| {st['task']} | {st['method']} | {st['n_complete']}/{st['n_trials_target']} | "
+                   f"{st['best_value']:.4f} | {f1} | {secs[len(secs) // 2]:.0f} | {steps[len(steps) // 2]} | "
+                   f"{hp['lr']:.2e} | {hp['batch_size']} | {hp['epochs']} | {hp['warmup_ratio']:.3f} | "
+                   f"{hp['weight_decay']:.4f} | {hp.get('lora_alpha', '')} | "
+                   f"{drop} |")
     return out + [""]
 
 
@@ -213,7 +280,8 @@ def drift() -> list[str]:
 def main() -> None:
     lines = ["# Benchmark results", "", "Generated by `python benchmarks/results_tables.py` from the JSON files "
              "beside this file. Each section names the command that produced it.", ""]
-    lines += sst2() + train_step() + trajectories() + workers() + tuning_partial() + study_time() + serving() + drift()
+    lines += sst2() + train_step() + trajectories() + workers() + tuning_complete() + tuning_partial()
+    lines += study_time() + serving() + drift()
     (R / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {R / 'RESULTS.md'}")
 
