@@ -3,12 +3,12 @@ config, divided by measured step rates. An estimate (a dry run), to be set besid
 
 Inputs: the config, the local GLUE files, the worker-scaling JSON of benchmarks/train_step.py (aggregate steps/s
 of concurrent fast runs and of one eager run, SmolLM2 at batch 4 x 24 tokens), and optionally the trials of a
-tuning run made on the GPU (their measured seconds per planned step, which include evaluation, graph capture and
-longer sequences).
+tuning run made on the GPU (their measured GPU-seconds per planned step, which include evaluation, graph capture,
+longer sequences and the work lost to interrupted trials).
 
     python benchmarks/study_time.py configs/smollm2.yaml --glue ../shared/data/glue \\
         --rates benchmarks/results/train_step_workers_h200.json \\
-        --trials benchmarks/results/tune_smollm2_partial_h200.json \\
+        --trials benchmarks/results/tune_smollm2_h200x4.json \\
         --out benchmarks/results/study_time_smollm2_h200_estimate.json
 
 What it leaves out is printed with the table: early stopping (makes runs shorter), evaluation passes and graph
@@ -68,19 +68,26 @@ def main() -> None:
 
     sec_per_step_trials = None
     if a.trials:
-        done = [t for t in json.loads(a.trials.read_text()) if t["state"] == "COMPLETE"]
-        spans = [(t["start"], t["end"]) for t in done]
-        from datetime import datetime
-
-        t0 = min(datetime.fromisoformat(s) for s, _ in spans)
-        t1 = max(datetime.fromisoformat(e) for _, e in spans)
+        data = json.loads(a.trials.read_text())
+        # a complete run is recorded with its calls ({"meta": {"calls", "gpus"}, "trials"}); a partial one as a list
+        trials = data["trials"] if isinstance(data, dict) else data
+        done = [t for t in trials if t["state"] == "COMPLETE"]
         steps = 0
         for t in done:
             n = next(r["n_train"] for r in rows if r["phase"] == "tune" and r["task"] == t["task"])
             steps += planned_steps(n, t["params"]["batch_size"], t["params"]["epochs"])
-        # completed trials only, over the span in which they ran (runs still in flight then are not counted: a
-        # pessimistic rate)
-        sec_per_step_trials = (t1 - t0).total_seconds() / steps
+        if isinstance(data, dict):
+            # GPU-seconds of the calls (wall time x GPUs, the work lost to interrupted and failed trials included)
+            # per planned step of the completed trials: the time on one GPU at the run's per-GPU concurrency
+            gpu_s = sum(c["wall_s"] for c in data["meta"]["calls"]) * data["meta"]["gpus"]
+        else:
+            from datetime import datetime
+
+            # completed trials only, over the span in which they ran (runs still in flight then are not counted:
+            # a pessimistic rate)
+            gpu_s = (max(datetime.fromisoformat(t["end"]) for t in done)
+                     - min(datetime.fromisoformat(t["start"]) for t in done)).total_seconds()
+        sec_per_step_trials = gpu_s / steps
 
     for r in rows:
         r["seconds_fast_best_concurrency"] = r["steps"] / fast_rate
