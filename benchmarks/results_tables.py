@@ -56,9 +56,12 @@ def train_step() -> list[str]:
                    f"{r['fast_tokens_per_s']:.0f} | {r['mfu_fast']:.1%} | {r.get('kernels_per_step_b4_sst2', '')} |")
     prof = [r for r in d["rows"] if r.get("kernel_histogram_b4_sst2")]
     if prof:
+        us = [r["fast_ms"] * 1e3 / r["kernels_per_step_b4_sst2"] for r in prof
+              if r["model"] == "smollm2" and r["batch_size"] == 4]
         out += ["", "Profile of one fast-path step at batch 4 x 24 tokens (`torch.profiler`, CUDA kernels inside the "
                 "replayed graphs, grouped by the first 50 characters of their name): a serial chain of thousands of "
-                "small kernels, so at SmolLM2 size the step time is kernel count x per-kernel latency (2.5-3.2 us), "
+                f"small kernels, so at SmolLM2 size the step time is kernel count x per-kernel latency "
+                f"({min(us):.1f}-{max(us):.1f} us), "
                 "not FLOPs or bytes. TinyLlama full FT (longer kernels) also streams the fp32 master weights, "
                 "gradients and AdamW moments of 1.1B parameters through memory every step, a fixed cost that does "
                 "not shrink with the batch (batch 1 already takes most of the batch-16 time).", "",
