@@ -147,9 +147,12 @@ def test_real_model_learns_sst2_on_cpu(glue_dir, tmp_path):
     cfg = load_config(REPO / "configs" / "quick.yaml", [f"data.source={glue_dir}", f"output_dir={tmp_path}",
                                                        "data.max_length=64", "data.test_limit.sst2=160",
                                                        "data.train_limit.sst2=2000"])
-    hp = HParams.from_config(cfg, "lora", {"max_steps": 40, "lr": 2e-3, "batch_size": 8, "warmup_ratio": 0.1})
-    m = train_run(cfg, "sst2", "lora", 42, hp)  # measured here: 0.706 test accuracy vs 0.506 majority, ~35 s
-    assert m["test"]["accuracy"] >= m["majority_accuracy"] + 0.12, m["test"]
+    # 60 steps of 16: robust to the dropout masks (measured here: test accuracy 0.669 / 0.650 with LoRA dropout
+    # 0.05 / 0.1 vs 0.506 majority, test loss 0.583 / 0.589); 40 steps of 8 learned or not depending on the masks
+    hp = HParams.from_config(cfg, "lora", {"max_steps": 60, "lr": 1e-3, "batch_size": 16, "warmup_ratio": 0.1})
+    m = train_run(cfg, "sst2", "lora", 42, hp)
+    assert m["test"]["accuracy"] >= m["majority_accuracy"] + 0.10, m["test"]
+    assert m["test"]["loss"] < 0.65, m["test"]  # below ln 2: better than a coin, not only on the argmax
 
 
 def test_static_shape_buckets_compute_the_same_thing(tiny_cfg):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -44,8 +46,21 @@ def _handle_errors(fn):
         except (ConfigError, DataError, ModelError, StoreError) as e:
             console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a command turns it into one (tune)
+            _exit_interrupted()
 
     return wrapper
+
+
+def _exit_interrupted() -> None:
+    """Exit 130 after an interrupt. Runs of --streams are daemon threads that cannot be stopped from outside; what
+    they did is already safe (finished work on disk, their trials marked failed by ``tune``), so when any is still
+    inside a torch call end the process at once: interpreter shutdown beside such threads can hang (seen in CI)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if any(t.daemon and t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
+        os._exit(130)
+    raise typer.Exit(130)
 
 
 def _load(config: Path, sets: list[str] | None, data_dir: Path | None = None) -> StudyConfig:
