@@ -319,7 +319,8 @@ def _worker(rank: int, mode: str, method: str, seconds: float, streams: int, bar
             pass
 
 
-def worker_scaling(counts: list[int], method: str, seconds: float, save=None) -> dict:
+def worker_scaling(counts: list[int], method: str, seconds: float, save=None,
+                   modes: tuple[str, ...] = ("processes", "streams")) -> dict:
     """Aggregate steps/s as concurrent runs grow, as processes (time-sliced on the GPU) and as streams of one
     process (their graphs may overlap), against one eager run."""
     import queue as queue_mod
@@ -328,7 +329,8 @@ def worker_scaling(counts: list[int], method: str, seconds: float, save=None) ->
 
     ctx = mp.get_context("spawn")
     out = {"method": method, "batch_size": 4, "seq_len": LENGTHS["sst2"], "seconds": seconds, "points": []}
-    plan = [("eager", 1, 1)] + [("fast", n, 1) for n in counts] + [("fast", 1, n) for n in counts if n > 1]
+    plan = [("eager", 1, 1)] + [("fast", n, 1) for n in counts if "processes" in modes or n == 1] \
+        + [("fast", 1, n) for n in counts if n > 1 and "streams" in modes]
     for mode, procs_n, streams in plan:
         barrier, q = ctx.Barrier(procs_n), ctx.Queue()
         procs = [ctx.Process(target=_worker, args=(r, mode, method, seconds, streams, barrier, q))
@@ -384,6 +386,8 @@ def main() -> None:
     ap.add_argument("--trajectory-steps", type=int, default=200)
     ap.add_argument("--glue", default=os.environ.get("LORASTUDY_GLUE_DIR"), help="local GLUE directory")
     ap.add_argument("--workers", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    ap.add_argument("--worker-modes", nargs="+", choices=["processes", "streams"], default=["processes", "streams"],
+                    help="grow the concurrent runs as processes, as streams of one process, or both")
     ap.add_argument("--worker-method", default="lora")
     ap.add_argument("--worker-seconds", type=float, default=8.0)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
@@ -414,7 +418,8 @@ def main() -> None:
             print("workers: needs a GPU, skipped")
         else:
             result["workers"] = worker_scaling(a.workers, a.worker_method, a.worker_seconds,
-                                               save=lambda w: (result.__setitem__("workers", w), save()))
+                                               save=lambda w: (result.__setitem__("workers", w), save()),
+                                               modes=tuple(a.worker_modes))
             save()
     print(f"wrote {a.out}")
 
