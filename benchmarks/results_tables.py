@@ -140,6 +140,12 @@ def workers() -> list[str]:
         out.append(f"| {p['mode']} | {p['processes']} | {p['streams']} | {p['runs']} | "
                    f"{p['aggregate_steps_per_s']:.1f} | {p['mean_per_run_steps_per_s']:.1f} | "
                    f"{p['aggregate_steps_per_s'] / eager:.1f}x |")
+    later = _load("train_step_workers_streams16_partial_h200.json")
+    if later is not None:
+        pts = {(p["mode"], p["streams"]): p["aggregate_steps_per_s"] for p in later["workers"]["points"]}
+        out += ["", f"Later, with the fused RMSNorm (`{later['meta']['command']}`; {later['meta']['note']}): one eager "
+                f"run {pts[('eager', 1)]:.1f} steps/s, one fast run {pts[('fast', 1)]:.1f} steps/s; no 16-stream "
+                "number."]
     return out + [""]
 
 

@@ -365,8 +365,11 @@ def worker_scaling(counts: list[int], method: str, seconds: float, save=None,
     out["eager_one_run_steps_per_s"] = eager
     out["best"] = {k: best[k] for k in ("processes", "streams", "aggregate_steps_per_s")}
     out["best_aggregate_vs_one_eager_run"] = best["aggregate_steps_per_s"] / eager if eager else None
-    print(f"best: {best['processes']} process(es) x {best['streams']} stream(s): "
-          f"{out['best_aggregate_vs_one_eager_run']:.1f}x one eager run", flush=True)
+    if eager:
+        print(f"best: {best['processes']} process(es) x {best['streams']} stream(s): "
+              f"{out['best_aggregate_vs_one_eager_run']:.1f}x one eager run", flush=True)
+    else:  # every worker failed (the errors are in the points)
+        print("workers: no eager rate measured, no ratio", flush=True)
     return out
 
 
