@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import gc
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ class _Replayable:
     def __init__(self, fn: Callable[[], None], pool, warmup: int = 2,
                  before_warmup: Callable[[], object] | None = None,
                  after_warmup: Callable[[object], None] | None = None,
-                 generators: list[torch.Generator] = ()) -> None:
+                 generators: Sequence[torch.Generator] = ()) -> None:
         self.fn, self.pool, self.warmup = fn, pool, warmup
         self.before, self.after = before_warmup, after_warmup
         self.generators = list(generators)
