@@ -26,9 +26,7 @@ def main() -> None:
     for t in cfg.tasks:
         for m in cfg.methods:
             for tr in tuning.get_study(cfg, t, m).get_trials(deepcopy=False):
-                rows.append({"task": t, "method": m, "number": tr.number, "state": tr.state.name, "value": tr.value,
-                             "params": tr.params, "user_attrs": tr.user_attrs, "start": str(tr.datetime_start),
-                             "end": str(tr.datetime_complete)})
+                rows.append({"task": t, "method": m, **tuning.trial_record(tr)})  # every trial, surplus included
     a.out.write_text(json.dumps(rows, indent=1, default=str) + "\n")
     for (t, m, st), n in sorted(Counter((r["task"], r["method"], r["state"]) for r in rows).items()):
         print(f"{t}/{m} {st}: {n}")

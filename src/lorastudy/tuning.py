@@ -223,6 +223,15 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
     return done_here
 
 
+def trial_record(t: optuna.trial.FrozenTrial) -> dict:
+    """One trial as plain data: number, state, value, params, start/end (ISO), duration and every user attribute
+    (``user_attrs``: metrics, steps, error, interrupted/surplus flags, host and pid)."""
+    start, end = t.datetime_start, t.datetime_complete
+    return {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "start": str(start), "end": str(end),
+            "duration_s": (end - start).total_seconds() if start and end else None, "user_attrs": t.user_attrs}
+
+
 def export(cfg, task: str, method: str) -> dict:
     """Trials table (CSV + JSON), best.yaml (+ analysis/<task>_<method>_optimal.yaml), plots."""
     study = get_study(cfg, task, method)
@@ -232,10 +241,10 @@ def export(cfg, task: str, method: str) -> dict:
     for t in study.get_trials(deepcopy=False):
         if t.user_attrs.get("surplus"):
             continue
-        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start \
-            else None
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
-                     "duration_s": dur, **{k: v for k, v in t.user_attrs.items() if k not in ("host", "pid")}})
+        r = trial_record(t)
+        ua = r.pop("user_attrs")
+        del r["start"], r["end"]
+        rows.append({**r, **{k: v for k, v in ua.items() if k not in ("host", "pid")}})
     store.atomic_write_json(out / "trials.json", {"study": study.study_name, "pruning": PRUNING, "trials": rows})
     import pandas as pd
 
