@@ -7,6 +7,7 @@ from lorastudy import modeling as M
 from lorastudy import representations as RP
 from lorastudy import similarity as S
 from lorastudy.config import load_config
+from tests.conftest import REPO
 
 TEXTS = ["a b c", "a longer sentence with more bytes in it", "mid size text", "x", "another one here",
          "sixth example", "seven", "the eighth input"]
@@ -66,3 +67,16 @@ def test_model_vs_itself_has_cka_one_at_every_layer(model_tok, tmp_path):
     assert meta["probe_hash"] == "h" and meta["layer_names"] == a["layer_names"]
     for li in range(a["last"].shape[0]):
         assert S.linear_cka(a["last"][li], b["last"][li], debiased=True) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_extract_study_announces_the_rows_it_will_extract(tiny_cfg):
+    """The progress bar gets a total (for its ETA) equal to the rows then extracted; finished files count zero."""
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      [f"data.source={tiny_cfg.data.source}", f"output_dir={tiny_cfg.output_dir}", "tasks=[rte]"])
+    totals, rows = [], []
+    res = RP.extract_study(cfg, progress=rows.append, log=lambda *_: None, set_total=totals.append)
+    assert res["extracted"] == ["rte/base"] and len(res["missing_runs"]) == len(cfg.methods) * len(cfg.seeds)
+    assert totals == [sum(rows)] and sum(rows) > 0  # no phase-2 run: the base model's probe rows only
+    totals, rows = [], []
+    res = RP.extract_study(cfg, progress=rows.append, log=lambda *_: None, set_total=totals.append)
+    assert res["skipped_existing"] == ["rte/base"] and totals == [0] and rows == []

@@ -119,7 +119,7 @@ def _run_phase(cfg, ph: str, prog, budget: Budget, workers: int, log, streams: i
     if ph == "extract":
         from lorastudy.representations import extract_study
 
-        res = extract_study(cfg, progress=prog.advance_rows, log=log, stop=stop)
+        res = extract_study(cfg, progress=prog.advance_rows, log=log, stop=stop, set_total=prog.set_total)
         return {**{k: len(v) for k, v in res.items()}, "path": str(cfg.out / "phase3")}
     if ph == "drift":
         from lorastudy.drift import run_drift

@@ -124,9 +124,23 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict]:
 
 
 # -- phase 3 over a study --------------------------------------------------------------------------------------------
-def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, stop=None) -> dict:
+def _extracted(out: Path, phash: str, log=None) -> bool:
+    """A finished representations file of this probe set (a corrupted one counts as not finished)."""
+    if not out.is_file():
+        return False
+    try:
+        return read_meta(out).get("probe_hash") == phash
+    except Exception:
+        if log is not None:
+            log(f"{out}: unreadable, recomputing")
+        return False
+
+
+def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, stop=None,
+                  set_total=None) -> dict:
     """Base model and every complete phase-2 run, per task, on the fixed probe set. Finished files are skipped;
-    ``stop()`` (a time budget) is checked before each model."""
+    ``stop()`` (a time budget) is checked before each model; ``set_total(rows)`` is told the probe rows still to
+    extract (for the progress bar's ETA) once they are known."""
     from lorastudy import store
     from lorastudy.training import amp_dtype, pick_device
 
@@ -135,38 +149,47 @@ def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, 
     bs = batch_size or cfg.extract.batch_size
     done, skipped, missing = [], [], []
     tok = M.load_tokenizer(cfg.model)
+    units = [("base", None, None)] + [(f"{m}/seed{s}", m, s) for m in cfg.methods for s in cfg.seeds]
+
+    def available(task: str, method: str | None, seed: int | None) -> Path | None:
+        """The trained model to extract from (None: the run is not complete); the base model is always there."""
+        if method is None:
+            return Path()
+        rd = store.run_dir(cfg.out, task, method, seed)
+        sub = rd / ("adapter" if method == "lora" else "model")
+        return sub if store.is_complete(rd) and sub.exists() else None
+
+    plans = []
     for task in cfg.tasks:
+        probe = D.probe_set(D.splits_for(cfg, task), cfg.data.probe_size)
+        plans.append((task, probe, D.probe_hash(probe), D.encode(tok, probe, cfg.task(task), cfg.data.max_length)))
+    if set_total is not None:
+        set_total(sum(len(enc) for task, _, phash, enc in plans for _, m, s in units
+                      if available(task, m, s) is not None
+                      and not _extracted(store.rep_dir(cfg.out, task, m, s) / FILE, phash)))
+    for task, probe, phash, enc in plans:
         spec = cfg.task(task)
-        splits = D.splits_for(cfg, task)
-        probe = D.probe_set(splits, cfg.data.probe_size)
-        phash = D.probe_hash(probe)
-        enc = D.encode(tok, probe, spec, cfg.data.max_length)
         pdir = cfg.out / "phase3" / task
         store.atomic_write_json(pdir / "probe.json", {"probe_hash": phash, "probe_ids": probe["probe_id"].tolist(),
                                                      "labels": probe["label"].tolist(),
                                                      "max_length": cfg.data.max_length})
-        units = [("base", None, None)] + [(f"{m}/seed{s}", m, s) for m in cfg.methods for s in cfg.seeds]
         for name, method, seed in units:
             if stop is not None and stop():
                 log("extract: time budget exhausted; rerun to continue")
                 return {"extracted": done, "skipped_existing": skipped, "missing_runs": missing}
             out = store.rep_dir(cfg.out, task, method, seed) / FILE
-            if out.is_file():
-                try:
-                    if read_meta(out).get("probe_hash") == phash:
-                        skipped.append(f"{task}/{name}")
-                        continue
-                except Exception:  # corrupted file: recompute it
-                    log(f"{out}: unreadable, recomputing")
+            if _extracted(out, phash, log):
+                skipped.append(f"{task}/{name}")
+                continue
             if method is None:
                 model, _ = M.load_base(cfg.model, spec.num_labels, seed=0, tokenizer=tok)
                 run = "base"
             else:
-                rd = store.run_dir(cfg.out, task, method, seed)
-                sub = rd / ("adapter" if method == "lora" else "model")
-                if not store.is_complete(rd) or not sub.exists():
+                sub = available(task, method, seed)
+                if sub is None:
                     missing.append(f"{task}/{name}")
                     continue
+                rd = store.run_dir(cfg.out, task, method, seed)
                 model, _ = M.load_trained(cfg.model, spec.num_labels, sub, method, tokenizer=tok)
                 run = str(rd)
             reps = extract(model, tok, enc.input_ids, padding_side=cfg.model.padding_side, batch_size=bs,
