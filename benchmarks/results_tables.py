@@ -231,7 +231,8 @@ def tuning_partial() -> list[str]:
     rows = _load("tune_smollm2_partial_h200.json")
     if rows is None:
         return []
-    out = ["## Tuning run on the H200 (configs/smollm2.yaml, stopped by its time limit: partial)", "",
+    out = ["## Earlier tuning run on one H200 (configs/smollm2.yaml, stopped by its time limit: partial; superseded by "
+           "the complete run above)", "",
            "Command: `lorastudy tune configs/smollm2.yaml --data-dir $LORASTUDY_GLUE_DIR --set "
            "output_dir=/tmp/lorastudy/results --streams 8` under `timeout -s INT 450` (the call's limit ended it; the "
            "trial table was read from the Optuna database afterwards). That version gave each study's worker loops "
