@@ -151,45 +151,47 @@ def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, 
     tok = M.load_tokenizer(cfg.model)
     units = [("base", None, None)] + [(f"{m}/seed{s}", m, s) for m in cfg.methods for s in cfg.seeds]
 
-    def available(task: str, method: str | None, seed: int | None) -> Path | None:
-        """The trained model to extract from (None: the run is not complete); the base model is always there."""
-        if method is None:
-            return Path()
-        rd = store.run_dir(cfg.out, task, method, seed)
-        sub = rd / ("adapter" if method == "lora" else "model")
-        return sub if store.is_complete(rd) and sub.exists() else None
-
-    plans = []
+    # one pass decides every unit (already extracted / run missing / to extract), so the progress total is known
+    # before the first model loads
+    plans, todo_rows = [], 0
     for task in cfg.tasks:
         probe = D.probe_set(D.splits_for(cfg, task), cfg.data.probe_size)
-        plans.append((task, probe, D.probe_hash(probe), D.encode(tok, probe, cfg.task(task), cfg.data.max_length)))
+        phash, enc = D.probe_hash(probe), D.encode(tok, probe, cfg.task(task), cfg.data.max_length)
+        decided = []
+        for name, method, seed in units:
+            out = store.rep_dir(cfg.out, task, method, seed) / FILE
+            rd = None if method is None else store.run_dir(cfg.out, task, method, seed)
+            sub = None if rd is None else rd / ("adapter" if method == "lora" else "model")
+            if _extracted(out, phash, log):
+                state = "skip"
+            elif rd is not None and not (store.is_complete(rd) and sub.exists()):
+                state = "missing"
+            else:
+                state, todo_rows = "extract", todo_rows + len(enc)
+            decided.append((name, method, seed, out, rd, sub, state))
+        plans.append((task, probe, phash, enc, decided))
     if set_total is not None:
-        set_total(sum(len(enc) for task, _, phash, enc in plans for _, m, s in units
-                      if available(task, m, s) is not None
-                      and not _extracted(store.rep_dir(cfg.out, task, m, s) / FILE, phash)))
-    for task, probe, phash, enc in plans:
+        set_total(todo_rows)
+    for task, probe, phash, enc, decided in plans:
         spec = cfg.task(task)
         pdir = cfg.out / "phase3" / task
         store.atomic_write_json(pdir / "probe.json", {"probe_hash": phash, "probe_ids": probe["probe_id"].tolist(),
                                                      "labels": probe["label"].tolist(),
                                                      "max_length": cfg.data.max_length})
-        for name, method, seed in units:
+        for name, method, seed, out, rd, sub, state in decided:
             if stop is not None and stop():
                 log("extract: time budget exhausted; rerun to continue")
                 return {"extracted": done, "skipped_existing": skipped, "missing_runs": missing}
-            out = store.rep_dir(cfg.out, task, method, seed) / FILE
-            if _extracted(out, phash, log):
+            if state == "skip":
                 skipped.append(f"{task}/{name}")
+                continue
+            if state == "missing":
+                missing.append(f"{task}/{name}")
                 continue
             if method is None:
                 model, _ = M.load_base(cfg.model, spec.num_labels, seed=0, tokenizer=tok)
                 run = "base"
             else:
-                sub = available(task, method, seed)
-                if sub is None:
-                    missing.append(f"{task}/{name}")
-                    continue
-                rd = store.run_dir(cfg.out, task, method, seed)
                 model, _ = M.load_trained(cfg.model, spec.num_labels, sub, method, tokenizer=tok)
                 run = str(rd)
             reps = extract(model, tok, enc.input_ids, padding_side=cfg.model.padding_side, batch_size=bs,
