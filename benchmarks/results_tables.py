@@ -41,7 +41,7 @@ def train_step() -> list[str]:
     if d is None:
         return []
     out = ["## Training step: fast path (static shapes + CUDA graphs) vs eager (H200)", "",
-           f"Command: `PART=steps STEPS=10 bash benchmarks/gpu/fast.sh` = `{d['meta']['command']}` "
+           f"Command: `PART=steps STEPS={d['meta']['steps']} bash benchmarks/gpu/fast.sh` = `{d['meta']['command']}` "
            f"(device {d['meta']['device']}, torch {d['meta']['torch']}; eager loops {d['meta']['steps']} timed "
            f"steps, fast path {5 * d['meta']['steps']}, after {d['meta']['warmup']} warm-up; random token batches; "
            "bf16 autocast, fp32 master weights, AdamW, clipping at 0.3). HF eager = a plain HF/PEFT loop "
