@@ -189,8 +189,12 @@ class ServeConfig(_Strict):
     seq_len: int | None = 64  # None = the median token length of the study's probe texts
     warmup: int = Field(100, ge=0)
     requests: int = Field(1000, ge=1)
+    # timed requests (and at most as many warm-up) for rows without CUDA graphs (eager, peft), which take 5-20x
+    # longer on GPU; None: the same as requests
+    eager_requests: int | None = Field(None, ge=1)
     synthetic_arch: Literal["tinyllama", "smollm2"] | None = None
     cuda_graphs: bool = True
+    fuse: bool = True  # fused sibling projections and RMSNorm for merged and batched (serving/fuse.py)
     h2_max_overhead: float = 0.30
 
 

@@ -43,21 +43,25 @@ def default_buckets(max_length: int) -> list[int]:
     return sorted({b for b in DEFAULT_BUCKETS if b < max_length} | {max_length})
 
 
-def fuse_rms_norms(model) -> Callable[[], None]:
-    """Route the model's Llama-style RMSNorms through ``torch.rms_norm`` when their input is float32; returns a
-    function that undoes it.
+def fuse_rms_norms(model, when: Callable[[torch.Tensor, torch.Tensor], bool] | None = None) -> Callable[[], None]:
+    """Route the model's Llama-style RMSNorms through ``torch.rms_norm``; returns a function that undoes it.
 
+    ``when(x, weight)`` decides per call; by default the fused kernel runs when input and weight are float32.
     Why: HF's RMSNorm is about six elementwise kernels forward and ten backward, so ~30 per decoder layer (two
     norms) per training step, ~1,000 of SmolLM2-135M's ~4,800 (by count); ``torch.rms_norm`` is one fused CUDA
     kernel each way. In training the residual stream is float32
     (fp32 weights under bf16 autocast), where HF computes ``w * x * rsqrt(mean(x^2) + eps)`` in float32: the same
-    formula in the same precision (autocast off around it). Other inputs (a bf16 serving model) keep HF's code.
+    formula in the same precision (autocast off around it). Other inputs (a bf16 model) keep HF's code unless
+    ``when`` says otherwise (serving: HF rounds to bf16 before the weight multiply, the fused kernel once after it).
     Written here because the transformers hook for this (``use_kernel_forward_from_hub``) needs the hub."""
+    if when is None:
+        def when(x: torch.Tensor, w: torch.Tensor) -> bool:
+            return x.dtype == torch.float32 and w.dtype == torch.float32
     patched = []
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and "forward" not in vars(m):
             def forward(x: torch.Tensor, m=m, hf=m.forward) -> torch.Tensor:
-                if x.dtype != torch.float32 or m.weight.dtype != torch.float32:
+                if not when(x, m.weight):
                     return hf(x)
                 with torch.autocast(x.device.type, enabled=False):
                     return torch.rms_norm(x, (x.shape[-1],), m.weight, m.variance_epsilon)

@@ -6,7 +6,8 @@ Scenarios, per batch size:
   ``merged``, which must split the batch across its model copies);
 - mixed traffic: a stream of requests for the tasks, served (A) by one merged model per task with single-task
   batches, or (B) by one base + adapters with mixed batches.
-On GPU, ``merged`` and ``batched`` also run under CUDA-graph replay (static shapes); eager numbers are kept beside.
+``merged`` and ``batched`` run their serving path (fused projections and norms, and on GPU CUDA-graph replay of
+static shapes); on GPU, ``-eager`` rows run HF's plain modules without graphs beside them.
 Latency per batch with CUDA events (GPU) or perf_counter (CPU); warm-up first; overhead = (multi - merged) / merged
 with a bootstrap 95% CI; H2: overhead <= 30%, one-sided bootstrap test per batch size, Holm-corrected.
 """
@@ -38,12 +39,14 @@ def random_batch(vocab: int, b: int, seq_len: int, device, gen: torch.Generator,
 
 
 def _weights_bytes(module) -> int:
+    """Bytes of the module's parameters and buffers, each storage once (fused projections are views)."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if t.data_ptr() in seen:
+        st = t.untyped_storage()
+        if st.data_ptr() in seen:
             continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+        seen.add(st.data_ptr())
+        total += st.nbytes()
     return total
 
 
@@ -79,12 +82,18 @@ def adapter_counts(n: int) -> list[int]:
 
 
 def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batched"), batch_sizes=(1, 2, 4, 8, 16),
-                  seq_len: int = 64, warmup: int = 100, requests: int = 1000, cuda_graphs: bool = True,
+                  seq_len: int = 64, warmup: int = 100, requests: int = 1000,
+                  eager_requests: int | None = None, cuda_graphs: bool = True, fuse: bool = True,
                   device: str | torch.device = "cpu", progress=None, log=print) -> dict:
+    """Time every engine per batch size and number of adapters mixed in a batch.
+
+    Labels: ``merged`` / ``batched`` run the serving path (fused projections and norms when ``fuse``, CUDA-graph
+    replay on GPU); on GPU, ``merged-eager`` / ``batched-eager`` run HF's plain modules without graphs, like
+    ``peft``. ``max_abs_logit_diff`` is against ``merged`` on HF's plain modules, on one mixed batch."""
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     names = [e for e in engines if e != "vllm"]
-    eng = build_engines(base, adapters, targets, names, device, dtype)
+    eng = build_engines(base, adapters, targets, names, device, dtype, fuse=fuse)
     if "vllm" in engines:
         try:
             import vllm  # noqa: F401
@@ -96,14 +105,32 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     N = len(adapters)
     records: list[dict] = []
     weights = {k: _weights_bytes(v) for k, v in eng.items()}
+    graphs_ok = cuda_graphs and device.type == "cuda"
 
-    # parity on one mixed batch (every adapter present when the batch allows)
+    def variants(e: str, one_adapter: bool) -> list[tuple[str, bool, bool]]:
+        """(label, CUDA graph, fused) per way of running engine ``e``."""
+        if e not in ("merged", "batched"):
+            return [(e, False, False)]
+        if not graphs_ok:
+            return [(e, False, fuse)]
+        if e == "merged" and not one_adapter:  # rows split across model copies: data-dependent, not capturable
+            return [(e, False, fuse)]
+        return [(e, True, fuse), (f"{e}-eager", False, False)]
+
+    # parity on one mixed batch (every adapter present when the batch allows), against merged on HF's modules
     mdt = dtype if device.type == "cuda" else None
     vb = random_batch(vocab, max(8, N), seq_len, device, gen, mdt)
     vidx = (torch.arange(vb["input_ids"].shape[0]) % N).to(device)
-    ref = eng["merged"](vb, vidx) if "merged" in eng else None
-    parity = {k: (float((e(vb, vidx) - ref).abs().max()) if ref is not None else None) for k, e in eng.items()}
-    graphs_ok = cuda_graphs and device.type == "cuda"
+    parity: dict[str, float | None] = {}
+    ref = None
+    if "merged" in eng:
+        eng["merged"].set_fused(False)
+        ref = eng["merged"](vb, vidx)
+    for e, engine in eng.items():
+        for label, _, fused in variants(e, True):
+            if hasattr(engine, "set_fused"):
+                engine.set_fused(fused)
+            parity[label] = float((engine(vb, vidx) - ref).abs().max()) if ref is not None else None
     total = len(batch_sizes) * len(adapter_counts(N)) * len(names)
     if progress is not None:
         progress.set_total(total)
@@ -113,48 +140,49 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         for e, k in conds:
             idx = (torch.arange(b) % k).to(device)
             present = sorted(set(range(min(k, b))))
-            variants = [(e, False)]
-            if graphs_ok and e in ("merged", "batched") and (e != "merged" or len(present) == 1):
-                variants = [(e, True), (f"{e}-eager", False)]
-            for label, use_graph in variants:
-                fn_engine = eng[e]
+            for label, use_graph, fused in variants(e, len(present) == 1):
+                engine = eng[e]
+                if hasattr(engine, "set_fused"):
+                    engine.set_fused(fused)
                 graph = False
+                call = functools.partial(engine, batch, idx, present)
                 if use_graph:
                     try:
-                        runner = GraphRunner(fn_engine, batch, idx, present)
-                        call = functools.partial(runner, batch, idx, present)
+                        call = functools.partial(GraphRunner(engine, batch, idx, present), batch, idx, present)
                         graph = True
                     except Exception as ex:  # capture can fail (data-dependent host syncs); keep eager numbers
                         log(f"serve-bench: CUDA graph capture failed for {e} (b={b}, k={k}): {type(ex).__name__}")
-                        label = f"{e}-eager"
-                        call = functools.partial(fn_engine, batch, idx, present)
-                else:
-                    call = functools.partial(fn_engine, batch, idx, present)
+                        label = f"{e}-nograph"
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                     before = torch.cuda.memory_allocated()
-                ms = _time(call, warmup, requests, device)
+                n = requests if graph else (eager_requests or requests)
+                ms = _time(call, min(warmup, n), n, device)
                 act = (torch.cuda.max_memory_allocated() - before) if device.type == "cuda" else 0
                 records.append({
-                    "engine": label, "cuda_graph": graph, "n_adapters": k, "distinct_in_batch": len(present),
-                    "batch_size": b, "seq_len": seq_len, "latency_ms": _lat(ms),
+                    "engine": label, "cuda_graph": graph, "fused": fused, "n_adapters": k,
+                    "distinct_in_batch": len(present), "batch_size": b, "seq_len": seq_len, "latency_ms": _lat(ms),
                     "throughput_rps": float(b * 1e3 / ms.mean()), "peak_memory_bytes": int(weights[e] + act),
-                    "weights_bytes": weights[e], "max_abs_logit_diff": parity.get(e), "dtype": str(dtype),
+                    "weights_bytes": weights[e], "max_abs_logit_diff": parity.get(label), "dtype": str(dtype),
                     "device": str(device), "_samples": ms,
                 })
             if progress is not None:
                 progress.advance_rows(1)
-    traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt)
+    for engine in eng.values():
+        if hasattr(engine, "set_fused"):
+            engine.set_fused(fuse)
+    traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt, graphs_ok)
     return {"records": records, "parity_max_abs_logit_diff": parity, "mixed_traffic": traffic,
-            "n_adapters_total": N, "adapters": [a.name for a in adapters], "dtype": str(dtype),
+            "n_adapters_total": N, "adapters": [a.name for a in adapters], "dtype": str(dtype), "fused": fuse,
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt=None
+def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt=None, graphs: bool = False
                   ) -> list[dict]:
     """A stream of requests for the tasks (one adapter per task), served (A) by merged models with single-task
-    batches, (B) by the batched engine with mixed batches in arrival order."""
+    batches, (B) by the batched engine with mixed batches in arrival order. Both on their serving path (CUDA graphs
+    when ``graphs``: a partial last batch is padded to the static batch size, as a graph server would)."""
     if "merged" not in eng or "batched" not in eng:
         return []
     tasks = sorted({a.task for a in adapters})
@@ -170,30 +198,42 @@ def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, 
         for a in per_task:
             rows = int((stream == a).sum())
             batches_a += [(a, min(b, rows - s)) for s in range(0, rows, b)]
-        # (B) consecutive requests in arrival order, mixed adapters
-        batches_b = [stream[s: s + b] for s in range(0, n_req, b)]
+        # (B) consecutive requests in arrival order, mixed adapters (index tensors made before timing)
+        idx_b = [torch.as_tensor(stream[s: s + b], device=device) for s in range(0, n_req, b)]
+        if graphs:
+            runners = {a: GraphRunner(eng["merged"], pool, torch.full((b,), a, device=device), [a])
+                       for a in per_task}
+            runner_b = GraphRunner(eng["batched"], pool, torch.zeros(b, dtype=torch.long, device=device))
+            idx_b = [torch.cat([i, i[:1].expand(b - len(i))]) for i in idx_b]  # pad rows: any valid adapter
 
-        def serve_a(batches_a=batches_a, pool=pool):
-            for a, n in batches_a:
-                sub = {k: v[:n] for k, v in pool.items()}
-                eng["merged"](sub, torch.full((n,), a, device=device), [a])
+            def serve_a(batches_a=batches_a, pool=pool, runners=runners):
+                for a, _ in batches_a:
+                    runners[a](pool, None, [a])
 
-        def serve_b(batches_b=batches_b, pool=pool):
-            for ids in batches_b:
-                n = len(ids)
-                sub = {k: v[:n] for k, v in pool.items()}
-                eng["batched"](sub, torch.as_tensor(ids, device=device))
+            def serve_b(idx_b=idx_b, pool=pool, runner_b=runner_b):
+                for i in idx_b:
+                    runner_b(pool, i)
+        else:
+            full = {a: torch.full((b,), a, device=device) for a in per_task}
+
+            def serve_a(batches_a=batches_a, pool=pool, full=full):
+                for a, n in batches_a:
+                    eng["merged"]({k: v[:n] for k, v in pool.items()}, full[a][:n], [a])
+
+            def serve_b(idx_b=idx_b, pool=pool):
+                for i in idx_b:
+                    eng["batched"]({k: v[: len(i)] for k, v in pool.items()}, i)
 
         res = {}
         for name, fn, nb in (("A: merged per task", serve_a, len(batches_a)),
-                             ("B: base + adapters, mixed", serve_b, len(batches_b))):
+                             ("B: base + adapters, mixed", serve_b, len(idx_b))):
             fn()  # warm-up pass
             ms = _time(fn, 0, 3, device)  # three passes over the whole stream
             res[name] = {"total_ms": float(np.median(ms)), "throughput_rps": float(n_req * 1e3 / np.median(ms)),
                          "batches": nb, "mean_batch_latency_ms": float(np.median(ms) / nb)}
         res["A: merged per task"]["weights_bytes"] = _weights_bytes(eng["merged"].models[0]) * len(per_task)
         res["B: base + adapters, mixed"]["weights_bytes"] = _weights_bytes(eng["batched"])
-        out.append({"batch_size": b, "requests": n_req, "tasks": tasks, **res})
+        out.append({"batch_size": b, "requests": n_req, "tasks": tasks, "cuda_graphs": graphs, **res})
     return out
 
 
@@ -303,12 +343,13 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     seq_len = s.seq_len or probe_median_length(cfg)
     res = run_benchmark(base, adapters, targets=cfg.lora.target_modules, engines=s.engines,
                         batch_sizes=s.batch_sizes, seq_len=seq_len, warmup=s.warmup, requests=s.requests,
-                        cuda_graphs=s.cuda_graphs, device=device, progress=progress, log=log)
+                        eager_requests=s.eager_requests,
+                        cuda_graphs=s.cuda_graphs, fuse=s.fuse, device=device, progress=progress, log=log)
     ov = overhead_analysis(res["records"], seed=cfg.drift.seed, h2_max=s.h2_max_overhead, alpha=cfg.drift.alpha)
     for r in res["records"]:
         r.pop("_samples")
     res.update(config_hash=cfg.hash(), synthetic_arch=arch, adapter_source=source, model=cfg.model.source,
-               warmup=s.warmup, requests=s.requests)
+               warmup=s.warmup, requests=s.requests, eager_requests=s.eager_requests or s.requests)
     store.atomic_write_json(outdir / "overhead_analysis.json", ov)
     figures.serving_figures(res, ov, outdir)
     store.atomic_write_json(path, res)  # last: its presence marks the phase finished

@@ -88,15 +88,18 @@ def peft_model(base, adapters: list[Adapter], targets: list[str]):
     return pm.eval()
 
 
-def build_engines(base, adapters: list[Adapter], targets: list[str], names: list[str], device, dtype) -> dict:
+def build_engines(base, adapters: list[Adapter], targets: list[str], names: list[str], device, dtype,
+                  fuse: bool = True) -> dict:
+    """The named engines on ``device`` in ``dtype``; ``fuse``: start ``merged`` and ``batched`` on their fused
+    serving path (``set_fused`` switches later)."""
     engines = {}
     base = base.to(dtype=dtype).eval()
     if "merged" in names:
-        engines["merged"] = MergedEngine([merged_model(base, a) for a in adapters]).to(device)
+        engines["merged"] = MergedEngine([merged_model(base, a).to(device) for a in adapters], fuse=fuse)
     if "peft" in names:
         engines["peft"] = PeftEngine(peft_model(base, adapters, targets).to(device), [a.name for a in adapters])
     if "batched" in names:
-        engines["batched"] = BatchedLoraEngine(copy.deepcopy(base).to(device), adapters).to(device).eval()
+        engines["batched"] = BatchedLoraEngine(copy.deepcopy(base).to(device), adapters, fuse=fuse).eval()
     return engines
 
 

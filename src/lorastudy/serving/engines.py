@@ -4,11 +4,10 @@ batch names its adapter (task/seed) by index.
 - ``MergedEngine``: one merged model per adapter (N tasks = N model copies); rows are served by their own model.
 - ``PeftEngine``: base + N PEFT adapters, mixed-adapter batches through ``adapter_names=`` (the correctness
   reference).
-- ``BatchedLoraEngine``: the project's own path: base weights once, adapters stacked ``A[N, r, in]``,
-  ``B[N, out, r]``, a per-row adapter index, LoRA applied with gathered batched matmuls, per-adapter ``score`` heads
-  applied the same way. No library does per-row LoRA for sequence classification with stacked heads outside a full
-  serving stack, hence hand-written.
-- Optional CUDA-graph replay for static shapes (``GraphRunner``), given to ``merged`` and ``batched`` alike.
+- ``BatchedLoraEngine``: the project's own path: base weights once, adapters stacked, a per-row adapter index,
+  LoRA applied with gathered batched matmuls, per-adapter ``score`` heads applied the same way.
+- Serving optimisations given to ``merged`` and ``batched`` alike: fused sibling projections and RMSNorm
+  (``fuse``, switchable back to HF's plain modules) and CUDA-graph replay for static shapes (``GraphRunner``).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from lorastudy import modeling as M
+from lorastudy.serving.fuse import LoraSlot, ProjectionGroup, Switch, fuse_for_serving, member_names
 
 
 @dataclass
@@ -58,14 +58,23 @@ def pooled_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class MergedEngine(nn.Module):
-    """N merged models; each row is served by its adapter's model (sub-batches per adapter present)."""
+    """N merged models; each row is served by its adapter's model (sub-batches per adapter present).
+
+    Call on models already on their device and dtype (the fusions share weights by views)."""
 
     name = "merged"
 
-    def __init__(self, models: list[nn.Module]):
+    def __init__(self, models: list[nn.Module], fuse: bool = True):
         super().__init__()
         self.models = nn.ModuleList(models)
         self.num_labels = max(m.config.num_labels for m in models)
+        self.switch = Switch(fused=fuse)
+        for m in models:
+            fuse_for_serving(m, self.switch)
+
+    def set_fused(self, fused: bool) -> None:
+        """True: fused projections and norms (the serving path); False: HF's plain modules."""
+        self.switch.fused = fused
 
     @torch.no_grad()
     def forward(self, batch: dict, adapter_idx: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
@@ -100,78 +109,83 @@ class PeftEngine(nn.Module):
                           position_ids=batch["position_ids"], use_cache=False, adapter_names=names).logits.float()
 
 
-class BatchedLoraLinear(nn.Module):
-    """``y = x W^T + (x A[i]^T) (s_i B[i])^T`` with ``i`` the row's adapter.
-
-    The factors of every layer of one shape group are stacked and gathered for the batch once per forward (by the
-    engine); a layer reads its slice of that gather, so per layer only two kernels run: a bmm and a baddbmm that adds
-    the update to the base output. The scaling is folded into B at build time."""
-
-    def __init__(self, base: nn.Linear, router: _Router, group: str, slot: int):
-        super().__init__()
-        self.base, self.router, self.group, self.slot = base, router, group, slot
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        a, b = self.router.gathered[self.group]  # [B, G, r, in], [B, G, out, r]
-        xa = torch.bmm(x, a[:, self.slot].transpose(1, 2))  # [B, S, r]
-        return torch.baddbmm(y, xa, b[:, self.slot].transpose(1, 2))
-
-
 class _Router:
-    """The per-row adapter index of the current forward and the factors gathered for it, read by every LoRA layer."""
+    """The LoRA factors gathered for the current batch's rows (kind -> (A, B)), read by every LoRA group."""
 
-    idx: torch.Tensor
     gathered: dict
 
 
 class BatchedLoraEngine(nn.Module):
+    """Base weights once; per kind of LoRA-carrying projection group (e.g. q/k/v with q and v targeted), the
+    factors of all adapters and layers stacked as ``A[N, L, R, in]``, ``B[N, L, out, R]`` (scaling folded into B,
+    lower ranks zero-padded: the same function). Per forward, one gather per kind selects each row's factors; each
+    group then adds ``(x A_i^T) B_i^T`` with one bmm and one in-place baddbmm (``fuse.ProjectionGroup``).
+
+    Hand-written: no library does per-row LoRA for sequence classification with stacked heads outside a full
+    serving stack."""
+
     name = "batched"
 
-    def __init__(self, base_model: nn.Module, adapters: list[Adapter]):
-        """``base_model``: a plain sequence classifier (its own score head is not used)."""
+    def __init__(self, base_model: nn.Module, adapters: list[Adapter], fuse: bool = True):
+        """``base_model``: a plain sequence classifier on its device and dtype (its own score head is not used)."""
         super().__init__()
         self.router = _Router()
+        self.switch = Switch(fused=fuse)
         self.model = base_model
         self.num_labels = max(a.num_labels for a in adapters)
         keys = sorted(adapters[0].lora)
         for a in adapters[1:]:
             if sorted(a.lora) != keys:
                 raise ValueError(f"adapter {a.name} targets other modules than {adapters[0].name}")
+        targeted = set(keys)
         r = max(a.lora[k][0].shape[0] for a in adapters for k in keys)
-        groups: dict[str, list[str]] = {}
-        for key in keys:
-            lin = base_model.get_submodule(key)
-            groups.setdefault(f"{lin.in_features}x{lin.out_features}", []).append(key)
-        self.groups = {}
-        for gname, gkeys in groups.items():
-            lin0 = base_model.get_submodule(gkeys[0])
-            dev, dt = lin0.weight.device, lin0.weight.dtype
-            # lower ranks are zero-padded so every adapter stacks (exactly the same function)
-            A = torch.zeros(len(adapters), len(gkeys), r, lin0.in_features, device=dev, dtype=dt)
-            B = torch.zeros(len(adapters), len(gkeys), lin0.out_features, r, device=dev, dtype=dt)
-            for j, key in enumerate(gkeys):
-                for i, ad in enumerate(adapters):
-                    a_, b_ = ad.lora[key]
-                    A[i, j, : a_.shape[0]] = a_.to(dev, dt)
-                    B[i, j, :, : b_.shape[1]] = (ad.scaling * b_.double()).to(dev, dt)
-                parent_path, attr = key.rsplit(".", 1)
-                parent = base_model.get_submodule(parent_path)
-                setattr(parent, attr, BatchedLoraLinear(getattr(parent, attr), self.router, gname, j))
-            self.register_buffer(f"A_{gname}", A)
-            self.register_buffer(f"B_{gname}", B)
-            self.groups[gname] = (f"A_{gname}", f"B_{gname}")
-        w = base_model.score.weight
-        heads = torch.zeros(len(adapters), self.num_labels, w.shape[1], device=w.device, dtype=w.dtype)
+        members = fuse_for_serving(base_model, self.switch, lone=tuple(keys))
+        kinds: dict[str, list[tuple[ProjectionGroup, list[str]]]] = {}
+        seen: set[int] = set()
+        for key in keys:  # sorted paths: layer 2 after layer 10, harmless (each group records its own slot)
+            g = members[key]
+            if id(g) not in seen:
+                seen.add(id(g))
+                names = member_names(g, members)
+                kinds.setdefault(_kind(g, names, targeted), []).append((g, names))
+        self.kinds = {}
+        w0 = base_model.score.weight
+        for j, (kind, entries) in enumerate(kinds.items()):
+            g0, names0 = entries[0]
+            R = r * sum(n in targeted for n in names0)
+            A = torch.zeros(len(adapters), len(entries), R, g0.weight.shape[1], device=w0.device, dtype=w0.dtype)
+            B = torch.zeros(len(adapters), len(entries), g0.weight.shape[0], R, device=w0.device, dtype=w0.dtype)
+            for layer, (g, names) in enumerate(entries):
+                cols, c = [], 0
+                for k, path in enumerate(names):
+                    if path not in targeted:
+                        cols.append(None)
+                        continue
+                    cols.append(slice(c, c + r))
+                    off, n = g.offsets[k], g.splits[k]
+                    for i, ad in enumerate(adapters):
+                        a_, b_ = ad.lora[path]
+                        A[i, layer, c: c + a_.shape[0]] = a_.to(A)
+                        B[i, layer, off: off + n, c: c + b_.shape[1]] = (ad.scaling * b_.double()).to(B)
+                    c += r
+                g.lora = LoraSlot(self.router, kind, layer, cols)
+            self.register_buffer(f"A_{j}", A)
+            self.register_buffer(f"B_{j}", B)
+            self.kinds[kind] = (f"A_{j}", f"B_{j}")
+        heads = torch.zeros(len(adapters), self.num_labels, w0.shape[1], device=w0.device, dtype=w0.dtype)
         for i, ad in enumerate(adapters):
-            heads[i, : ad.num_labels] = ad.score.to(w.device, w.dtype)
+            heads[i, : ad.num_labels] = ad.score.to(w0.device, w0.dtype)
         self.register_buffer("heads", heads)  # [N, C, H]
+
+    def set_fused(self, fused: bool) -> None:
+        """True: fused projections (one shrink and one expand per group) and norms; False: HF's plain modules with
+        one LoRA shrink and expand per targeted projection."""
+        self.switch.fused = fused
 
     @torch.no_grad()
     def forward(self, batch: dict, adapter_idx: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
-        self.router.idx = adapter_idx
-        self.router.gathered = {g: (getattr(self, a).index_select(0, adapter_idx),
-                                    getattr(self, b).index_select(0, adapter_idx)) for g, (a, b) in self.groups.items()}
+        self.router.gathered = {k: (getattr(self, a).index_select(0, adapter_idx),
+                                    getattr(self, b).index_select(0, adapter_idx)) for k, (a, b) in self.kinds.items()}
         h = M.backbone(self.model)(input_ids=batch["input_ids"],
                                    attention_mask=batch.get("mask4d", batch["attention_mask"]),
                                    position_ids=batch["position_ids"], use_cache=False).last_hidden_state
@@ -179,6 +193,12 @@ class BatchedLoraEngine(nn.Module):
         last = h[rows, pooled_index(batch["attention_mask"])]  # [B, H]
         heads = self.heads.index_select(0, adapter_idx)  # [B, C, H]
         return torch.bmm(heads, last.unsqueeze(-1)).squeeze(-1).float()
+
+
+def _kind(group: ProjectionGroup, names: list[str], targeted: set[str]) -> str:
+    """Groups of one kind stack into one tensor: same member names, shapes and targeted members."""
+    short = [n.rsplit(".", 1)[-1] + ("*" if n in targeted else "") for n in names]
+    return "+".join(short) + f":{group.weight.shape[1]}x{group.weight.shape[0]}"
 
 
 class GraphRunner:
@@ -199,9 +219,11 @@ class GraphRunner:
         with torch.cuda.graph(self.graph):
             self.out = engine(self.static, self.static_idx, present)
 
-    def __call__(self, batch: dict, idx: torch.Tensor, present=None) -> torch.Tensor:
+    def __call__(self, batch: dict, idx: torch.Tensor | None, present=None) -> torch.Tensor:
+        """Copy the inputs in (``idx`` None: the captured index stays) and replay."""
         for k, v in batch.items():
             self.static[k].copy_(v, non_blocking=True)
-        self.static_idx.copy_(idx, non_blocking=True)
+        if idx is not None:
+            self.static_idx.copy_(idx, non_blocking=True)
         self.graph.replay()
         return self.out
