@@ -95,9 +95,12 @@ def test_benchmark_smoke_schema():
     cfg = load_config(None)
     base, _ = M.load_base(cfg.model, 2, seed=0)
     adapters = synthetic_adapters(base, 3, targets=TARGETS, tasks=["sst2", "mrpc", "rte"])
-    res = run_benchmark(base, adapters, targets=TARGETS, batch_sizes=(1, 4), seq_len=12, warmup=1, requests=5)
+    res = run_benchmark(base, adapters, targets=TARGETS, batch_sizes=(1, 4), seq_len=12, warmup=1, requests=5,
+                        eager_requests=3)
     rec = res["records"]
     assert {r["engine"] for r in rec} == {"merged", "peft", "batched"}
+    assert all(len(r["_samples"]) == 3 for r in rec)  # no CUDA graphs on CPU: every row is timed eagerly
+    assert {(r["engine"], r["fused"]) for r in rec} == {("merged", True), ("batched", True), ("peft", False)}
     for r in rec:
         for k in ("engine", "n_adapters", "batch_size", "seq_len", "throughput_rps", "peak_memory_bytes",
                   "max_abs_logit_diff"):

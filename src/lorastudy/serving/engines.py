@@ -151,24 +151,9 @@ class BatchedLoraEngine(nn.Module):
         self.kinds = {}
         w0 = base_model.score.weight
         for j, (kind, entries) in enumerate(kinds.items()):
-            g0, names0 = entries[0]
-            R = r * sum(n in targeted for n in names0)
-            A = torch.zeros(len(adapters), len(entries), R, g0.weight.shape[1], device=w0.device, dtype=w0.dtype)
-            B = torch.zeros(len(adapters), len(entries), g0.weight.shape[0], R, device=w0.device, dtype=w0.dtype)
+            A, B = _stack_factors(entries, adapters, targeted, r, w0)
             for layer, (g, names) in enumerate(entries):
-                cols, c = [], 0
-                for k, path in enumerate(names):
-                    if path not in targeted:
-                        cols.append(None)
-                        continue
-                    cols.append(slice(c, c + r))
-                    off, n = g.offsets[k], g.splits[k]
-                    for i, ad in enumerate(adapters):
-                        a_, b_ = ad.lora[path]
-                        A[i, layer, c: c + a_.shape[0]] = a_.to(A)
-                        B[i, layer, off: off + n, c: c + b_.shape[1]] = (ad.scaling * b_.double()).to(B)
-                    c += r
-                g.lora = LoraSlot(self.router, kind, layer, cols)
+                g.lora = LoraSlot(self.router, kind, layer, _targeted_cols(names, targeted, r))
             self.register_buffer(f"A_{j}", A)
             self.register_buffer(f"B_{j}", B)
             self.kinds[kind] = (f"A_{j}", f"B_{j}")
@@ -193,6 +178,36 @@ class BatchedLoraEngine(nn.Module):
         last = h[rows, pooled_index(batch["attention_mask"])]  # [B, H]
         heads = self.heads.index_select(0, adapter_idx)  # [B, C, H]
         return torch.bmm(heads, last.unsqueeze(-1)).squeeze(-1).float()
+
+
+def _targeted_cols(names: list[str], targeted: set[str], r: int) -> list[slice | None]:
+    """Per member of a group, its r columns of the stacked rank dimension (None: not targeted)."""
+    cols, c = [], 0
+    for path in names:
+        cols.append(slice(c, c + r) if path in targeted else None)
+        c += r if path in targeted else 0
+    return cols
+
+
+def _stack_factors(entries: list[tuple[ProjectionGroup, list[str]]], adapters: list[Adapter], targeted: set[str],
+                   r: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A[N, L, R, in]`` and ``B[N, L, out, R]`` for the L groups of one kind: member k's factors in its columns
+    and, for B, its output rows; scaling folded into B; lower ranks zero-padded (exactly the same function)."""
+    g0, names0 = entries[0]
+    cols0 = _targeted_cols(names0, targeted, r)
+    R = r * sum(c is not None for c in cols0)
+    A = torch.zeros(len(adapters), len(entries), R, g0.weight.shape[1], device=like.device, dtype=like.dtype)
+    B = torch.zeros(len(adapters), len(entries), g0.weight.shape[0], R, device=like.device, dtype=like.dtype)
+    for layer, (g, names) in enumerate(entries):
+        for k, (path, col) in enumerate(zip(names, _targeted_cols(names, targeted, r), strict=True)):
+            if col is None:
+                continue
+            off, n = g.offsets[k], g.splits[k]
+            for i, ad in enumerate(adapters):
+                a_, b_ = ad.lora[path]
+                A[i, layer, col.start: col.start + a_.shape[0]] = a_.to(A)
+                B[i, layer, off: off + n, col.start: col.start + b_.shape[1]] = (ad.scaling * b_.double()).to(B)
+    return A, B
 
 
 def _kind(group: ProjectionGroup, names: list[str], targeted: set[str]) -> str:
