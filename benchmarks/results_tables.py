@@ -267,6 +267,11 @@ SERVE_RUNS = [
 TARGET = {"overhead": 0.10, "merged_b1_ms": 3.0}  # the issue's targets (TinyLlama, three adapters mixed)
 
 
+def _serve_run(stem: str) -> tuple[dict | None, dict | None]:
+    """A serve-bench run's benchmark_results and overhead_analysis, saved as <stem>.json and its overhead twin."""
+    return _load(f"{stem}.json"), _load(stem.replace("_h200", "_overhead_h200") + ".json")
+
+
 def serving() -> list[str]:
     out = serving_summary() + serving_profile()
     for stem, what, cmd in SERVE_RUNS:
@@ -282,7 +287,7 @@ def serving_summary() -> list[str]:
            "| run | merged ms at b=1 | overhead b=1 | b=2 | b=4 | b=8 | b=16 | all <= 10%? | all loaded mixed: max |",
            "|---|---|---|---|---|---|---|---|---|"]
     for stem, what, _ in SERVE_RUNS:
-        d, o = _load(f"{stem}.json"), _load(stem.replace("_h200", "_overhead_h200") + ".json")
+        d, o = _serve_run(stem)
         if d is None or o is None:
             continue
         m1 = next(r for r in d["records"] if r["engine"] == "merged" and r["batch_size"] == 1 and r["n_adapters"] == 1)
@@ -320,7 +325,7 @@ def serving_profile() -> list[str]:
 
 
 def serving_run(stem: str, what: str, cmd: str) -> list[str]:
-    d, o = _load(f"{stem}.json"), _load(stem.replace("_h200", "_overhead_h200") + ".json")
+    d, o = _serve_run(stem)
     if d is None:
         return []
     arch = d.get("synthetic_arch") or "tinyllama"

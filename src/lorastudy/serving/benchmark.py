@@ -128,8 +128,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         ref = eng["merged"](vb, vidx)
     for e, engine in eng.items():
         for label, _, fused in variants(e, True):
-            if hasattr(engine, "set_fused"):
-                engine.set_fused(fused)
+            engine.set_fused(fused)
             parity[label] = float((engine(vb, vidx) - ref).abs().max()) if ref is not None else None
     total = len(batch_sizes) * len(adapter_counts(N)) * len(names)
     if progress is not None:
@@ -142,8 +141,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
             present = sorted(set(range(min(k, b))))
             for label, use_graph, fused in variants(e, len(present) == 1):
                 engine = eng[e]
-                if hasattr(engine, "set_fused"):
-                    engine.set_fused(fused)
+                engine.set_fused(fused)
                 graph = False
                 call = functools.partial(engine, batch, idx, present)
                 if use_graph:
@@ -169,9 +167,9 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                 })
             if progress is not None:
                 progress.advance_rows(1)
-    for engine in eng.values():
-        if hasattr(engine, "set_fused"):
-            engine.set_fused(fuse)
+    for e in ("merged", "batched"):
+        if e in eng:
+            eng[e].set_fused(fuse)
     traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt, graphs_ok)
     return {"records": records, "parity_max_abs_logit_diff": parity, "mixed_traffic": traffic,
             "n_adapters_total": N, "adapters": [a.name for a in adapters], "dtype": str(dtype), "fused": fuse,

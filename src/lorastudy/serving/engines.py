@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lorastudy import modeling as M
-from lorastudy.serving.fuse import LoraSlot, ProjectionGroup, Switch, fuse_for_serving, member_names
+from lorastudy.serving.fuse import LoraSlot, ProjectionGroup, Switch, fuse_for_serving
 
 
 @dataclass
@@ -102,6 +102,11 @@ class PeftEngine(nn.Module):
         self.model = peft_model
         self.adapter_names = adapter_names
 
+    def set_fused(self, fused: bool) -> None:
+        """PEFT always runs HF's plain modules (the reference); only ``False`` is meaningful."""
+        if fused:
+            raise ValueError("the peft engine has no fused path")
+
     @torch.no_grad()
     def forward(self, batch: dict, adapter_idx: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
         names = [self.adapter_names[i] for i in adapter_idx.tolist()]
@@ -140,20 +145,16 @@ class BatchedLoraEngine(nn.Module):
         targeted = set(keys)
         r = max(a.lora[k][0].shape[0] for a in adapters for k in keys)
         members = fuse_for_serving(base_model, self.switch, lone=tuple(keys))
-        kinds: dict[str, list[tuple[ProjectionGroup, list[str]]]] = {}
-        seen: set[int] = set()
-        for key in keys:  # sorted paths: layer 2 after layer 10, harmless (each group records its own slot)
-            g = members[key]
-            if id(g) not in seen:
-                seen.add(id(g))
-                names = member_names(g, members)
-                kinds.setdefault(_kind(g, names, targeted), []).append((g, names))
+        kinds: dict[str, list[ProjectionGroup]] = {}
+        for g in {id(g): g for g in (members[k] for k in keys)}.values():  # each group once, in path order
+            kinds.setdefault(_kind(g, targeted), []).append(g)
         self.kinds = {}
         w0 = base_model.score.weight
-        for j, (kind, entries) in enumerate(kinds.items()):
-            A, B = _stack_factors(entries, adapters, targeted, r, w0)
-            for layer, (g, names) in enumerate(entries):
-                g.lora = LoraSlot(self.router, kind, layer, _targeted_cols(names, targeted, r))
+        for j, (kind, groups) in enumerate(kinds.items()):
+            cols = [_targeted_cols(g.paths, targeted, r) for g in groups]
+            A, B = _stack_factors(groups, cols, adapters, r, w0)
+            for layer, g in enumerate(groups):  # the layer index within the kind (path order, any order works)
+                g.lora = LoraSlot(self.router, kind, layer, cols[layer])
             self.register_buffer(f"A_{j}", A)
             self.register_buffer(f"B_{j}", B)
             self.kinds[kind] = (f"A_{j}", f"B_{j}")
@@ -189,17 +190,17 @@ def _targeted_cols(names: list[str], targeted: set[str], r: int) -> list[slice |
     return cols
 
 
-def _stack_factors(entries: list[tuple[ProjectionGroup, list[str]]], adapters: list[Adapter], targeted: set[str],
-                   r: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack_factors(groups: list[ProjectionGroup], cols: list[list[slice | None]], adapters: list[Adapter], r: int,
+                   like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``A[N, L, R, in]`` and ``B[N, L, out, R]`` for the L groups of one kind: member k's factors in its columns
-    and, for B, its output rows; scaling folded into B; lower ranks zero-padded (exactly the same function)."""
-    g0, names0 = entries[0]
-    cols0 = _targeted_cols(names0, targeted, r)
-    R = r * sum(c is not None for c in cols0)
-    A = torch.zeros(len(adapters), len(entries), R, g0.weight.shape[1], device=like.device, dtype=like.dtype)
-    B = torch.zeros(len(adapters), len(entries), g0.weight.shape[0], R, device=like.device, dtype=like.dtype)
-    for layer, (g, names) in enumerate(entries):
-        for k, (path, col) in enumerate(zip(names, _targeted_cols(names, targeted, r), strict=True)):
+    ``cols[layer][k]`` and, for B, its output rows; scaling folded into B; lower ranks zero-padded (exactly the same
+    function)."""
+    g0 = groups[0]
+    R = r * sum(c is not None for c in cols[0])
+    A = torch.zeros(len(adapters), len(groups), R, g0.weight.shape[1], device=like.device, dtype=like.dtype)
+    B = torch.zeros(len(adapters), len(groups), g0.weight.shape[0], R, device=like.device, dtype=like.dtype)
+    for layer, g in enumerate(groups):
+        for k, (path, col) in enumerate(zip(g.paths, cols[layer], strict=True)):
             if col is None:
                 continue
             off, n = g.offsets[k], g.splits[k]
@@ -210,9 +211,9 @@ def _stack_factors(entries: list[tuple[ProjectionGroup, list[str]]], adapters: l
     return A, B
 
 
-def _kind(group: ProjectionGroup, names: list[str], targeted: set[str]) -> str:
+def _kind(group: ProjectionGroup, targeted: set[str]) -> str:
     """Groups of one kind stack into one tensor: same member names, shapes and targeted members."""
-    short = [n.rsplit(".", 1)[-1] + ("*" if n in targeted else "") for n in names]
+    short = [n.rsplit(".", 1)[-1] + ("*" if n in targeted else "") for n in group.paths]
     return "+".join(short) + f":{group.weight.shape[1]}x{group.weight.shape[0]}"
 
 

@@ -69,6 +69,7 @@ class ProjectionGroup:
             self.bias = (torch.cat([lin.bias for lin in linears]) if len(linears) > 1 else linears[0].bias) \
                 if linears[0].bias is not None else None
         self.switch = switch
+        self.paths: list[str] = []  # the members' module paths, in output order (set by fuse_projections)
         self.lora: LoraSlot | None = None
         self._pending: tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None = None
 
@@ -135,9 +136,10 @@ def fuse_projections(model: nn.Module, switch: Switch, lone: tuple[str, ...] = (
             children = [getattr(mod, n, None) for n in names]
             if all(type(c) is nn.Linear for c in children):
                 group = ProjectionGroup(children, switch)
-                for k, n in enumerate(names):
+                group.paths = [f"{path}.{n}" if path else n for n in names]
+                for k, (n, member) in enumerate(zip(names, group.paths, strict=True)):
                     setattr(mod, n, Projection(group, k))
-                    members[f"{path}.{n}" if path else n] = group
+                    members[member] = group
     for path in lone:
         if path in members:
             continue
@@ -147,6 +149,7 @@ def fuse_projections(model: nn.Module, switch: Switch, lone: tuple[str, ...] = (
         if type(lin) is not nn.Linear:
             raise ValueError(f"{path} is not an nn.Linear")
         group = ProjectionGroup([lin], switch)
+        group.paths = [path]
         setattr(parent, attr, Projection(group, 0))
         members[path] = group
     return members
@@ -157,7 +160,3 @@ def fuse_for_serving(model: nn.Module, switch: Switch, lone: tuple[str, ...] = (
     fuse_rms_norms(model, when=lambda x, w: switch.fused)
     return fuse_projections(model, switch, lone)
 
-
-def member_names(group: ProjectionGroup, members: dict[str, ProjectionGroup]) -> list[str]:
-    """The member paths of ``group`` in output order."""
-    return [p for p, g in members.items() if g is group]
