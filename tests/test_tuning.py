@@ -167,3 +167,29 @@ def test_progress_follows_trials_finished_by_other_processes(tiny_cfg):
     done.set()
     th.join()
     assert sum(n for n, _ in calls) == 2 and "rte/lora" in calls[-1][1]
+
+
+def test_trial_created_but_never_labelled_is_freed(tiny_cfg, monkeypatch):
+    """A worker killed between creating its trial and labelling it (host, pid) leaves an ownerless RUNNING trial
+    without a heartbeat, which Optuna's stale check never frees: the interrupt cleanup frees those created since its
+    run began (after a short grace), a later worker those older than the long grace; labelled trials of another
+    live process stay RUNNING."""
+    import datetime
+
+    cfg = _tiny(tiny_cfg, "methods=[full]", "tasks=[rte]")
+    st = tuning.get_study(cfg, "rte", "full")
+    old = st.ask()  # ownerless, from before this "run"
+    since = datetime.datetime.now()
+    fresh = st.ask()  # ownerless, created during the run
+    other = st.ask()
+    other.set_user_attr("host", "elsewhere:1")
+    other.set_user_attr("pid", 1)
+    monkeypatch.setattr(tuning, "UNLABELLED_GRACE_S", 0.2)
+    assert tuning.fail_own_running(cfg, [("rte", "full")], set(), since=since) == 1
+    state = {t.number: t.state for t in st.get_trials(deepcopy=False)}
+    assert state == {old.number: TrialState.RUNNING, fresh.number: TrialState.FAIL, other.number: TrialState.RUNNING}
+    assert tuning.fail_orphans(st) == 0  # the old one is younger than the long grace
+    monkeypatch.setattr(tuning, "UNLABELLED_GRACE_ANY_S", 0.0)
+    assert tuning.fail_orphans(st) == 1
+    state = {t.number: t.state for t in st.get_trials(deepcopy=False)}
+    assert state[old.number] == TrialState.FAIL and state[other.number] == TrialState.RUNNING

@@ -13,6 +13,7 @@ No pruning is used (every trial trains to its end or to early stopping); outputs
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import os
 import signal
@@ -113,30 +114,59 @@ def _mark_interrupted(study: optuna.Study, trial) -> None:
     study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
+# A worker labels the trial it creates with its host and pid at once; a trial still unlabelled this long after its
+# start lost its worker between the two storage calls (killed there). Optuna's stale-trial check cannot see it: it
+# never had a heartbeat. Across machines the clocks may differ, hence the longer grace for other runs' trials.
+UNLABELLED_GRACE_S = 5.0
+UNLABELLED_GRACE_ANY_S = 300.0
+
+
+def _unlabelled(study: optuna.Study, older_than_s: float, since: datetime.datetime | None = None) -> list:
+    """RUNNING trials without an owner (no pid), started more than ``older_than_s`` ago (and after ``since``)."""
+    now = datetime.datetime.now()
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if "pid" not in t.user_attrs and t.datetime_start is not None
+            and (since is None or t.datetime_start >= since)
+            and (now - t.datetime_start).total_seconds() > older_than_s]
+
+
 def fail_orphans(study: optuna.Study) -> int:
-    """Mark RUNNING trials whose process (on this host) is gone as FAIL, so they are replaced, not counted."""
+    """Mark RUNNING trials whose process (on this host) is gone, or that never got an owner, as FAIL, so they are
+    replaced, not counted."""
     host = host_id()
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))):
             _mark_interrupted(study, t)
             n += 1
+    for t in _unlabelled(study, UNLABELLED_GRACE_ANY_S):
+        _mark_interrupted(study, t)
+        n += 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)  # other machines: stale heartbeat
     return n
 
 
-def fail_own_running(cfg, pairs: list[tuple[str, str]], pids: set[int] | None = None) -> int:
+def fail_own_running(cfg, pairs: list[tuple[str, str]], pids: set[int] | None = None,
+                     since: datetime.datetime | None = None) -> int:
     """Mark the RUNNING trials of this process (and of the worker processes ``pids`` it started) as FAIL
-    (``interrupted``): called when the process is stopped, so that a rerun, on this machine or another, replaces
-    them at once instead of waiting for their heartbeat."""
+    (``interrupted``): called when the process is stopped (its workers ended), so that a rerun, on this machine or
+    another, replaces them at once instead of waiting for their heartbeat. With ``since`` (when this run started),
+    also trials created since then that never got their owner's label (a worker ended between creating and
+    labelling one): after ``UNLABELLED_GRACE_S``, so that another machine's trial being created now is spared."""
     host, n = host_id(), 0
     pids = {os.getpid(), *(pids or ())}
-    for t, m in pairs:
-        study = get_study(cfg, t, m)
+    studies = [get_study(cfg, t, m) for t, m in pairs]
+    for study in studies:
         for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if tr.user_attrs.get("host") == host and tr.user_attrs.get("pid") in pids:
+                _mark_interrupted(study, tr)
+                n += 1
+    if since is not None and any(_unlabelled(st, -1.0, since) for st in studies):
+        time.sleep(UNLABELLED_GRACE_S)
+        for study in studies:
+            for tr in _unlabelled(study, UNLABELLED_GRACE_S, since):
                 _mark_interrupted(study, tr)
                 n += 1
     return n
@@ -187,13 +217,13 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         # so an interrupted and resumed search proposes what an uninterrupted one would have (one worker)
         study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker + n_complete(study))
         trial = study.ask()
+        trial.set_user_attr("host", host_id())  # label at once: an unlabelled trial is only freed after a grace
+        trial.set_user_attr("pid", os.getpid())
         first = sorted(t.number for t in study.get_trials(deepcopy=False, states=live_states))[:target]
         if trial.number not in first:
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             continue
-        trial.set_user_attr("host", host_id())
-        trial.set_user_attr("pid", os.getpid())
         hp_over = suggest(trial, cfg, method)
         if cfg.search.max_steps:
             hp_over["max_steps"] = cfg.search.max_steps
@@ -337,12 +367,13 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
         progress.set_total(missing)
     failures: list[dict] = []
     workers_pids: set[int] = set()  # worker processes started (their trials are ours to free on an interrupt)
+    started = datetime.datetime.now()
     try:
         with _sigterm_as_interrupt():
             _tune_todo(cfg, todo, workers, streams, progress, stop, failures, workers_pids.add)
     except KeyboardInterrupt:
         # the pool has ended the worker processes; their trials and this process's threads' are freed
-        n = fail_own_running(cfg, todo, workers_pids)
+        n = fail_own_running(cfg, todo, workers_pids, since=started)
         print(f"tune: interrupted; {n} running trial(s) marked failed, to be replaced on the next run", flush=True)
         raise
     summary = [export(cfg, t, m) for t, m in pairs]
