@@ -35,7 +35,7 @@ def _train_unit(arg, device):
     del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
     hp = HParams.from_config(cfg, method, hp_over)
     m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed))
-    return {"test_accuracy": m["test"]["accuracy"], "collapsed": m["collapsed"]}
+    return {"test": m["test"][m["primary_metric"]], "collapsed": m["collapsed"]}
 
 
 def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | None = None, log=print,
