@@ -317,10 +317,11 @@ def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOp
     from lorastudy.progress import Progress
 
     cfg = _load(config, set_, data_dir)
-    store.check_manifest(cfg)
-    with Progress("train-all (runs)", console=console) as prog:
-        res = train_all(cfg, workers, progress=prog, log=console.print,
-                        streams=default_streams(streams, cfg.train.device))
+    with store.results_lock(cfg.out):
+        store.check_manifest(cfg)
+        with Progress("train-all (runs)", console=console) as prog:
+            res = train_all(cfg, workers, progress=prog, log=console.print,
+                            streams=default_streams(streams, cfg.train.device))
     console.print(f"trained {len(res['trained'])}, skipped {len(res['skipped_complete'])} complete, "
                   f"failed {len(res['failures'])}")
     for f in res["failures"]:
