@@ -276,3 +276,19 @@ def test_two_tune_processes_on_one_sqlite_storage_never_propose_the_same_point(t
     assert len(complete) == 4
     params = [tuple(sorted(t.params.items())) for t in complete]
     assert len(set(params)) == 4, params
+
+
+def test_a_study_stored_before_keyed_names_is_adopted_only_if_drawn_from_the_configs_space(tiny_cfg):
+    import optuna
+
+    cfg = _tiny(tiny_cfg, "methods=[lora]")
+    other = _tiny(tiny_cfg, "methods=[lora]", "search.spaces.lora.lr.low=0.02", "search.spaces.lora.lr.high=0.03")
+    storage = tuning._storage(cfg)
+    for c, task in ((cfg, "rte"), (other, "mrpc")):  # one unkeyed study per task, drawn from c's space
+        legacy = optuna.create_study(study_name=f"{cfg.name}-{task}_lora", storage=storage, direction="maximize")
+        t = legacy.ask()
+        tuning.suggest(t, c, "lora")
+        legacy.tell(t, 0.5)
+    assert tuning.n_complete(tuning.get_study(cfg, "rte", "lora")) == 1  # same space: the search goes on
+    assert tuning.n_complete(tuning.get_study(cfg, "mrpc", "lora")) == 0  # another space: searched anew
+    assert tuning.n_complete(tuning.get_study(other, "mrpc", "lora")) == 1

@@ -53,11 +53,23 @@ def _storage(cfg) -> optuna.storages.RDBStorage:
     kw: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kw["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
-        # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat thread); a trial
-        # silent for grace_period seconds belongs to a dead worker, on any machine, and is failed and replaced
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
+                # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat
+                # thread); a trial silent for grace_period seconds belongs to a dead worker, on any machine, and is
+                # failed and replaced
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
+        except sqlalchemy.exc.IntegrityError:
+            # several workers started at once on a new storage race to create its schema (seen: "UNIQUE constraint
+            # failed: alembic_version.version_num"); the loser finds it created when it tries again
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def search_key(cfg, task: str, method: str) -> str:
@@ -79,10 +91,46 @@ def study_name(cfg, task: str, method: str) -> str:
 
 
 def get_study(cfg, task: str, method: str, worker: int = 0) -> optuna.Study:
-    # seeded TPE; each parallel worker gets its own seed so they do not propose the same random start-up points
+    # the sampler is re-seeded before every proposal (proposal_seed); this seed only matters to code that asks
+    # without run_worker
     sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker)
-    return optuna.create_study(study_name=study_name(cfg, task, method), storage=_storage(cfg), sampler=sampler,
+    storage = _storage(cfg)
+    _adopt_unkeyed(cfg, task, method, storage)
+    return optuna.create_study(study_name=study_name(cfg, task, method), storage=storage, sampler=sampler,
                                direction="maximize", load_if_exists=True)
+
+
+def space_distributions(cfg, method: str) -> dict:
+    """The Optuna distributions ``suggest`` draws from for ``method`` under this config (name -> distribution)."""
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = probe.ask()
+    suggest(trial, cfg, method)
+    return dict(probe.trials[0].distributions)
+
+
+_ADOPT_CHECKED: set[tuple[str, str]] = set()
+
+
+def _adopt_unkeyed(cfg, task: str, method: str, storage) -> None:
+    """Studies stored before names carried the search key (``<name>-<task>_<method>``) are copied to the keyed name
+    when every trial was drawn from the config's search space (same distributions), so a finished or half-done
+    search (e.g. one carried between machines) goes on; one drawn from another space is left alone (a new study is
+    searched). Checked once per process and study."""
+    new, old = study_name(cfg, task, method), f"{cfg.name}-{task}_{method}"
+    key = (storage_url(cfg), new)
+    if key in _ADOPT_CHECKED:
+        return
+    _ADOPT_CHECKED.add(key)
+    names = set(optuna.get_all_study_names(storage))
+    if new in names or old not in names:
+        return
+    want = space_distributions(cfg, method)
+    trials = optuna.load_study(study_name=old, storage=storage).get_trials(deepcopy=False)
+    if not trials or not all(set(t.distributions) <= set(want) and all(d == want[k] for k, d in
+                                                                        t.distributions.items()) for t in trials):
+        return
+    with contextlib.suppress(optuna.exceptions.DuplicatedStudyError):  # another worker adopted it first
+        optuna.copy_study(from_study_name=old, from_storage=storage, to_storage=storage, to_study_name=new)
 
 
 def suggest(trial: optuna.Trial, cfg, method: str) -> dict[str, Any]:
