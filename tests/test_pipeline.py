@@ -115,7 +115,7 @@ def test_report_check_catches_a_tampered_number(study, glue_dir, tmp_path):
     rep = out / "ANALYSIS_REPORT.md"
     text = rep.read_text()
     try:
-        m = re.search(r"\| (0\.\d{3}) ± ", text)
+        m = re.search(r"accuracy (0\.\d{3}) ± ", text)
         rep.write_text(text[: m.start(1)] + ("0.999" if m.group(1) != "0.999" else "0.998") + text[m.end(1):])
         r = _cli("report", TINY, "--check", "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
         assert r.exit_code == 1 and "disagree" in r.output
@@ -209,9 +209,10 @@ def test_corrupted_run_metrics_advice_works(study, glue_dir, tmp_path):
     metrics = unit / "metrics.json"
     good = json.loads(metrics.read_text())
     metrics.write_text("{not json")
-    r = _cli("report", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
-    assert r.exit_code == 2 and "metrics.json" in r.output and "delete it to recompute" in r.output
-    metrics.unlink()  # the advice
+    for cmd in ("report", "drift"):  # named, with the command that recomputes it; never skipped silently
+        r = _cli(cmd, TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
+        assert r.exit_code == 2 and "seed42" in r.output and "corrupted" in r.output and "--only train" in r.output
+    metrics.unlink()  # what the message for a corrupted JSON file advises: works too
     drift = out / "phase4/drift/drift_analysis_results.json"
     drift.unlink()
     for phase in ("train", "drift"):

@@ -177,6 +177,15 @@ def is_complete(path: Path) -> bool:
     return True
 
 
+def check_not_damaged(path: Path, how: str) -> None:
+    """StoreError when the unit ``path`` has its COMPLETE marker but a missing or corrupted artifact (so it is not
+    complete): readers must not skip it silently; ``how`` says which command recomputes it."""
+    path = Path(path)
+    if (path / COMPLETE).is_file() and not is_complete(path):
+        raise StoreError(f"{path}: an artifact is missing or corrupted (it does not match the COMPLETE marker's "
+                         f"list); {how} recomputes this unit")
+
+
 def _publish_tree(root: Path) -> None:
     """Give a finished tree the usual permissions (mkdtemp makes directories owner-only, and safetensors writes
     weights -rw------- whatever the umask: a shared results dir would be unreadable to colleagues)."""
