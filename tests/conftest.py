@@ -14,6 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--regen-expected", action="store_true",
+                     help="print the key numbers of the tiny end-to-end study (tests/test_pipeline.py EXPECTED)")
+
+
 def pytest_configure(config):
     import torch
 

@@ -54,3 +54,52 @@ def test_h1a_bootstrap():
 def test_layer_groups():
     g = DR.layer_groups(["embeddings", *[f"layer{i}" for i in range(30)], "final_norm"])
     assert [len(g[k]) for k in ("early", "middle", "late")] == [10, 10, 10]
+
+
+def _degenerate_first_layer(seed=0, n=40, d=16, L=4, full_lora_same=False):
+    """The embeddings layer's probe rows are all but one identical (every probe sentence but one ends with the same
+    token); LoRA runs are the base rescaled and shifted (no drift at all); full FT runs add noise."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(L, n, d)).astype(np.float32)
+    base[0] = base[0, :1]
+    base[0, -1] = rng.normal(size=d)
+    runs = {("lora", 1): 2 * base, ("lora", 2): base + np.float32(1e3)}
+    if full_lora_same:
+        runs.update({("full", 1): 3 * base, ("full", 2): base - np.float32(7)})
+    else:
+        runs.update({("full", s): base + 0.8 * rng.normal(size=base.shape).astype(np.float32) for s in (1, 2)})
+    names = ["embeddings", *[f"layer{i}" for i in range(L - 2)], "final_norm"]
+    return DR.TaskReps("t", names, base, runs)
+
+
+def test_rescaled_or_shifted_base_has_zero_drift_and_a_degenerate_layer_is_undefined():
+    """Was: layer CKA 10.8 and 16.1, whole-model drift -4.9 and -7.6, and the layer not listed as undefined."""
+    import json
+
+    s = DR.summarize_task(DR.analyze_task(_degenerate_first_layer()), n_resamples=200, seed=0, min_reduction=0.2)
+    assert s["undefined_layers"] == ["embeddings"] and s["n_layers_excluded"] == 1 and s["n_layers_used"] == 3
+    assert "debiased self-HSIC is zero" in json.dumps(s["undefined"]["cka_debiased"]["embeddings"])
+    for r in s["per_run"]:
+        assert np.isnan(r["cka_debiased"][0])  # internally NaN; null in the artifact (below)
+        assert all(-1 <= v <= 1 for v in r["cka_debiased"][1:])
+        assert 0 <= r["cka_biased"][0] <= 1  # the biased estimator is defined there (one distinct row)
+        if r["method"] == "lora":
+            assert r["whole_model_drift"] == pytest.approx(0.0, abs=1e-5)
+            assert r["drift"][1:] == pytest.approx([0.0] * 3, abs=1e-5)
+    assert s["comparison"]["drift_reduction"]["estimate"] == pytest.approx(1.0, abs=1e-4)
+    out = json.loads(json.dumps(DR.json_safe(DR._strip_private(s)), allow_nan=False))
+    assert out["per_run"][0]["cka_debiased"][0] is None
+    assert out["profiles"]["lora"]["drift"]["mean"][0] is None
+
+
+def test_no_drift_anywhere_gives_an_undefined_reduction_not_nan():
+    import json
+
+    summaries = {"t": DR.summarize_task(DR.analyze_task(_degenerate_first_layer(full_lora_same=True)),
+                                        n_resamples=200, seed=0, min_reduction=0.2)}
+    assert "comparison" not in summaries["t"] and "no drift" in summaries["t"]["comparison_undefined"]
+    for p in summaries["t"]["profiles"].values():
+        assert p["whole_model_drift"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    h = DR.h1b(summaries, 0.2, 0.05)
+    assert h["per_task"] == {} and h["overall"] is None and "t" in h["not_estimable"]
+    json.dumps(DR.json_safe(DR._strip_private({"s": summaries, "h": h})), allow_nan=False)

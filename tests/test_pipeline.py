@@ -1,7 +1,6 @@
 """The whole study on the tiny preset: end to end, kill-and-resume equality, report check, bad input."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -32,10 +31,9 @@ def _cli(*args):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, glue_dir):
     out = tmp_path_factory.mktemp("tiny") / "results"
-    t0 = time.time()
     r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
     assert r.exit_code == 0, r.output
-    return out, time.time() - t0
+    return out, None  # (no timing here: timings belong in benchmarks, not in assertions)
 
 
 def study_glue(out: Path) -> str:
@@ -43,9 +41,48 @@ def study_glue(out: Path) -> str:
         (out / "config.yaml").read_text())["data"]["source"]
 
 
-def test_tiny_end_to_end(study):
-    out, seconds = study
-    assert seconds < 300
+# Key numbers of the tiny study (configs/tiny.yaml, CPU, fp32, deterministic), as torchtune's recipe tests pin
+# theirs: a change that shifts every number consistently (data, encoding, training loop, similarity) is caught here,
+# where every self-consistency check would still pass. A change that is meant to move them (e.g. a new pair template
+# or text normalisation) regenerates them: run
+#   .venv/bin/python -m pytest -q tests/test_pipeline.py -k tiny_end_to_end --regen-expected
+# which prints the new dict (the test then fails, so nothing passes unreviewed); paste it here.
+EXPECTED = {
+    "phase2/rte/lora/seed42 test accuracy": 0.5625,
+    "phase2/rte/lora/seed42 best validation loss": 0.7087371349334717,
+    "phase2/mrpc/full/seed1337 test accuracy": 0.6875,
+    "phase2/mrpc/full/seed1337 best validation loss": 0.6389468908309937,
+    "phase1/sst2_lora best value": 0.4375,
+    "phase0 sst2 majority accuracy": 0.5,
+    "phase4 rte lora whole-model drift": 0.00017117977924077654,
+}
+
+
+def _key_numbers(out: Path) -> dict:
+    def metrics(task, method, seed):
+        return json.loads((out / f"phase2/{task}/{method}/seed{seed}/metrics.json").read_text())
+
+    rte, mrpc = metrics("rte", "lora", 42), metrics("mrpc", "full", 1337)
+    drift = json.loads((out / "phase4/drift/drift_analysis_results.json").read_text())
+    return {
+        "phase2/rte/lora/seed42 test accuracy": rte["test"]["accuracy"],
+        "phase2/rte/lora/seed42 best validation loss": rte["validation"]["loss"],
+        "phase2/mrpc/full/seed1337 test accuracy": mrpc["test"]["accuracy"],
+        "phase2/mrpc/full/seed1337 best validation loss": mrpc["validation"]["loss"],
+        "phase1/sst2_lora best value": yaml.safe_load((out / "phase1/sst2_lora/best.yaml").read_text())["value"],
+        "phase0 sst2 majority accuracy": json.loads((out / "phase0/baselines.json").read_text())[
+            "results"]["sst2"]["majority"]["accuracy"],
+        "phase4 rte lora whole-model drift": drift["tasks"]["rte"]["profiles"]["lora"]["whole_model_drift"]["mean"],
+    }
+
+
+def test_tiny_end_to_end(study, request):
+    out, _ = study
+    got = _key_numbers(out)
+    if request.config.getoption("--regen-expected"):
+        pytest.fail("EXPECTED = " + json.dumps(got, indent=4) + "\n(regenerated: paste into tests/test_pipeline.py)")
+    for k, v in EXPECTED.items():
+        assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
     rep = (out / "ANALYSIS_REPORT.md").read_text()
     for s in SECTIONS:
         assert s in rep, s
@@ -69,9 +106,8 @@ def test_rerun_skips_finished_work(study, glue_dir):
     out, _ = study
     m = out / "phase2/sst2/full/seed42/metrics.json"
     before = m.stat().st_mtime
-    t0 = time.time()
     r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "train")
-    assert r.exit_code == 0 and m.stat().st_mtime == before and time.time() - t0 < 30
+    assert r.exit_code == 0 and m.stat().st_mtime == before
 
 
 def test_report_check_catches_a_tampered_number(study, glue_dir, tmp_path):
@@ -79,7 +115,7 @@ def test_report_check_catches_a_tampered_number(study, glue_dir, tmp_path):
     rep = out / "ANALYSIS_REPORT.md"
     text = rep.read_text()
     try:
-        m = re.search(r"\| (0\.\d{3}) ± ", text)
+        m = re.search(r"accuracy (0\.\d{3}) ± ", text)
         rep.write_text(text[: m.start(1)] + ("0.999" if m.group(1) != "0.999" else "0.998") + text[m.end(1):])
         r = _cli("report", TINY, "--check", "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
         assert r.exit_code == 1 and "disagree" in r.output
@@ -162,22 +198,29 @@ def test_corrupted_artifacts_are_named_or_recomputed(study, glue_dir, tmp_path):
     assert r.exit_code == 2 and "baselines.json" in r.output and "corrupted" in r.output
 
 
-def test_full_disk_does_not_corrupt_earlier_results(tmp_path, monkeypatch):
-    import errno
+def test_corrupted_run_metrics_advice_works(study, glue_dir, tmp_path):
+    """Was: "delete it to recompute" left the unit marked complete, never retrained, and drift failed with
+    FileNotFoundError. Now a unit whose artifact is missing or corrupt is recomputed, and the study finishes."""
+    import shutil
 
-    from lorastudy import store
-
-    target = tmp_path / "metrics.json"
-    store.atomic_write_json(target, {"ok": 1})
-
-    def no_space(*a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fsync", no_space)
-    with pytest.raises(OSError):
-        store.atomic_write_json(target, {"ok": 2})
-    assert json.loads(target.read_text()) == {"ok": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # no temp file left behind
+    out = tmp_path / "copy"
+    shutil.copytree(study[0], out)
+    unit = out / "phase2/rte/lora/seed42"
+    metrics = unit / "metrics.json"
+    good = json.loads(metrics.read_text())
+    metrics.write_text("{not json")
+    for cmd in ("report", "drift"):  # named, with the command that recomputes it; never skipped silently
+        r = _cli(cmd, TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
+        assert r.exit_code == 2 and "seed42" in r.output and "corrupted" in r.output and "--only train" in r.output
+    metrics.unlink()  # what the message for a corrupted JSON file advises: works too
+    drift = out / "phase4/drift/drift_analysis_results.json"
+    drift.unlink()
+    for phase in ("train", "drift"):
+        r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", phase)
+        assert r.exit_code == 0, (phase, r.output)
+    again = json.loads(metrics.read_text())
+    assert again["test_predictions"] == good["test_predictions"]  # retrained (CPU: the same run again)
+    assert drift.is_file()
 
 
 def test_results_files_get_the_usual_permissions(tmp_path):

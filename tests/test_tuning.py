@@ -25,9 +25,26 @@ def _states(cfg, task="rte", method="lora"):
     return [t.state for t in st.get_trials(deepcopy=False)], st
 
 
-def test_tune_outputs_and_best_roundtrip_into_train(tiny_cfg):
+class _Untouchable:
+    """Stands in for the test split during tuning: any use fails the test. (pytest.fail raises a BaseException, which
+    the tuning loop's per-trial ``except Exception`` does not swallow.)"""
+
+    def _touched(self, *a, **k):
+        pytest.fail("the test split was touched during tuning")
+
+    __getattr__ = __getitem__ = __len__ = __iter__ = _touched
+
+
+def test_tune_outputs_and_best_roundtrip_into_train(tiny_cfg, monkeypatch):
+    import dataclasses
+
+    from lorastudy import data as D
+
+    real = D.splits_for
+    monkeypatch.setattr(D, "splits_for", lambda c, t: dataclasses.replace(real(c, t), test=_Untouchable()))
     cfg = _tiny(tiny_cfg, "methods=[lora]")
     res = tuning.tune(cfg)
+    monkeypatch.undo()
     s = res["studies"][0]
     assert s["n_complete"] == 2 and s["pruning"] == "none"
     out = cfg.out / "phase1" / "rte_lora"
@@ -38,8 +55,8 @@ def test_tune_outputs_and_best_roundtrip_into_train(tiny_cfg):
     trials = json.loads((out / "trials.json").read_text())["trials"]
     assert best["value"] == max(t["value"] for t in trials if t["state"] == "COMPLETE")
     assert set(best["hparams"]) >= {"lr", "batch_size", "warmup_ratio", "weight_decay", "epochs", "lora_alpha"}
-    # the test split is never touched during search
-    assert all("test_accuracy" not in t for t in trials)
+    # the test split is never touched during search (above: any use of it fails the test)
+    assert all(t["state"] == "COMPLETE" and "error" not in t for t in trials)
     # best.yaml feeds `train`
     from typer.testing import CliRunner
 
@@ -193,3 +210,85 @@ def test_trial_created_but_never_labelled_is_freed(tiny_cfg, monkeypatch):
     assert tuning.fail_orphans(st) == 1
     state = {t.number: t.state for t in st.get_trials(deepcopy=False)}
     assert state[old.number] == TrialState.FAIL and state[other.number] == TrialState.RUNNING
+
+
+def test_changed_search_space_is_never_silently_reused(tiny_cfg):
+    """Was: after changing the LoRA lr range and re-running tuning, the old study's trials were reused and best.yaml
+    kept an lr outside the new range; `tune` told the user to pass --force, which it did not have."""
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    base = ["--set", f"data.source={tiny_cfg.data.source}", "--set", f"output_dir={tiny_cfg.output_dir}",
+            "--set", "tasks=[rte]", "--set", "methods=[lora]", "--set", "search.n_trials=1", "--set",
+            "search.max_steps=2"]
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    assert CliRunner().invoke(app, ["tune", tiny, *base]).exit_code == 0
+    cfg = _tiny(tiny_cfg, "methods=[lora]", "search.n_trials=1", "search.max_steps=2")
+    best_yaml = cfg.out / "phase1" / "rte_lora" / "best.yaml"
+    old = yaml.safe_load(best_yaml.read_text())
+    new_space = ["--set", "search.spaces.lora.lr.low=0.02", "--set", "search.spaces.lora.lr.high=0.03"]
+    r = CliRunner().invoke(app, ["tune", tiny, *base, *new_space])
+    assert r.exit_code == 2 and "--force" in r.output  # another config in this results dir
+    r = CliRunner().invoke(app, ["tune", tiny, *base, *new_space, "--force"])
+    assert r.exit_code == 0, r.output
+    new = yaml.safe_load(best_yaml.read_text())
+    assert 0.02 <= new["hparams"]["lr"] <= 0.03 and new["study"] != old["study"]
+    # the old study is kept in the storage, untouched; its best.yaml is gone, so the old config must tune again
+    # (finding its study) before its best hyperparameters are used
+    assert tuning.n_complete(tuning.get_study(cfg, "rte", "lora")) == 1
+    assert not tuning.is_done(cfg, "rte", "lora")
+    with pytest.raises(tuning.store.StoreError, match="run the tuning phase"):
+        tuning.best_hparams(cfg, "rte", "lora")
+
+
+def test_a_second_worker_proposes_another_point_than_a_running_trial(tiny_cfg):
+    """Deterministic form of two processes on one storage: another process (same worker index, same config) has
+    a trial running, proposed from the empty history; this worker, from the same history, must propose another
+    point (it used to reseed from the same history with the same seed and propose the very same point)."""
+    import optuna
+
+    cfg = _tiny(tiny_cfg, "methods=[lora]", "search.n_trials=2", "search.max_steps=2")
+    st = tuning.get_study(cfg, "rte", "lora")
+    st.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed)  # what that process seeded its first trial with
+    other = st.ask()
+    other.set_user_attr("host", tuning.host_id())
+    other.set_user_attr("pid", os.getpid())  # alive: not an orphan
+    tuning.suggest(other, cfg, "lora")
+    assert tuning.run_worker(cfg, "rte", "lora", worker=0, wait=False) == 1
+    trials = {t.number: t for t in tuning.get_study(cfg, "rte", "lora").get_trials(deepcopy=False)}
+    mine = [t for n, t in trials.items() if n != other.number and t.state == TrialState.COMPLETE]
+    assert len(mine) == 1 and mine[0].params != trials[other.number].params
+
+
+def test_two_tune_processes_on_one_sqlite_storage_never_propose_the_same_point(tiny_cfg):
+    """The documented multi-machine path: separate `lorastudy tune` processes (each worker 0) on one storage."""
+    cfg = _tiny(tiny_cfg, "methods=[lora]", "search.n_trials=4", "search.max_steps=4")
+    cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), "--set",
+           f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]", "--set",
+           "methods=[lora]", "--set", "search.n_trials=4", "--set", "search.max_steps=4"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    _, st = _states(cfg)
+    complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4
+    params = [tuple(sorted(t.params.items())) for t in complete]
+    assert len(set(params)) == 4, params
+
+
+def test_a_study_stored_before_keyed_names_is_adopted_only_if_drawn_from_the_configs_space(tiny_cfg):
+    import optuna
+
+    cfg = _tiny(tiny_cfg, "methods=[lora]")
+    other = _tiny(tiny_cfg, "methods=[lora]", "search.spaces.lora.lr.low=0.02", "search.spaces.lora.lr.high=0.03")
+    storage = tuning._storage(cfg)
+    for c, task in ((cfg, "rte"), (other, "mrpc")):  # one unkeyed study per task, drawn from c's space
+        legacy = optuna.create_study(study_name=f"{cfg.name}-{task}_lora", storage=storage, direction="maximize")
+        t = legacy.ask()
+        tuning.suggest(t, c, "lora")
+        legacy.tell(t, 0.5)
+    assert tuning.n_complete(tuning.get_study(cfg, "rte", "lora")) == 1  # same space: the search goes on
+    assert tuning.n_complete(tuning.get_study(cfg, "mrpc", "lora")) == 0  # another space: searched anew
+    assert tuning.n_complete(tuning.get_study(other, "mrpc", "lora")) == 1

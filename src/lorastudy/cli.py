@@ -195,8 +195,8 @@ def train(
     except TrainingError as e:
         console.print(f"[bold red]run failed:[/] {e}")
         raise typer.Exit(1) from None
-    res = {"val_acc": m["validation"]["accuracy"], "test_acc": m["test"]["accuracy"],
-           "test_f1": m["test"]["f1"], "collapsed": m["collapsed"], "best_step": m["best_step"],
+    res = {"validation": m["validation"], "test": m["test"], "primary_metric": m["primary_metric"],
+           "collapsed": m["collapsed"], "best_step": m["best_step"],
            "steps": m["steps"], "train_time_s": round(m["train_time_s"], 1)}
     typer.echo(json.dumps(res))
     console.print(f"wrote {run}")
@@ -277,10 +277,12 @@ def tune(
     workers: WorkersOpt = 1,
     streams: StreamsOpt = None,
     storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: sqlite in the results dir)")] = None,
+    force: Annotated[bool, typer.Option(help="Reuse a results dir made by a different config")] = False,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Phase 1: Optuna TPE search per task x method (resumable; several processes or machines may share a study)."""
+    """Phase 1: Optuna TPE search per task x method (resumable; several processes or machines may share a study).
+    Studies are keyed by their search space: after a change of space, a new study is searched."""
     from lorastudy import store
     from lorastudy.progress import Progress
     from lorastudy.tuning import tune as run_tune
@@ -290,15 +292,15 @@ def tune(
     for t in task or []:
         if t not in cfg.tasks:
             raise ConfigError(f"--task {t!r} is not in the config's tasks {cfg.tasks}")
-    store.check_manifest(cfg)
+    store.check_manifest(cfg, force=force)
     with Progress("tune (trials)", console=console) as prog:
         res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog,
                        streams=default_streams(streams, cfg.train.device))
-    tbl = Table(title="phase 1: best validation accuracy")
-    for c in ("task", "method", "complete", "best val acc", "best trial"):
+    tbl = Table(title="phase 1: best validation score (the task's primary metric)")
+    for c in ("task", "method", "complete", "objective", "best value", "best trial"):
         tbl.add_column(c)
     for s in res["studies"]:
-        tbl.add_row(s["task"], s["method"], f"{s['n_complete']}/{s['n_trials_target']}",
+        tbl.add_row(s["task"], s["method"], f"{s['n_complete']}/{s['n_trials_target']}", str(s.get("objective")),
                     f"{s.get('best_value', float('nan')):.4f}", str(s.get("best_trial")))
     Console(width=160).print(tbl)
     for f in res["failures"]:
@@ -315,10 +317,11 @@ def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOp
     from lorastudy.progress import Progress
 
     cfg = _load(config, set_, data_dir)
-    store.check_manifest(cfg)
-    with Progress("train-all (runs)", console=console) as prog:
-        res = train_all(cfg, workers, progress=prog, log=console.print,
-                        streams=default_streams(streams, cfg.train.device))
+    with store.results_lock(cfg.out):
+        store.check_manifest(cfg)
+        with Progress("train-all (runs)", console=console) as prog:
+            res = train_all(cfg, workers, progress=prog, log=console.print,
+                            streams=default_streams(streams, cfg.train.device))
     console.print(f"trained {len(res['trained'])}, skipped {len(res['skipped_complete'])} complete, "
                   f"failed {len(res['failures'])}")
     for f in res["failures"]:

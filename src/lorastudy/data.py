@@ -80,7 +80,16 @@ def _validate(df: pd.DataFrame, spec: TaskSpec, where: str) -> pd.DataFrame:
 
 
 def _read_tsv(path: Path, spec: TaskSpec) -> pd.DataFrame:
-    df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    """A GLUE-format TSV; headerless files (``spec.tsv_header`` false, e.g. CoLA) by the declared column indices."""
+    df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8-sig",
+                     header=0 if spec.tsv_header else None)
+    if not spec.tsv_header:
+        need = [*spec.text_fields, "label"]
+        width = df.shape[1]
+        if any(spec.tsv_columns[f] >= width for f in need):
+            raise DataError(f"{path}: {width} column(s), but tsv_columns declares "
+                            f"{ {f: spec.tsv_columns[f] for f in need} } (0-based)")
+        return pd.DataFrame({f: df.iloc[:, spec.tsv_columns[f]] for f in need})
     rename = {v: k for k, v in spec.tsv_columns.items()}
     return df.rename(columns=rename)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,53 +47,92 @@ def layer_groups(layer_names: list[str]) -> dict[str, list[int]]:
     return {"early": dec[:a], "middle": dec[a:b], "late": dec[b:]}
 
 
+MEASURES = ("cka_debiased", "cka_biased", "cos_raw", "cos_std")
+# Whole-model drift at or below this is no drift: representations are stored in float32 at best (unit roundoff
+# 6e-8), so CKA of a rescaled or shifted copy of the base comes out 1 - 1e-10..1e-9, not exactly 1; a reduction
+# relative to such a D_full would be a ratio of rounding errors.
+NO_DRIFT = 1e-6
+
+
+def _nanmean(a, axis=None):
+    """Mean ignoring NaN (undefined values); NaN, without a warning, where nothing is defined."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def _try(fn, *a, **kw):
+    """``fn(*a, **kw)``, or (NaN, why) when the measure is undefined on these inputs."""
+    try:
+        return fn(*a, **kw), None
+    except S.UndefinedSimilarity as e:
+        return np.nan, str(e)
+
+
 def analyze_task(tr: TaskReps) -> dict:
     """Per run and layer: debiased/biased CKA, raw/standardized cosine vs base; leave-one-out debiased CKA;
-    per-example standardized cosine; seed-vs-seed noise floor within each method."""
+    per-example standardized cosine; seed-vs-seed noise floor within each method.
+
+    Values that are not estimable (similarity.UndefinedSimilarity: e.g. a layer whose probe rows are all but one
+    identical) are NaN here and listed in ``undefined`` (measure -> layer -> why, per model); a layer undefined for
+    the base or any run in a measure is excluded from that measure for every run of the task (``excluded_layers``),
+    so all runs average the same layers. For debiased CKA, the primary measure, a layer is also excluded when a
+    leave-one-out value is undefined (the jackknife needs every one). Arrays: [runs, layers] (+ [n] per example)."""
     runs = sorted(tr.runs)
     L, n = tr.base.shape[0], tr.base.shape[1]
     R = len(runs)
-    cka_d, cka_b = np.zeros((R, L)), np.zeros((R, L))
-    cos_raw, cos_std = np.zeros((R, L)), np.zeros((R, L))
+    vals = {k: np.zeros((R, L)) for k in MEASURES}
     loo = np.zeros((R, L, n))
     cos_ex = np.zeros((R, L, n))
     methods = sorted({m for m, _ in runs})
     pairs = {m: list(itertools.combinations([r for r in runs if r[0] == m], 2)) for m in methods}
     floor = {m: np.zeros((len(pairs[m]), L)) for m in methods}
-    undefined = []
+    undefined: dict[str, dict[str, dict[str, str]]] = {k: {} for k in MEASURES}
+    n_undef_examples = {"cos_raw": 0, "cos_std": 0}
     for li in range(L):
-        xb = tr.base[li].astype(np.float64)
-        try:
-            gb = S.GramStats(xb)
-            grams = {r: S.GramStats(tr.runs[r][li].astype(np.float64)) for r in runs}
-        except S.SimilarityError:
-            # constant representations at this layer (e.g. every probe example ends with the same token and the
-            # layer is the embedding lookup): CKA and standardized cosine are undefined; reported, not averaged
-            undefined.append(tr.layer_names[li])
-            for arr in (cka_d, cka_b, cos_std):
-                arr[:, li] = np.nan
-            loo[:, li] = np.nan
-            cos_ex[:, li] = np.nan
-            for ri, r in enumerate(runs):
-                cos_raw[ri, li] = S.cosine_per_example(xb, tr.runs[r][li].astype(np.float64)).mean()
-            for m in methods:
-                floor[m][:, li] = np.nan
-            continue
+        name = tr.layer_names[li]
+        xb = tr.base[li]  # native dtype: the rounding tests are relative to the stored precision
+        gb = S.GramStats(xb)
+        grams = {r: S.GramStats(tr.runs[r][li]) for r in runs}
+        why: dict[str, dict[str, str]] = {k: {} for k in MEASURES}
         for ri, r in enumerate(runs):
-            x = tr.runs[r][li].astype(np.float64)
+            label = f"{r[0]}/seed{r[1]}"
+            x = tr.runs[r][li]
             g = grams[r]
-            cka_d[ri, li] = gb.cka(g, debiased=True)
-            cka_b[ri, li] = gb.cka(g, debiased=False)
+            for key, debiased in (("cka_debiased", True), ("cka_biased", False)):
+                vals[key][ri, li], w = _try(gb.cka, g, debiased=debiased)
+                if w:
+                    why[key][label] = w
             loo[ri, li] = gb.cka_debiased_loo(g)
-            cos_raw[ri, li] = S.cosine_per_example(xb, x).mean()
-            cos_ex[ri, li] = S.cosine_per_example(xb, x, standardize=True)
-            cos_std[ri, li] = cos_ex[ri, li].mean()
+            if np.isnan(loo[ri, li]).any() and "cka_debiased" not in why:
+                why["cka_debiased"][label] = (f"leave-one-out debiased CKA undefined for "
+                                              f"{int(np.isnan(loo[ri, li]).sum())} probe example(s)")
+            for key, std in (("cos_raw", False), ("cos_std", True)):
+                per, w = _try(S.cosine_per_example, xb, x, standardize=std)
+                if w:
+                    why[key][label] = w
+                    per = np.full(n, np.nan)
+                n_undef_examples[key] += int(np.isnan(per).sum())
+                vals[key][ri, li] = _nanmean(per)
+                if std:
+                    cos_ex[ri, li] = per
+        for key in MEASURES:
+            if why[key] or np.isnan(vals[key][:, li]).any():
+                undefined[key][name] = why[key] or {"*": "undefined"}
+                vals[key][:, li] = np.nan
+                if key == "cka_debiased":
+                    loo[:, li] = np.nan
         for m in methods:
             for pi, (a, b) in enumerate(pairs[m]):
-                floor[m][pi, li] = grams[a].cka(grams[b], debiased=True)
-    return {"runs": runs, "cka_debiased": cka_d, "cka_biased": cka_b, "cos_raw": cos_raw, "cos_std": cos_std,
+                floor[m][pi, li] = np.nan if name in undefined["cka_debiased"] else \
+                    _try(grams[a].cka, grams[b], debiased=True)[0]
+    return {"runs": runs, "cka_debiased": vals["cka_debiased"], "cka_biased": vals["cka_biased"],
+            "cos_raw": vals["cos_raw"], "cos_std": vals["cos_std"],
             "loo_cka_debiased": loo, "cos_std_per_example": cos_ex, "noise_floor_cka_debiased": floor,
-            "noise_floor_pairs": pairs, "layer_names": tr.layer_names, "n": n, "undefined_layers": undefined}
+            "noise_floor_pairs": pairs, "layer_names": tr.layer_names, "n": n,
+            "undefined_layers": list(undefined["cka_debiased"]), "undefined": undefined,
+            "excluded_layers": {k: list(v) for k, v in undefined.items()},
+            "n_undefined_examples": n_undef_examples}
 
 
 def _method_rows(a: dict, method: str) -> list[int]:
@@ -106,14 +146,19 @@ def summarize_task(a: dict, n_resamples: int, seed: int, min_reduction: float) -
     drift = 1 - a["cka_debiased"]
     out = {"layer_names": names, "n_probe": a["n"], "groups": groups, "per_run": [], "profiles": {},
            "noise_floor": {}, "undefined_layers": a["undefined_layers"],
-           "note": "layers in undefined_layers have constant representations; they are left out of every mean"}
+           "n_layers_excluded": len(a["undefined_layers"]), "n_layers_used": len(names) - len(a["undefined_layers"]),
+           "undefined": a["undefined"], "excluded_layers": a["excluded_layers"],
+           "n_undefined_examples": a["n_undefined_examples"],
+           "note": "a similarity that is not estimable (e.g. a layer whose probe rows are all but one identical: "
+                   "self-HSIC zero up to rounding) is undefined (null), never a number; layers in undefined_layers "
+                   "are left out of every drift mean for every run, and counted in n_layers_excluded"}
     for ri, (m, s) in enumerate(a["runs"]):
         out["per_run"].append({
             "method": m, "seed": s, "cka_debiased": a["cka_debiased"][ri].tolist(),
             "cka_biased": a["cka_biased"][ri].tolist(), "cos_raw": a["cos_raw"][ri].tolist(),
             "cos_std": a["cos_std"][ri].tolist(), "drift": drift[ri].tolist(),
-            "whole_model_drift": float(np.nanmean(drift[ri])),
-            "group_drift": {g: float(np.nanmean(drift[ri, idx])) if idx else None for g, idx in groups.items()},
+            "whole_model_drift": float(_nanmean(drift[ri])),
+            "group_drift": {g: float(_nanmean(drift[ri, idx])) if idx else None for g, idx in groups.items()},
         })
     for m, fl in a["noise_floor_cka_debiased"].items():
         rows = _method_rows(a, m)
@@ -123,20 +168,24 @@ def summarize_task(a: dict, n_resamples: int, seed: int, min_reduction: float) -
             prof[key] = {"mean": v.mean(0).tolist(), "std": (v.std(0, ddof=1) if len(rows) > 1 else 0 * v[0]).tolist()}
         d = drift[rows]
         prof["drift"] = {"mean": d.mean(0).tolist(), "std": (d.std(0, ddof=1) if len(rows) > 1 else 0 * d[0]).tolist()}
-        wm = np.nanmean(d, 1)
+        wm = _nanmean(d, 1)
         prof["whole_model_drift"] = {"mean": float(wm.mean()), "std": float(wm.std(ddof=1)) if len(wm) > 1 else 0.0,
                                      "per_seed": wm.tolist()}
-        prof["group_drift"] = {g: {"mean": float(np.nanmean(d[:, idx])),
-                                   "std": float(np.nanmean(d[:, idx], 1).std(ddof=1)) if len(rows) > 1 else 0.0}
+        prof["group_drift"] = {g: {"mean": float(_nanmean(d[:, idx])),
+                                   "std": float(_nanmean(d[:, idx], 1).std(ddof=1)) if len(rows) > 1 else 0.0}
                                if idx else {"mean": None, "std": None} for g, idx in groups.items()}
         out["profiles"][m] = prof
         if len(fl):
             out["noise_floor"][m] = {"pairs": [[p[0][1], p[1][1]] for p in a["noise_floor_pairs"][m]],
                                      "cka_debiased_mean": fl.mean(0).tolist(),
                                      "drift_mean": (1 - fl).mean(0).tolist(),
-                                     "whole_model_drift": float(np.nanmean(1 - fl))}
+                                     "whole_model_drift": float(_nanmean(1 - fl))}
     if {"full", "lora"} <= set(out["profiles"]):
-        out["comparison"] = compare(a, n_resamples, seed, min_reduction)
+        c = compare(a, n_resamples, seed, min_reduction)
+        if "undefined" in c:  # kept apart: readers of "comparison" may rely on every statistic being there
+            out["comparison_undefined"] = c["undefined"]
+        else:
+            out["comparison"] = c
     return out
 
 
@@ -144,9 +193,9 @@ def _reduction_loo(a: dict) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
     """Drift reduction and its leave-one-out values; also per-method leave-one-out drift."""
     fr, lr = _method_rows(a, "full"), _method_rows(a, "lora")
     drift = 1 - a["cka_debiased"]
-    d_full, d_lora = np.nanmean(drift[fr]), np.nanmean(drift[lr])
+    d_full, d_lora = _nanmean(drift[fr]), _nanmean(drift[lr])
     loo_drift = 1 - a["loo_cka_debiased"]  # [R, L, n]
-    lf, ll = np.nanmean(loo_drift[fr], (0, 1)), np.nanmean(loo_drift[lr], (0, 1))
+    lf, ll = _nanmean(loo_drift[fr], (0, 1)), _nanmean(loo_drift[lr], (0, 1))
     with np.errstate(divide="ignore", invalid="ignore"):
         red = 1 - d_lora / d_full
         red_loo = 1 - ll / lf
@@ -156,16 +205,25 @@ def _reduction_loo(a: dict) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
 def compare(a: dict, n_resamples: int, seed: int, min_reduction: float) -> dict:
     fr, lr = _method_rows(a, "full"), _method_rows(a, "lora")
     drift = 1 - a["cka_debiased"]
-    wm_full, wm_lora = np.nanmean(drift[fr], 1), np.nanmean(drift[lr], 1)
+    wm_full, wm_lora = _nanmean(drift[fr], 1), _nanmean(drift[lr], 1)
     red, red_loo, loo_full, loo_lora = _reduction_loo(a)
+    if not (math.isfinite(red) and np.isfinite(red_loo).all()) or _nanmean(wm_full) <= NO_DRIFT:
+        # no defined layer, or no drift at all in full FT (1 - D_lora / 0): the reduction is not estimable
+        why = "no layer with a defined debiased CKA" if not np.isfinite(wm_full).any() else \
+            "full FT shows no drift from the base model (D_full = 0): a reduction relative to it is undefined"
+        return {"whole_model_drift": {"full": float(_nanmean(wm_full)), "lora": float(_nanmean(wm_lora))},
+                "drift_reduction": {"estimate": None, "ci95": [None, None], "se": None, "undefined": why},
+                "h1b_one_sided": None, "undefined": why}
     jk = T.jackknife(red, red_loo)
     n = a["n"]
     t_stat = (red - min_reduction) / jk["se"] if jk["se"] > 0 else math.copysign(math.inf, red - min_reduction)
     p_h1b = float(ss.t.sf(t_stat, n - 1))
     seed_test = T.permutation_test_independent(wm_full, wm_lora, "two-sided", n_resamples, seed)
     # example level: per-example standardized-cosine drift, averaged over seeds and layers; paired full - lora
-    ex_full = np.nanmean(1 - a["cos_std_per_example"][fr], (0, 1))
-    ex_lora = np.nanmean(1 - a["cos_std_per_example"][lr], (0, 1))
+    ex_full = _nanmean(1 - a["cos_std_per_example"][fr], (0, 1))
+    ex_lora = _nanmean(1 - a["cos_std_per_example"][lr], (0, 1))
+    ex_ok = np.isfinite(ex_full) & np.isfinite(ex_lora)  # examples undefined in every layer and seed are left out
+    ex_full, ex_lora = ex_full[ex_ok], ex_lora[ex_ok]
     ex_test = T.permutation_test_paired(ex_full - ex_lora, "two-sided", n_resamples, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_layer_red = 1 - drift[lr].mean(0) / np.where(drift[fr].mean(0) > 0, drift[fr].mean(0), np.nan)
@@ -177,6 +235,7 @@ def compare(a: dict, n_resamples: int, seed: int, min_reduction: float) -> dict:
         "seed_level_test": seed_test.as_dict(),
         "example_level_test": {**ex_test.as_dict(), "quantity": "per-example standardized-cosine drift, full - lora",
                                "mean_difference": float((ex_full - ex_lora).mean()),
+                               "n_examples_excluded": int((~ex_ok).sum()),
                                "cohens_dz": T.cohens_dz(ex_full - ex_lora)},
         "cohens_d_seed_level": T.cohens_d(wm_full, wm_lora),
         "h1b_one_sided": {"null": f"reduction <= {min_reduction}", "t": float(t_stat), "df": n - 1, "p": p_h1b},
@@ -241,6 +300,7 @@ def h1a(correct: dict[str, dict[tuple[str, int], np.ndarray]], margin_points: fl
 
 
 def h1b(summaries: dict[str, dict], min_reduction: float, alpha: float) -> dict:
+    not_estimable = {t: s["comparison_undefined"] for t, s in summaries.items() if "comparison_undefined" in s}
     tasks = [t for t in summaries if "comparison" in summaries[t]]
     per_task, pvals = {}, []
     for t in tasks:
@@ -292,10 +352,25 @@ def h1b(summaries: dict[str, dict], min_reduction: float, alpha: float) -> dict:
         "decision_rule": f"supported if the Holm-adjusted one-sided p < {alpha}; contradicted if the whole 95% CI "
                          f"lies below {min_reduction}; otherwise not supported (inconclusive)",
         "per_task": per_task, "overall": overall,
+        "not_estimable": not_estimable,  # tasks left out of the family, with the reason
     }
 
 
 # -- I/O: the phase over a study ----------------------------------------------------------------------------------
+def json_safe(o):
+    """``o`` with NaN/inf (undefined values) as None (null in JSON) and numpy scalars/arrays as plain Python, so
+    that no artifact ever holds NaN or a number outside a measure's range where the value is undefined."""
+    if isinstance(o, dict):
+        return {k: json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, np.integer):
+        return int(o)
+    return o
+
+
 def _strip_private(o):
     if isinstance(o, dict):
         return {k: _strip_private(v) for k, v in o.items() if not str(k).startswith("_")}
@@ -337,6 +412,7 @@ def load_correct(cfg) -> dict:
         for m in cfg.methods:
             for s in cfg.seeds:
                 rd = store.run_dir(cfg.out, task, m, s)
+                store.check_not_damaged(rd, "`lorastudy run CONFIG --only train` (or `train-all`)")
                 if store.is_complete(rd):
                     mt = store.read_json(rd / "metrics.json")
                     out[task][(m, s)] = np.asarray(mt["test_predictions"]) == np.asarray(mt["test_labels"])
@@ -366,8 +442,8 @@ def run_drift(cfg, log=print) -> dict:
            "H1a": h1a(load_correct(cfg), d.h1a_margin_points, d.n_resamples, d.seed, d.alpha),
            "H1b": h1b(summaries, d.h1b_min_reduction, d.alpha)}
     results["tasks"] = _strip_private(summaries)
-    store.atomic_write_json(outdir / "drift_analysis_results.json", results)
-    store.atomic_write_json(outdir / "hypothesis_test_results.json", hyp)
+    store.atomic_write_json(outdir / "drift_analysis_results.json", json_safe(results))
+    store.atomic_write_json(outdir / "hypothesis_test_results.json", json_safe(hyp))
     if summaries:
         figures.drift_figures(results, hyp, outdir)
     return {"results": results, "hypotheses": hyp}

@@ -35,7 +35,7 @@ def _train_unit(arg, device):
     del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
     hp = HParams.from_config(cfg, method, hp_over)
     m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed))
-    return {"test_accuracy": m["test"]["accuracy"], "collapsed": m["collapsed"]}
+    return {"test": m["test"][m["primary_metric"]], "collapsed": m["collapsed"]}
 
 
 def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | None = None, log=print,
@@ -61,16 +61,28 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
     summary = {"trained": [r.name for r in res if r.ok], "skipped_complete": skipped, "failures": failures,
                "not_started": len(units) - len(res)}
     store.atomic_write_json(cfg.out / "phase2" / "summary.json", summary)
+    # a run that failed on the results dir itself (disk full, read-only): nothing later can succeed, so stop here
+    # with the path and the cause instead of going on to a later phase's traceback
+    io = [f for f in failures if (f["error"] or "").startswith(f"{store.StoreError.__name__}:")]
+    if io:
+        first = io[0]["error"].split("\n", 1)[0].split(": ", 1)[1]
+        raise store.StoreError(f"phase 2: {len(io)} run(s) could not be written; {io[0]['unit']}: {first}")
     return summary
 
 
 def run(cfg, *, only: str | None = None, from_: str | None = None, time_budget: float | None = None,
         workers: int = 1, force: bool = False, console=None, streams: int = 1) -> dict:
     """Phases 0 -> 4 and the report. Returns a summary with the paths written."""
-    from lorastudy.progress import Progress
 
     if only and only not in PHASES or from_ and from_ not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}")
+    with store.results_lock(cfg.out):
+        return _run_locked(cfg, only, from_, time_budget, workers, force, console, streams)
+
+
+def _run_locked(cfg, only, from_, time_budget, workers, force, console, streams) -> dict:
+    from lorastudy.progress import Progress
+
     store.check_manifest(cfg, force=force)
     store.clean_partials(cfg.out)
     budget = Budget(time_budget)

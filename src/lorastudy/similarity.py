@@ -16,13 +16,29 @@ import numpy as np
 
 
 class SimilarityError(ValueError):
-    pass
+    """Bad input: wrong shape, misaligned rows, NaN or inf."""
+
+
+class UndefinedSimilarity(SimilarityError):
+    """The measure is not estimable on these inputs (e.g. every row identical up to rounding, or a debiased
+    self-HSIC of zero): it is undefined, never a number. Callers report it as such and leave it out of means."""
+
+
+# Debiased self-HSIC below this fraction of the biased one (same centered Gram matrix, same normalisation) is zero up
+# to rounding: measured at ~1e-16 for 40 rows of which 39 are identical (exactly 0 in exact arithmetic), against
+# ~0.3 with two distinct rows, so the margin is wide on both sides.
+REL_TOL = 1e-10
+
+
+def _unit(a: np.ndarray) -> float:
+    """Unit roundoff of the input's own precision (float16/32/64): differences below it are not in the data."""
+    return float(np.finfo(a.dtype).eps) if np.issubdtype(a.dtype, np.floating) else float(np.finfo(np.float64).eps)
 
 
 def _check(x, y=None, *, same_width: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    xs = [np.asarray(x, dtype=np.float64)]
+    xs = [np.asarray(x)]
     if y is not None:
-        xs.append(np.asarray(y, dtype=np.float64))
+        xs.append(np.asarray(y))
     for a, name in zip(xs, "xy", strict=False):
         if a.ndim != 2:
             raise SimilarityError(f"{name} must be 2-D (n examples x p features), got shape {a.shape}")
@@ -39,19 +55,27 @@ def _check(x, y=None, *, same_width: bool = False) -> tuple[np.ndarray, np.ndarr
     return xs[0], (xs[1] if y is not None else None)
 
 
-def _center(x: np.ndarray, name: str) -> np.ndarray:
-    xc = x - x.mean(axis=0, keepdims=True)
-    # relative tolerance: rows equal up to float32 noise (e.g. the last token of every SST-2 sentence is the same
-    # trailing space, so its embedding is identical across examples) count as constant
-    if np.linalg.norm(xc) <= 1e-5 * np.linalg.norm(x) or not np.any(xc):
-        raise SimilarityError(f"{name} has zero variance (all rows identical); CKA is undefined")
-    return xc
+def _center(x: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Column-centered float64 copy of ``x`` and whether it is zero up to the input's rounding (every row the same).
+
+    Centering comes first, in float64, so that a large offset (x + 1e6) cancels exactly as far as the data allow
+    and the Gram matrices see only the variation; the rounding test is relative to the input's own precision and
+    magnitude (a float32 row that differs from the others only in its last bit is not variation)."""
+    xa = np.asarray(x, dtype=np.float64)
+    xc = xa - xa.mean(axis=0, keepdims=True)
+    scale = float(np.abs(xa).max()) if xa.size else 0.0
+    constant = not np.any(xc) or float(np.abs(xc).max()) <= 4 * xa.shape[0] * _unit(np.asarray(x)) * scale
+    return xc, constant
 
 
 def gram(x) -> np.ndarray:
-    """Linear-kernel Gram matrix of column-centered ``x`` (float64)."""
+    """Linear-kernel Gram matrix (n x n, float64) of column-centered ``x`` (n x p).
+
+    Raises SimilarityError on bad input and UndefinedSimilarity when every row is identical (up to rounding)."""
     xa, _ = _check(x)
-    xc = _center(xa, "x")
+    xc, constant = _center(xa)
+    if constant:
+        raise UndefinedSimilarity("x has zero variance (all rows identical up to rounding); CKA is undefined")
     return xc @ xc.T
 
 
@@ -64,15 +88,22 @@ def _offdiag(k: np.ndarray) -> np.ndarray:
 def linear_cka(x, y, debiased: bool = False) -> float:
     """Linear CKA between representations ``x`` (n x p1) and ``y`` (n x p2) of the same n examples (rows aligned).
 
-    Biased: Kornblith et al. (2019). Debiased: unbiased HSIC (Song et al. 2012; Nguyen et al. 2021); it can be
-    slightly negative for unrelated data. Invariant to orthogonal transforms, isotropic scaling and translation.
-    Correct for widths larger than n (the Gram form is used there)."""
+    Biased: Kornblith et al. (2019), in [0, 1]. Debiased: unbiased HSIC (Song et al. 2012; Nguyen et al. 2021), in
+    [-1, 1]; about 0 for unrelated data. Invariant to orthogonal transforms, isotropic scaling and translation (also
+    for large offsets: centering is done first, in float64). Correct for widths larger than n (Gram form).
+
+    Raises SimilarityError on bad input, UndefinedSimilarity when a self-HSIC is zero up to rounding: every row
+    identical (both estimators), or a debiased self-HSIC of zero, e.g. 40 rows of which 39 are identical (the
+    U-statistic needs two distinct pairs of rows)."""
     xa, ya = _check(x, y)
     if not debiased and max(xa.shape[1], ya.shape[1]) <= xa.shape[0]:
         # feature-space form, cheaper when the width is below n
-        xc, yc = _center(xa, "x"), _center(ya, "y")
+        (xc, cx), (yc, cy) = _center(xa), _center(ya)
+        if cx or cy:
+            raise UndefinedSimilarity(f"{'x' if cx else 'y'} has zero variance (all rows identical up to "
+                                      "rounding); CKA is undefined")
         num = np.linalg.norm(yc.T @ xc) ** 2
-        return float(num / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
+        return float(np.clip(num / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)), 0.0, 1.0))
     return GramStats(xa).cka(GramStats(ya), debiased)
 
 
@@ -99,10 +130,15 @@ def hsic_unbiased_loo(k: np.ndarray, l: np.ndarray) -> np.ndarray:  # noqa: E741
 class GramStats:
     """A Gram matrix with what every CKA against it needs, computed once: the zero-diagonal matrix, its row sums,
     its diagonal, and its self-HSIC terms (biased and unbiased, and unbiased leave-one-out). Many models are
-    compared with one base model per layer, so this saves recomputing the base terms for each of them."""
+    compared with one base model per layer, so this saves recomputing the base terms for each of them.
+
+    Degenerate inputs are not refused here: ``undefined_biased`` / ``undefined_debiased`` say why an estimator is
+    not estimable (None when it is), and ``cka`` raises UndefinedSimilarity for them."""
 
     def __init__(self, x):
-        self.k = gram(x)
+        xa, _ = _check(x)
+        xc, constant = _center(xa)
+        self.k = xc @ xc.T
         self.n = self.k.shape[0]
         self.diag = np.diag(self.k).copy()
         self.kt = _offdiag(self.k)
@@ -111,6 +147,13 @@ class GramStats:
         self.self_b = self.hsic_b(self)
         self.self_u = self.hsic_u(self)
         self._self_loo = None
+        self.undefined_biased = "all rows identical up to rounding" if constant else None
+        # the unbiased self-HSIC is a squared norm (of the U-centered Gram matrix; Szekely & Rizzo 2014), so it is
+        # >= 0 in exact arithmetic; zero means fewer than two distinct pairs of rows, and rounding then gives a tiny
+        # value of either sign (debiased CKA of -1.0 or NaN before this check)
+        self.undefined_debiased = self.undefined_biased or (
+            "debiased self-HSIC is zero up to rounding (too few distinct rows, e.g. all but one identical)"
+            if self.self_u <= REL_TOL * self.self_b / (self.n * (self.n - 3)) else None)
 
     def hsic_b(self, o: GramStats) -> float:
         return float(np.einsum("ij,ij->", self.kt, o.kt) + self.diag @ o.diag)
@@ -121,9 +164,18 @@ class GramStats:
         return (t1 + self.s * o.s / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(self.r @ o.r)) / (n * (n - 3))
 
     def cka(self, o: GramStats, debiased: bool) -> float:
+        """CKA against ``o`` (same rows): in [-1, 1] debiased, [0, 1] biased (rounding clipped).
+
+        Raises UndefinedSimilarity when either side's self-HSIC is zero up to rounding."""
+        why = [f"{side}: {w}" for side, w in (("x", self._undef(debiased)), ("y", o._undef(debiased))) if w]
+        if why:
+            raise UndefinedSimilarity(f"{'debiased' if debiased else 'biased'} CKA undefined ({'; '.join(why)})")
         if debiased:
-            return float(self.hsic_u(o) / np.sqrt(self.self_u * o.self_u))
-        return float(self.hsic_b(o) / np.sqrt(self.self_b * o.self_b))
+            return float(np.clip(self.hsic_u(o) / np.sqrt(self.self_u * o.self_u), -1.0, 1.0))
+        return float(np.clip(self.hsic_b(o) / np.sqrt(self.self_b * o.self_b), 0.0, 1.0))
+
+    def _undef(self, debiased: bool) -> str | None:
+        return self.undefined_debiased if debiased else self.undefined_biased
 
     @property
     def self_loo(self) -> np.ndarray:
@@ -131,34 +183,64 @@ class GramStats:
             self._self_loo = hsic_unbiased_loo(self.k, self.k)
         return self._self_loo
 
+    def _loo_defined(self) -> np.ndarray:
+        m = self.n - 1
+        return (self.self_loo > REL_TOL * self.self_b / (m * (m - 3))) & (self.undefined_debiased is None)
+
     def cka_debiased_loo(self, o: GramStats) -> np.ndarray:
+        """Debiased CKA with example i left out, for every i ([n], in [-1, 1]); NaN marks a leave-one-out value
+        that is not estimable (a self-HSIC zero up to rounding once row i is gone): callers must treat it as
+        undefined, never average it."""
+        ok = self._loo_defined() & o._loo_defined()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return hsic_unbiased_loo(self.k, o.k) / np.sqrt(self.self_loo * o.self_loo)
+            v = hsic_unbiased_loo(self.k, o.k) / np.sqrt(self.self_loo * o.self_loo)
+        return np.where(ok, np.clip(v, -1.0, 1.0), np.nan)
 
 
 def _zscore_pooled(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Z-score each dimension with statistics pooled over x and y: a shift of y relative to x still shows, while
-    no single massive-activation dimension dominates. Constant dimensions are dropped."""
-    both = np.concatenate([x, y], axis=0)
-    mu, sd = both.mean(0), both.std(0)
-    keep = sd > 1e-12 * max(1.0, float(np.abs(both).max()))
+    """Z-score each dimension with statistics pooled over x and y (float64): a shift of y relative to x still shows,
+    while no single massive-activation dimension dominates. Dimensions constant up to rounding are dropped."""
+    unit = max(_unit(x), _unit(y))
+    both = np.concatenate([np.asarray(x, np.float64), np.asarray(y, np.float64)], axis=0)
+    mu = both.mean(0)
+    dev = both - mu
+    sd = np.sqrt((dev ** 2).mean(0))
+    keep = np.abs(dev).max(0) > 4 * both.shape[0] * unit * np.abs(both).max(0)
     if not keep.any():
-        raise SimilarityError("every dimension has zero variance; standardized cosine is undefined")
-    return (x[:, keep] - mu[keep]) / sd[keep], (y[:, keep] - mu[keep]) / sd[keep]
+        raise UndefinedSimilarity("every dimension is constant over x and y; standardized cosine is undefined")
+    return dev[: len(x), keep] / sd[keep], dev[len(x):, keep] / sd[keep]
 
 
 def cosine_per_example(x, y, standardize: bool = False) -> np.ndarray:
-    """Cosine similarity of each row of x with the same row of y (same width)."""
+    """Cosine similarity of each row of x (n x p) with the same row of y (n x p): [n] values in [-1, 1].
+
+    NaN marks a row where cosine is undefined (a zero-norm row of x or y, up to rounding; after standardizing, a
+    row equal to the pooled mean): callers must report it as undefined and leave it out of means. Raises
+    SimilarityError on bad input and UndefinedSimilarity when no row is defined (or, standardized, every
+    dimension is constant)."""
     xa, ya = _check(x, y, same_width=True)
+    unit = max(_unit(xa), _unit(ya))
+    xa, ya = np.asarray(xa, np.float64), np.asarray(ya, np.float64)
     if standardize:
         xa, ya = _zscore_pooled(xa, ya)
     nx, ny = np.linalg.norm(xa, axis=1), np.linalg.norm(ya, axis=1)
-    if np.any(nx == 0) or np.any(ny == 0):
-        bad = np.flatnonzero((nx == 0) | (ny == 0))[:5].tolist()
-        raise SimilarityError(f"zero-norm row(s) {bad}: cosine undefined")
-    return np.einsum("ij,ij->i", xa, ya) / (nx * ny)
+    tiny = 4 * np.sqrt(xa.shape[1]) * unit * max(float(np.abs(xa).max()), float(np.abs(ya).max()))
+    ok = (nx > tiny) & (ny > tiny)
+    if not ok.any():
+        raise UndefinedSimilarity("every row of x or y has zero norm; cosine is undefined")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v = np.einsum("ij,ij->i", xa, ya) / (nx * ny)
+    return np.where(ok, np.clip(v, -1.0, 1.0), np.nan)
 
 
 def cosine_similarity(x, y, standardize: bool = False) -> float:
-    """Mean over rows of the per-example cosine similarity."""
-    return float(cosine_per_example(x, y, standardize).mean())
+    """Mean over rows (x, y: n x p) of the per-example cosine similarity, in [-1, 1].
+
+    Raises UndefinedSimilarity when any row is undefined (zero norm), naming the rows: a mean over fewer rows than
+    given would hide them; ``cosine_per_example`` gives the per-row values and NaN where undefined."""
+    v = cosine_per_example(x, y, standardize)
+    bad = np.flatnonzero(np.isnan(v))
+    if bad.size:
+        raise UndefinedSimilarity(f"zero-norm row(s) {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}: cosine "
+                                  f"undefined for {bad.size} of {len(v)} rows")
+    return float(v.mean())

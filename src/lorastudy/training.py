@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
 from lorastudy import data as D
+from lorastudy import metrics as MT
 from lorastudy import modeling as M
 from lorastudy import store
 from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets, fuse_rms_norms
@@ -89,13 +90,6 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
-def f1_binary(labels: np.ndarray, preds: np.ndarray, positive: int = 1) -> float:
-    tp = int(((preds == positive) & (labels == positive)).sum())
-    fp = int(((preds == positive) & (labels != positive)).sum())
-    fn = int(((preds != positive) & (labels == positive)).sum())
-    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
-
-
 @torch.no_grad()
 def predict(model, enc: D.Encoded, pad_id: int, padding_side: str, batch_size: int, device: torch.device,
             amp: torch.dtype | None, buckets: list[int] | None = None,
@@ -125,10 +119,12 @@ def predict(model, enc: D.Encoded, pad_id: int, padding_side: str, batch_size: i
     return out
 
 
-def scores(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def scores(logits: np.ndarray, labels: np.ndarray, metrics=("accuracy",)) -> dict[str, float]:
+    """Mean cross-entropy ``loss`` of logits [n, K] against labels [n], and each named metric of the argmax
+    predictions (lorastudy.metrics: the task's declared ``TaskSpec.metrics``)."""
     preds = logits.argmax(-1)
     loss = float(F.cross_entropy(torch.as_tensor(logits), torch.tensor(labels)).item())
-    return {"loss": loss, "accuracy": float((preds == labels).mean()), "f1": f1_binary(labels, preds)}
+    return {"loss": loss, **MT.compute(list(metrics), labels, preds)}
 
 
 def majority_accuracy(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
@@ -294,11 +290,11 @@ def train_run(
                                     f"(lr={hp.lr}); the run is marked failed")
             run_loss, run_n = torch.zeros((), device=device), 0
             val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets,
-                                 runner), enc_val.labels)
+                                 runner), enc_val.labels, spec.metrics)
             if not math.isfinite(val["loss"]):
                 raise TrainingError(f"{task}/{method}/seed{seed}: non-finite validation loss at step {step}")
             curve.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss,
-                          "val_loss": val["loss"], "val_accuracy": val["accuracy"], "val_f1": val["f1"],
+                          "val_loss": val["loss"], **{f"val_{k}": v for k, v in val.items() if k != "loss"},
                           "lr": float(sched.get_last_lr()[0])})
             if on_eval is not None:
                 on_eval(step, val)
@@ -364,12 +360,16 @@ def train_run(
         if evaluate_test:
             enc_test = D.encode(tok, splits.test, spec, L)
             logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets, runner)
-            test = scores(logits, enc_test.labels)
+            test = scores(logits, enc_test.labels, spec.metrics)
             maj = majority_accuracy(enc_train.labels, enc_test.labels)
+            # collapse rule: at or below the majority-class predictor (train's majority class) on the primary metric
+            maj_pred = np.full(len(enc_test), np.bincount(enc_train.labels).argmax())
+            maj_primary = MT.compute([spec.primary], enc_test.labels, maj_pred)[spec.primary]
             metrics.update({
                 "test": test, "n_test": len(enc_test), "majority_accuracy": maj,
                 # the known full-FT failure mode on RTE/MRPC: reported, never dropped
-                "collapsed": bool(test["accuracy"] <= maj),
+                "primary_metric": spec.primary, "majority_baseline": {spec.primary: maj_primary},
+                "collapsed": bool(test[spec.primary] <= maj_primary),
                 "test_predictions": logits.argmax(-1).tolist(), "test_labels": enc_test.labels.tolist(),
                 "test_idx": splits.test["idx"].tolist(),
             })

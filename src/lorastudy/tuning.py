@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import yaml
 from optuna.trial import TrialState
@@ -50,24 +53,84 @@ def _storage(cfg) -> optuna.storages.RDBStorage:
     kw: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kw["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
-        # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat thread); a trial
-        # silent for grace_period seconds belongs to a dead worker, on any machine, and is failed and replaced
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
+                # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat
+                # thread); a trial silent for grace_period seconds belongs to a dead worker, on any machine, and is
+                # failed and replaced
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
+        except sqlalchemy.exc.IntegrityError:
+            # several workers started at once on a new storage race to create its schema (seen: "UNIQUE constraint
+            # failed: alembic_version.version_num"); the loser finds it created when it tries again
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def search_key(cfg, task: str, method: str) -> str:
+    """A short hash of what defines a trial's sample and objective: the method's search space, the per-trial step
+    cap and training subset, and the task's primary metric (the objective). Not n_trials: raising it extends a
+    study. Not the storage or the data path: machines sharing one storage must agree on the name."""
+    spec = cfg.task(task)
+    d = {"space": cfg.search.spaces[method].model_dump(mode="json"), "max_steps": cfg.search.max_steps,
+         "train_subset": cfg.search.train_subset.get(task), "objective": spec.primary}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def study_name(cfg, task: str, method: str) -> str:
-    # one results dir holds one config (store.check_manifest), so the name need not carry the config hash; leaving
-    # it out lets a study be extended by raising search.n_trials
-    return f"{cfg.name}-{task}_{method}"
+    """The Optuna study of (task, method) for this config's search, keyed by ``search_key``: a stored study whose
+    search space (or objective) differs is never reused; changing the config back finds the old study again.
+    Why a key and not a refusal: nothing is deleted, and several machines on one storage agree on the name with
+    no coordination."""
+    return f"{cfg.name}-{task}_{method}-{search_key(cfg, task, method)}"
 
 
 def get_study(cfg, task: str, method: str, worker: int = 0) -> optuna.Study:
-    # seeded TPE; each parallel worker gets its own seed so they do not propose the same random start-up points
+    # the sampler is re-seeded before every proposal (proposal_seed); this seed only matters to code that asks
+    # without run_worker
     sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker)
-    return optuna.create_study(study_name=study_name(cfg, task, method), storage=_storage(cfg), sampler=sampler,
+    storage = _storage(cfg)
+    _adopt_unkeyed(cfg, task, method, storage)
+    return optuna.create_study(study_name=study_name(cfg, task, method), storage=storage, sampler=sampler,
                                direction="maximize", load_if_exists=True)
+
+
+def space_distributions(cfg, method: str) -> dict:
+    """The Optuna distributions ``suggest`` draws from for ``method`` under this config (name -> distribution)."""
+    probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = probe.ask()
+    suggest(trial, cfg, method)
+    return dict(probe.trials[0].distributions)
+
+
+_ADOPT_CHECKED: set[tuple[str, str]] = set()
+
+
+def _adopt_unkeyed(cfg, task: str, method: str, storage) -> None:
+    """Studies stored before names carried the search key (``<name>-<task>_<method>``) are copied to the keyed name
+    when every trial was drawn from the config's search space (same distributions), so a finished or half-done
+    search (e.g. one carried between machines) goes on; one drawn from another space is left alone (a new study is
+    searched). Checked once per process and study."""
+    new, old = study_name(cfg, task, method), f"{cfg.name}-{task}_{method}"
+    key = (storage_url(cfg), new)
+    if key in _ADOPT_CHECKED:
+        return
+    _ADOPT_CHECKED.add(key)
+    names = set(optuna.get_all_study_names(storage))
+    if new in names or old not in names:
+        return
+    want = space_distributions(cfg, method)
+    trials = optuna.load_study(study_name=old, storage=storage).get_trials(deepcopy=False)
+    if not trials or not all(set(t.distributions) <= set(want) and all(d == want[k] for k, d in
+                                                                        t.distributions.items()) for t in trials):
+        return
+    with contextlib.suppress(optuna.exceptions.DuplicatedStudyError):  # another worker adopted it first
+        optuna.copy_study(from_study_name=old, from_storage=storage, to_storage=storage, to_study_name=new)
 
 
 def suggest(trial: optuna.Trial, cfg, method: str) -> dict[str, Any]:
@@ -193,6 +256,35 @@ def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
+# Flags of FAIL trials that say nothing about the search (never trained, or stopped from outside): not "finished"
+NOT_FINISHED_FLAGS = ("interrupted", "surplus", "duplicate")
+MAX_DUPLICATE_RETRIES = 20  # a space too small to avoid repeats (categorical only) still gets its trials
+
+
+def proposal_seed(cfg, study: optuna.Study, trial, retries: int = 0) -> int:
+    """The TPE seed for ``trial``'s proposal: from the search seed, the number of finished trials (complete, or
+    failed by training: diverged), and the trial's rank among the RUNNING ones (by trial number).
+
+    Why: the proposal then depends only on the history, so an interrupted and resumed search (one worker: rank 0)
+    proposes what an uninterrupted one would have; and concurrent workers, in any process on any machine (every
+    one of which used to seed from the same history, so all proposed the same point), get distinct ranks, since
+    trial numbers are unique in the storage: two trials proposed from one history never share a seed."""
+    finished = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+                if not any(t.user_attrs.get(f) for f in NOT_FINISHED_FLAGS)]
+    running = sorted(t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    rank = running.index(trial.number) if trial.number in running else 0
+    if rank == 0 and retries == 0:
+        return cfg.search.seed + len(finished)
+    return int(np.random.SeedSequence([cfg.search.seed, len(finished), rank, retries]).generate_state(1)[0])
+
+
+def _duplicate(study: optuna.Study, trial) -> bool:
+    """Whether ``trial``'s parameters equal those of a complete or running trial."""
+    mine = trial.params
+    return any(t.number != trial.number and t.params == mine
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
+
+
 def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop=None, wait: bool = True) -> int:
     """Work on one study until ``n_trials`` trials are complete. Returns trials this worker completed.
 
@@ -201,7 +293,8 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
     study = get_study(cfg, task, method, worker)
     fail_orphans(study)
     target = cfg.search.n_trials
-    done_here = 0
+    objective = cfg.task(task).primary  # validation score of the task's primary metric, maximized
+    done_here = retries = 0
     live_states = (TrialState.COMPLETE, TrialState.RUNNING)
     while n_complete(study) < target:
         if stop is not None and stop():
@@ -213,9 +306,6 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
             time.sleep(1.0)  # the rest are running elsewhere; wait in case one fails
             fail_orphans(study)
             continue
-        # reseed from the number of finished trials: the k-th trial's proposal then depends only on the history,
-        # so an interrupted and resumed search proposes what an uninterrupted one would have (one worker)
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker + n_complete(study))
         trial = study.ask()
         trial.set_user_attr("host", host_id())  # label at once: an unlabelled trial is only freed after a grace
         trial.set_user_attr("pid", os.getpid())
@@ -224,7 +314,16 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             continue
+        # TPE samples at suggest time, so seeding here (after ask: the trial's number is known) decides the proposal
+        study.sampler = optuna.samplers.TPESampler(seed=proposal_seed(cfg, study, trial, retries))
         hp_over = suggest(trial, cfg, method)
+        if retries < MAX_DUPLICATE_RETRIES and _duplicate(study, trial):
+            # safety net behind the seeding: never train a point that another trial has or is training
+            trial.set_user_attr("duplicate", True)
+            study.tell(trial, state=TrialState.FAIL)
+            retries += 1
+            continue
+        retries = 0
         if cfg.search.max_steps:
             hp_over["max_steps"] = cfg.search.max_steps
         t0 = time.perf_counter()
@@ -239,17 +338,17 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
             study.tell(trial, state=TrialState.FAIL)
             continue
         val = m["validation"]
-        for k in ("loss", "accuracy", "f1"):
-            trial.set_user_attr(f"val_{k}", val[k])
+        for k, v in val.items():  # loss and the task's declared metrics
+            trial.set_user_attr(f"val_{k}", v)
         trial.set_user_attr("best_step", m["best_step"])
         trial.set_user_attr("steps", m["steps"])
         trial.set_user_attr("train_time_s", m["train_time_s"])
         trial.set_user_attr("peak_memory_bytes", m["peak_memory_bytes"])
         trial.set_user_attr("seconds", time.perf_counter() - t0)
-        study.tell(trial, val["accuracy"])
+        study.tell(trial, val[objective])
         done_here += 1
         if on_trial is not None:
-            on_trial(task, method, trial.number, val["accuracy"])
+            on_trial(task, method, trial.number, val[objective])
     return done_here
 
 
@@ -287,15 +386,18 @@ def export(cfg, task: str, method: str) -> dict:
     if complete:
         best = max(complete, key=lambda t: (t.value, -t.number))
         hp = dict(best.params)
-        best_doc = {"task": task, "method": method, "objective": "validation accuracy (best checkpoint by val loss)",
-                    "value": best.value, "trial": best.number, "val_f1": best.user_attrs.get("val_f1"),
+        objective = cfg.task(task).primary
+        val_metrics = {k[4:]: v for k, v in best.user_attrs.items() if k.startswith("val_") and k != "val_loss"}
+        best_doc = {"task": task, "method": method, "study": study.study_name,
+                    "objective": f"validation {objective} (best checkpoint by val loss)",
+                    "value": best.value, "trial": best.number, "val_metrics": val_metrics,
                     "seed": cfg.search.seed, "train_subset": cfg.search.train_subset.get(task),
                     "pruning": PRUNING, "hparams": hp}
         text = yaml.safe_dump(best_doc, sort_keys=False)
         store.atomic_write_text(out / "best.yaml", text)
         store.atomic_write_text(cfg.out / "analysis" / f"{task}_{method}_optimal.yaml", text)
-        res.update(best_value=best.value, best_trial=best.number, best_hparams=hp,
-                   best_val_f1=best.user_attrs.get("val_f1"))
+        res.update(objective=objective, best_value=best.value, best_trial=best.number, best_hparams=hp,
+                   best_val_metrics=val_metrics, best_val_f1=val_metrics.get("f1"))
         _plots(study, out)
     return res
 
@@ -325,16 +427,35 @@ def _plots(study: optuna.Study, out: Path) -> None:
                 pass  # importance undefined (e.g. constant objective); the history plot still stands
 
 
-def best_hparams(cfg, task: str, method: str) -> dict | None:
+def _best_doc(cfg, task: str, method: str) -> dict | None:
+    """best.yaml of (task, method), or None when missing; StoreError when it belongs to another search (its
+    study's space or objective differs from the config's: tuning must run again before it is used)."""
     p = cfg.out / "phase1" / f"{task}_{method}" / "best.yaml"
     if not p.is_file():
         return None
-    return (yaml.safe_load(p.read_text()) or {}).get("hparams")
+    try:
+        doc = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise store.StoreError(f"{p}: corrupted YAML ({e}); delete it and run `lorastudy tune` again") from e
+    want = study_name(cfg, task, method)
+    if doc.get("study", want) != want:  # (best.yaml files written before studies were keyed carry no study name)
+        raise store.StoreError(
+            f"{p} is the best of study {doc['study']!r}, searched over another space or objective than the "
+            f"config's (study {want!r}); run the tuning phase first (`lorastudy tune CONFIG` or `lorastudy run "
+            "CONFIG --only tune`)")
+    return doc
+
+
+def best_hparams(cfg, task: str, method: str) -> dict | None:
+    doc = _best_doc(cfg, task, method)
+    return None if doc is None else doc.get("hparams")
 
 
 def is_done(cfg, task: str, method: str) -> bool:
-    p = cfg.out / "phase1" / f"{task}_{method}" / "best.yaml"
-    if not p.is_file():
+    try:
+        if _best_doc(cfg, task, method) is None:
+            return False
+    except store.StoreError:  # the best of another search: tune this one
         return False
     try:
         return n_complete(get_study(cfg, task, method)) >= cfg.search.n_trials
@@ -385,7 +506,7 @@ def _trial_logger(progress):
     if progress is None:
         return None
     return lambda task, method, number, acc: progress.advance_rows(
-        1, f"{task}/{method} trial {number}: val acc {acc:.4f}")
+        1, f"{task}/{method} trial {number}: objective (validation) {acc:.4f}")
 
 
 def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: list, on_start) -> None:
@@ -441,7 +562,8 @@ def _write_summary(cfg, summary: list[dict], failures: list[dict]) -> None:
     out = cfg.out / "phase1"
     store.atomic_write_json(out / "summary.json", {"pruning": PRUNING, "studies": summary, "failures": failures})
     rows = [{"task": s["task"], "method": s["method"], "complete": s["n_complete"], "target": s["n_trials_target"],
-             "best_val_accuracy": s.get("best_value"), "best_val_f1": s.get("best_val_f1"),
+             "objective": s.get("objective"), "best_value": s.get("best_value"),
+             **{f"best_val_{k}": v for k, v in (s.get("best_val_metrics") or {}).items()},
              "best_trial": s.get("best_trial"), **{f"best_{k}": v for k, v in (s.get("best_hparams") or {}).items()}}
             for s in summary]
     store.atomic_write_text(out / "summary.csv", pd.DataFrame(rows).to_csv(index=False))

@@ -46,25 +46,32 @@ def collect(cfg) -> dict:
     ctx["tuning"] = _read(out / "phase1" / "summary.json")
     runs, acc = [], {}
     for t in cfg.tasks:
+        prim = cfg.task(t).primary
         for m in cfg.methods:
-            vals, f1s = [], []
+            vals: dict[str, list] = {}
             for s in cfg.seeds:
                 rd = store.run_dir(out, t, m, s)
                 failed = rd.parent / f"{rd.name}.{store.FAILED}"
+                store.check_not_damaged(rd, "`lorastudy run CONFIG --only train` (or `train-all`)")
                 if store.is_complete(rd):
                     mt = store.read_json(rd / "metrics.json")
-                    runs.append({"task": t, "method": m, "seed": s, "test_accuracy": mt["test"]["accuracy"],
-                                 "test_f1": mt["test"]["f1"], "val_accuracy": mt["validation"]["accuracy"],
-                                 "collapsed": mt["collapsed"], "majority": mt["majority_accuracy"],
+                    test = {k: v for k, v in mt["test"].items() if k != "loss"}  # the task's declared metrics
+                    runs.append({"task": t, "method": m, "seed": s, "test_accuracy": test.get("accuracy"),
+                                 "test_metrics": test, "primary": prim, "test_primary": test.get(prim),
+                                 "val_primary": mt["validation"].get(prim),
+                                 "collapsed": mt["collapsed"],
+                                 "majority": mt.get("majority_baseline", {}).get(prim, mt["majority_accuracy"]),
                                  "best_step": mt["best_step"], "steps": mt["steps"],
                                  "train_time_s": mt["train_time_s"], "trainable_params": mt["trainable_params"],
                                  "hparams": mt["hparams"], "failed": False})
-                    vals.append(mt["test"]["accuracy"])
-                    f1s.append(mt["test"]["f1"])
+                    for k, v in test.items():
+                        vals.setdefault(k, []).append(v)
                 elif failed.is_file():
                     runs.append({"task": t, "method": m, "seed": s, "failed": True,
                                  "error": store.read_json(failed).get("error")})
-            acc[(t, m)] = {"accuracy": _ms(vals), "f1": _ms(f1s)}
+            ordered = [prim, *(k for k in vals if k != prim)] if prim in vals else list(vals)
+            acc[(t, m)] = {"accuracy": _ms(vals.get("accuracy", [])), "primary": prim,
+                           "metrics": {k: _ms(vals[k]) for k in ordered}, "n": len(vals.get(prim, []))}
     ctx["runs"] = runs
     ctx["collapsed"] = [r for r in runs if r.get("collapsed")]
     ctx["failed_runs"] = [r for r in runs if r.get("failed")]
