@@ -292,3 +292,47 @@ def test_overhead_ci_resamples_repeats_not_single_calls():
     assert T.bootstrap_p_value(res["distribution"], 0.3, "less") < 0.01
     with pytest.raises(ValueError, match="paired units"):
         T.paired_ratio_bootstrap([1.0], [1.0])
+
+
+class _EagerGraph:
+    """GraphRunner's interface and semantics (static buffers, the captured adapters) without CUDA: lets the CPU
+    run the benchmark's graph branches, which the H200 runs with real graphs."""
+
+    def __init__(self, engine, example_batch, example_idx, present=None, warmup=3):
+        self.engine, self.present = engine, present
+        self.static = {k: v.clone() for k, v in example_batch.items()}
+        self.static_idx = example_idx.clone()
+
+    def __call__(self, batch, idx, present=None):
+        for k, v in batch.items():
+            self.static[k].copy_(v)
+        if idx is not None:
+            self.static_idx.copy_(idx)
+        return self.engine(self.static, self.static_idx, self.present)
+
+
+def test_graph_branches_route_every_call_like_the_engine(setup, monkeypatch):
+    from lorastudy.serving import benchmark as B
+
+    engines, adapters, batch = setup
+    monkeypatch.setattr(B, "GraphRunner", _EagerGraph)
+    b4 = {k: v[:4] for k, v in batch.items()}
+    b1 = {k: v[:1] for k, v in batch.items()}
+    weights = dict.fromkeys(engines, 1)
+    seen = set()
+    for b, bt in ((1, b1), (4, b4)):
+        conds = B._local_conditions(engines, b, bt, torch.device("cpu"), True, True, 2, 2, [1, 2, 4], 4, weights,
+                                    print)
+        for c in conds:
+            f = c.fields
+            seen.add((f["engine"], f["cuda_graph"], f["mixing"]))
+            for j, call in enumerate(c.calls):
+                idx = torch.tensor(B.slot_calls(b, f["n_adapters"])[1][j])
+                eng = engines[f["engine"].split("-")[0]]
+                eng.set_fused(f["fused"])
+                torch.testing.assert_close(call(), eng(bt, idx), atol=1e-5, rtol=1e-5, msg=str(f))
+    assert ("merged", True, "mixed in batch") in seen and ("merged", True, "in rotation") in seen
+    assert ("batched-eager", False, "mixed in batch") in seen and ("merged-eager", False, "single adapter") in seen
+    plan = B.traffic_plan(adapters, [2], 6, 100, 6, torch.device("cpu"), torch.Generator().manual_seed(0), None)
+    out = B.mixed_traffic(engines, plan, torch.device("cpu"), graphs=True)
+    assert out[0]["A: merged per task"]["batches"] >= 3 and out[0]["cuda_graphs"]
