@@ -97,9 +97,20 @@ def test_benchmark_smoke_schema():
     cfg = load_config(None)
     base, _ = M.load_base(cfg.model, 2, seed=0)
     adapters = synthetic_adapters(base, 3, targets=TARGETS, tasks=["sst2", "mrpc", "rte"])
+    class Progress:
+        total = done = 0
+
+        def set_total(self, n):
+            self.total = n
+
+        def advance_rows(self, n):
+            self.done += n
+
+    prog = Progress()
     res = run_benchmark(base, adapters, targets=TARGETS, batch_sizes=(1, 4), seq_len=12, warmup=1, requests=5,
-                        eager_requests=3, engines=("merged", "peft", "batched", "vllm"))
+                        eager_requests=3, engines=("merged", "peft", "batched", "vllm"), progress=prog)
     rec = res["records"]
+    assert prog.total == prog.done == len(rec)
     assert {r["engine"] for r in rec} == {"merged", "peft", "batched"}
     assert all(len(r["_samples"]) == 3 for r in rec)  # no CUDA graphs on CPU: every row is timed eagerly
     assert {(r["engine"], r["fused"]) for r in rec} == {("merged", True), ("batched", True), ("peft", False)}
@@ -316,23 +327,21 @@ def test_graph_branches_route_every_call_like_the_engine(setup, monkeypatch):
 
     engines, adapters, batch = setup
     monkeypatch.setattr(B, "GraphRunner", _EagerGraph)
-    b4 = {k: v[:4] for k, v in batch.items()}
-    b1 = {k: v[:1] for k, v in batch.items()}
-    weights = dict.fromkeys(engines, 1)
+    bt = {k: v[:2] for k, v in batch.items()}  # batch 2, 4 adapters: one, two mixed, three and four in rotation
     seen = set()
-    for b, bt in ((1, b1), (4, b4)):
-        conds = B._local_conditions(engines, b, bt, torch.device("cpu"), True, True, 2, 2, [1, 2, 4], 4, weights,
-                                    print)
-        for c in conds:
-            f = c.fields
-            seen.add((f["engine"], f["cuda_graph"], f["mixing"]))
-            for j, call in enumerate(c.calls):
-                idx = torch.tensor(B.slot_calls(b, f["n_adapters"])[1][j])
-                eng = engines[f["engine"].split("-")[0]]
-                eng.set_fused(f["fused"])
-                torch.testing.assert_close(call(), eng(bt, idx), atol=1e-5, rtol=1e-5, msg=str(f))
-    assert ("merged", True, "mixed in batch") in seen and ("merged", True, "in rotation") in seen
-    assert ("batched-eager", False, "mixed in batch") in seen and ("merged-eager", False, "single adapter") in seen
+    conds = B._local_conditions(engines, 2, bt, torch.device("cpu"), True, True, 2, 2, [1, 2, 4], 4,
+                                dict.fromkeys(engines, 1), print)
+    for c in conds:
+        f = c.fields
+        seen.add((f["engine"], f["cuda_graph"], f["mixing"]))
+        for j, call in enumerate(c.calls):
+            idx = torch.tensor(B.slot_calls(2, f["n_adapters"])[1][j])
+            eng = engines[f["engine"].split("-")[0]]
+            eng.set_fused(f["fused"])
+            torch.testing.assert_close(call(), eng(bt, idx), atol=1e-5, rtol=1e-5, msg=str(f))
+    assert {("merged", True, "mixed in batch"), ("merged", True, "in rotation"), ("merged", True, "single adapter"),
+            ("batched-eager", False, "in rotation"), ("merged-eager", False, "single adapter")} <= seen
+    assert len(conds) == B._n_conditions(list(engines), [2], 4, True, True, False)
     plan = B.traffic_plan(adapters, [2], 6, 100, 6, torch.device("cpu"), torch.Generator().manual_seed(0), None)
     out = B.mixed_traffic(engines, plan, torch.device("cpu"), graphs=True)
     assert out[0]["A: merged per task"]["batches"] >= 3 and out[0]["cuda_graphs"]

@@ -9,7 +9,7 @@
 # and prints, per architecture, the vLLM status and head mode, parity against PEFT (PASS/FAIL with its tolerance),
 # the latency table, H2 (batched vs merged), H2 in vLLM (vllm vs merged-vllm) and vLLM vs batched.
 # Budget: TinyLlama first; each run is capped at T_ARCH seconds (default 255) so both fit in one 9-minute call.
-# Knobs: ARCHS, REQUESTS (100), EAGER_REQUESTS (20), WARMUP (10), REPEATS (10), BATCHES ([1,4,16]),
+# Knobs: ARCHS, REQUESTS (100), EAGER_REQUESTS (10), WARMUP (10), REPEATS (10), BATCHES ([1,4,16]),
 # VLLM_GRAPHS (true: CUDA graphs for the timed shapes; false: eager vLLM engines, faster start).
 set -u
 mkdir -p "$OUT"
@@ -22,7 +22,7 @@ for arch in ${ARCHS:-tinyllama smollm2}; do
     --set output_dir=/tmp/vllm_$arch --set serve.max_adapters=3 --set "tasks=[sst2,mrpc,rte]" \
     --set "serve.engines=[merged,peft,batched,vllm]" --set serve.seq_len=64 --set "serve.batch_sizes=${BATCHES:-[1,4,16]}" \
     --set serve.warmup=${WARMUP:-10} --set serve.requests=${REQUESTS:-100} \
-    --set serve.eager_requests=${EAGER_REQUESTS:-20} --set serve.repeats=${REPEATS:-10} \
+    --set serve.eager_requests=${EAGER_REQUESTS:-10} --set serve.repeats=${REPEATS:-10} \
     --set serve.vllm_cuda_graphs=${VLLM_GRAPHS:-true} > "$OUT/$arch.log" 2>&1
   echo "$arch: serve-bench exit $? after $(( $(date +%s) - t0 )) s"
   d=/tmp/vllm_$arch/phase4/deployment

@@ -16,6 +16,7 @@ its logits are on the host, repeats interleaved in time (``timing``); overhead, 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -122,6 +123,26 @@ def _includes(label: str, graph: bool, device: torch.device) -> str:
     return CALL_INCLUDES["merged" if label.startswith("merged") else "batched"]
 
 
+def _ways(e: str, graphs_ok: bool, fuse: bool, single: bool) -> list[tuple[str, bool, bool]]:
+    """(label, CUDA graph, fused) per way of running engine ``e`` on a condition (``single``: one adapter per
+    call). On GPU merged and batched run their graphs and, beside them, HF's plain modules (merged's eager rows only
+    where a call serves one adapter: the baseline's shape)."""
+    if graphs_ok and e in ("merged", "batched"):
+        return [(e, True, fuse)] + ([(f"{e}-eager", False, False)] if e == "batched" or single else [])
+    return [(e, False, fuse if e != "peft" else False)]
+
+
+def _n_conditions(engines, batch_sizes, n_adapters: int, graphs_ok: bool, fuse: bool, vllm: bool) -> int:
+    """How many conditions the benchmark times (for the progress bar)."""
+    n = 0
+    for b in batch_sizes:
+        for k in adapter_counts(n_adapters):
+            single = all(len(set(x)) == 1 for x in slot_calls(b, k)[1])
+            n += sum(len(_ways(e, graphs_ok, fuse, single)) for e in engines) + vllm
+        n += vllm  # merged-vllm
+    return n
+
+
 def _local_conditions(eng: dict, b: int, batch: dict, device, graphs_ok: bool, fuse: bool, n_graph: int,
                       n_eager: int, sizes, N: int, weights: dict, log) -> list[LocalCondition]:
     """Every in-process condition of one batch size (engines x adapter counts x ways of running)."""
@@ -131,11 +152,7 @@ def _local_conditions(eng: dict, b: int, batch: dict, device, graphs_ok: bool, f
         idx = [torch.tensor(x, device=device) for x in idx_lists]
         present = [sorted(set(x)) for x in idx_lists]
         for e, engine in eng.items():
-            single = all(len(p) == 1 for p in present)
-            ways = [(e, False, fuse if e != "peft" else False)]  # (label, graph, fused)
-            if graphs_ok and e in ("merged", "batched"):
-                ways = [(e, True, fuse)] + ([(f"{e}-eager", False, False)] if e == "batched" or single else [])
-            for label, use_graph, fused in ways:
+            for label, use_graph, fused in _ways(e, graphs_ok, fuse, all(len(p) == 1 for p in present)):
                 engine.set_fused(fused)
                 calls, graph, extra = [], use_graph, {}
                 try:
@@ -207,8 +224,10 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     traffic = traffic_plan(adapters, batch_sizes, requests, vocab, seq_len, device, gen, mdt)
     vsetup = vrun = None
     if "vllm" in engines:
+        opts = vllm or VllmOptions()
+        opts = dataclasses.replace(opts, cuda_graphs=opts.cuda_graphs and device.type == "cuda")
         vsetup = _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes, requests,
-                             eager_requests, seq_len, dtype, vllm or VllmOptions(), log)
+                             eager_requests, seq_len, dtype, opts, log)
     try:
         eng = build_engines(base, adapters, targets, names, device, dtype, fuse=fuse)
         weights = {k: _weights_bytes(v) for k, v in eng.items()}
@@ -241,7 +260,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
             if vrun is not None:
                 conds += _vllm_conditions(vrun, b, N, requests, eager_requests, device)
             if progress is not None and bi == 0:
-                progress.set_total(len(conds) * len(batch_sizes))  # conditions per batch size vary slightly
+                progress.set_total(_n_conditions(list(eng), batch_sizes, N, graphs_ok, fuse, vrun is not None))
             for c, blks in zip(conds, interleave(conds, repeats, warmup), strict=True):
                 local = isinstance(c, LocalCondition)
                 records.append(_record(c, blks, seq_len, dtype, device, mem_kind if local else "",
@@ -367,7 +386,7 @@ def _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes
 
 def _vllm_conditions(vrun: VllmRun, b: int, N: int, requests: int, eager_requests: int | None,
                      device) -> list[RemoteCondition]:
-    graphs = vrun.opts.cuda_graphs and device.type == "cuda"
+    graphs = vrun.opts.cuda_graphs
     n = requests if graphs else (eager_requests or requests)
     common = {"cuda_graph": graphs, "fused": None, "batch_size": b, "weights_bytes": None,
               "includes": CALL_INCLUDES["vllm"], "heads": vrun.status.get("heads")}

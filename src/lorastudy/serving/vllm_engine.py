@@ -77,7 +77,7 @@ class VllmEngine:
             max_model_len=length, max_num_seqs=seqs, max_num_batched_tokens=seqs * length,
             kv_cache_memory_bytes=int(spec["kv_cache_bytes"]),
             gpu_memory_utilization=float(spec["gpu_memory_utilization"]), seed=0, **graphs, **lora)
-        self.params = PoolingParams(use_activation=False)
+        self.params = PoolingParams  # a fresh one per call: vLLM writes into the params it is given
         self.requests = [LoRARequest(a["name"], i + 1, a["path"]) for i, a in enumerate(adapters)]
         self.label_counts = [int(a["num_labels"]) for a in adapters] or [int(spec["num_labels"])]
         self.num_labels = max(self.label_counts)
@@ -99,8 +99,8 @@ class VllmEngine:
     def run(self, prepared: tuple) -> torch.Tensor:
         """One call: ``[B, C_max]`` float32 logits on the host."""
         prompts, loras, idx = prepared
-        outs = self.llm.encode(prompts, pooling_params=self.params, lora_request=loras, pooling_task=self.task,
-                               use_tqdm=False)
+        outs = self.llm.encode([dict(p) for p in prompts], pooling_params=self.params(use_activation=False),
+                               lora_request=loras, pooling_task=self.task, use_tqdm=False)
         pooled = [o.outputs.data for o in outs]
         if self.heads is not None:
             return self.heads(torch.stack(pooled).float().cpu(), idx)
