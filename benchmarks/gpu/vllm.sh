@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the H200: serve-bench with vLLM rows (issue 16) for random-weight TinyLlama and SmolLM2 architectures.
 # Run after staging vLLM 0.26.0 (../shared/tools/vllm-stage) and the lorastudy wheels, in one call:
-#   source /tmp/vllm/env.sh && source /tmp/lorastudy/env.sh && bash benchmarks/gpu/vllm.sh
+#   source /tmp/lorastudy/env.sh && source /tmp/vllm/env.sh && bash benchmarks/gpu/vllm.sh
+# (vLLM's env last: its PYTHONPATH entry then comes first, so vLLM gets the dependency versions staged for it).
 # Per architecture one serve-bench run: merged, peft, batched in-process and two vLLM engines, each in its own
 # worker process (merged in vLLM; base + 3 adapters in vLLM), started together while the in-process engines are
 # built; every condition timed with the same host clock, repeats interleaved in time. It writes under $OUT:
