@@ -339,3 +339,20 @@ def test_benchmark_runs_vllm_rows_through_worker_processes(tiny, tmp_path, monke
     assert {r["reference"] for r in ov["rows"] if r["engine"] == "vllm"} == {"merged-vllm"}
     assert ov["H2_vllm"]["engine"] == "vllm" and ov["H2_vllm"]["per_batch_size"]
     assert len(ov["vllm_vs_batched"]) == 1
+
+
+def test_a_vllm_worker_dying_mid_run_drops_only_the_vllm_rows(tiny, tmp_path, monkeypatch):
+    from lorastudy.serving.benchmark import run_benchmark
+
+    base, adapters = tiny
+    monkeypatch.setenv("PYTHONPATH", str(fake_site(tmp_path, "0.26.0")))
+    monkeypatch.setenv("FAKE_VLLM_DIE_AFTER", "4")  # parity (1 call) and a few timed calls, then exit(7)
+    logs = []
+    res = run_benchmark(base, adapters, targets=TARGETS, engines=("merged", "batched", "vllm"), batch_sizes=(2,),
+                        seq_len=8, warmup=1, requests=2, repeats=2, log=logs.append)
+    assert res["vllm"]["status"] == "failed" and "timing at batch size 2" in res["vllm"]["stage"]
+    assert "exited (code 7)" in res["vllm"]["error"]
+    engines = {r["engine"] for r in res["records"]}
+    assert engines == {"merged", "batched"} and "vllm" not in res["parity_max_abs_logit_diff"]
+    assert res["mixed_traffic"] and "A (vLLM): merged per task" not in res["mixed_traffic"][0]
+    assert any("vllm rows are dropped" in m for m in logs)

@@ -31,6 +31,7 @@ from lorastudy.serving.engines import GraphRunner, SplitRunner
 from lorastudy.serving.heads import logit_diff
 from lorastudy.serving.timing import LocalCondition, RemoteCondition, interleave, latency
 from lorastudy.serving.vllm_bench import ADAPTERS, MERGED, VllmOptions, VllmRun
+from lorastudy.serving.worker import WorkerError
 
 __all__ = ["overhead_analysis", "run_benchmark", "run_serve_bench"]
 
@@ -250,7 +251,10 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         vllm_parity = None
         if vsetup is not None and vsetup.ready():  # the workers started while the engines above were built
             vrun = vsetup
-            vllm_parity = _vllm_parity(vrun, vidx, ref, peft_ref, parity, adapters, dtype)
+            try:
+                vllm_parity = _vllm_parity(vrun, vidx, ref, peft_ref, parity, adapters, dtype)
+            except WorkerError as e:
+                vrun = _drop_vllm(vsetup, e, "parity", [], parity, log)
         records: list[dict] = []
         mem_kind = _mem_kind(device)
         sizes = sorted(batch_sizes)
@@ -261,7 +265,13 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                 conds += _vllm_conditions(vrun, b, N, requests, eager_requests, device)
             if progress is not None and bi == 0:
                 progress.set_total(_n_conditions(list(eng), batch_sizes, N, graphs_ok, fuse, vrun is not None))
-            for c, blks in zip(conds, interleave(conds, repeats, warmup), strict=True):
+            try:
+                timed = interleave(conds, repeats, warmup)
+            except WorkerError as e:  # keep the other engines' rows: time this batch size again without vLLM
+                vrun = _drop_vllm(vsetup, e, f"timing at batch size {b}", records, parity, log)
+                conds = [c for c in conds if isinstance(c, LocalCondition)]
+                timed = interleave(conds, repeats, warmup)
+            for c, blks in zip(conds, timed, strict=True):
                 local = isinstance(c, LocalCondition)
                 records.append(_record(c, blks, seq_len, dtype, device, mem_kind if local else "",
                                        c.fields["weights_bytes"] + c.activation_bytes if local else None))
@@ -270,9 +280,13 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         for e in ("merged", "batched"):
             if e in eng:
                 eng[e].set_fused(fuse)
-        mixed = mixed_traffic(eng, traffic, device, graphs_ok, vrun)
-        if vrun is not None:
-            _vllm_memory(vrun, records)
+        try:
+            mixed = mixed_traffic(eng, traffic, device, graphs_ok, vrun)
+            if vrun is not None:
+                _vllm_memory(vrun, records)
+        except WorkerError as e:
+            vrun = _drop_vllm(vsetup, e, "mixed traffic", records, parity, log)
+            mixed = mixed_traffic(eng, traffic, device, graphs_ok, None)
     finally:
         if vsetup is not None:
             vsetup.close()
@@ -430,6 +444,18 @@ def _vllm_parity(vrun: VllmRun, vidx, ref, peft_ref, parity: dict, adapters, dty
             "tolerance": tol, "pass": bool(d <= tol and dm <= tol),
             "rule": "float32: 1e-4; bf16: max(0.02, 2 x the PEFT vs merged-on-HF-modules probability difference on "
                     "the same batch)"}
+
+
+def _drop_vllm(vsetup: VllmRun, err: Exception, stage: str, records: list[dict], parity: dict, log) -> None:
+    """A vLLM worker failed mid-run: record why, close the workers, drop every vLLM row (the other engines' rows
+    stay). Returns None (the caller's vLLM run is over)."""
+    log(f"serve-bench: a vLLM worker failed during {stage}; the vllm rows are dropped:\n{err}")
+    vsetup.status = {**vsetup.status, "status": "failed", "stage": stage, "error": str(err)}
+    vsetup.close()
+    records[:] = [r for r in records if r["engine"] not in (ADAPTERS, MERGED)]
+    for k in (ADAPTERS, MERGED):
+        parity.pop(k, None)
+    return None
 
 
 def _vllm_memory(vrun: VllmRun, records: list[dict]) -> None:

@@ -16,6 +16,7 @@ fixture writes beside this package.
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import version as _version
 from pathlib import Path
 
@@ -73,6 +74,9 @@ class LLM:
             self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=torch.float32).eval()
         self._loras: dict[int, tuple] = {}
         self.max_loras = kw.get("max_loras", 1)
+        # tests of a crash mid-run: the engine with LoRA dies (process exit) after this many encode calls
+        self._die_after = int(os.environ.get("FAKE_VLLM_DIE_AFTER", "0")) if kw.get("enable_lora") else 0
+        self._calls = 0
 
     # -- LoRA, as vLLM reads it --------------------------------------------------------------------------------------
     def _lora(self, req) -> tuple:
@@ -128,6 +132,9 @@ class LLM:
 
     def encode(self, prompts, pooling_params=None, *, use_tqdm=True, lora_request=None, pooling_task=None,
                tokenization_kwargs=None):
+        self._calls += 1
+        if self._die_after and self._calls > self._die_after:
+            os._exit(7)
         if pooling_task != self.task:
             raise ValueError(f"Unsupported task: {pooling_task!r} Supported tasks: ({self.task!r},)")
         if pooling_params is None or pooling_params.use_activation is not False:
