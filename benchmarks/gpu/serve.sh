@@ -3,7 +3,8 @@
 #   carry .carryw (pydantic, typer, rich wheels from ../shared/tools/device-stage), then:
 #   PARTS="profile bench" ARCHS="tinyllama smollm2" bash benchmarks/gpu/serve.sh
 # profile: kernels per forward, graph replay time and floors, plain vs fused (benchmarks/serve_profile.py);
-# bench:   lorastudy serve-bench per architecture (REQUESTS timed per graph row, EAGER_REQUESTS per eager row).
+# bench:   lorastudy serve-bench per architecture (REQUESTS timed per graph row, EAGER_REQUESTS per eager row);
+#          the in-process engines only (vLLM rows: benchmarks/gpu/vllm.sh).
 set -u
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .carryw/*.whl >/dev/null 2>&1
@@ -20,7 +21,7 @@ for part in ${PARTS:-profile bench}; do
           --set output_dir=/tmp/serve_$arch --set serve.max_adapters=${N_ADAPTERS:-3} \
           --set serve.warmup=${WARMUP:-100} --set serve.requests=${REQUESTS:-1000} \
           --set serve.eager_requests=${EAGER_REQUESTS:-100} --set "serve.batch_sizes=[1,2,4,8,16]" \
-          --set serve.seq_len=64 --set "tasks=[sst2,mrpc,rte]" 2>&1 | tee "$OUT/serve_$arch.log" | tail -3
+          --set serve.seq_len=64 --set "tasks=[sst2,mrpc,rte]" --set "serve.engines=[merged,peft,batched]" 2>&1 | tee "$OUT/serve_$arch.log" | tail -3
         cp /tmp/serve_$arch/phase4/deployment/benchmark_results.json "$OUT/serve_${arch}_h200.json"
         cp /tmp/serve_$arch/phase4/deployment/overhead_analysis.json "$OUT/serve_${arch}_overhead_h200.json"
         mkdir -p "$OUT/$arch" && cp /tmp/serve_$arch/phase4/deployment/*.png "$OUT/$arch/"

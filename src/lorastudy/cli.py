@@ -356,7 +356,8 @@ def serve_bench(
         d = r["max_abs_logit_diff"]
         tbl.add_row(r["engine"], str(r["n_adapters"]), str(r["batch_size"]), f"{r['latency_ms']['p50']:.2f}",
                     f"{r['latency_ms']['p95']:.2f}", f"{r['throughput_rps']:.0f}",
-                    f"{r['peak_memory_bytes'] / 2**20:.0f}", "-" if d is None else f"{d:.2e}")
+                    "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}",
+                    "-" if d is None else f"{d:.2e}")
     Console(width=160).print(tbl)
     console.print(f"wrote {cfg.out / 'phase4' / 'deployment'}")
 

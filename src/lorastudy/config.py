@@ -182,7 +182,7 @@ class DriftConfig(_Strict):
 
 class ServeConfig(_Strict):
     engines: list[Literal["merged", "peft", "batched", "vllm"]] = Field(
-        default_factory=lambda: ["merged", "peft", "batched"]
+        default_factory=lambda: ["merged", "peft", "batched", "vllm"]  # vllm: skipped with a message when absent
     )
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
     max_adapters: int | None = None  # None = every trained adapter (tasks x seeds)
@@ -196,6 +196,11 @@ class ServeConfig(_Strict):
     cuda_graphs: bool = True
     fuse: bool = True  # fused sibling projections and RMSNorm for merged and batched (serving/fuse.py)
     h2_max_overhead: float = 0.30
+    # timed calls of each condition split into this many blocks, interleaved in time; the overhead CI resamples them
+    repeats: int = Field(10, ge=2, le=1000)
+    vllm_cuda_graphs: bool = True  # vLLM engines with CUDA graphs (False: enforce_eager, faster start)
+    vllm_start_timeout_s: float = Field(900.0, gt=0, le=7200)  # a vLLM worker's import + engine start
+    vllm_gpu_memory_utilization: float = Field(0.25, gt=0, lt=1)  # vLLM's start check; KV cache is sized exactly
 
 
 class StudyConfig(_Strict):

@@ -150,7 +150,8 @@ def serving_figures(res: dict, ov: dict, outdir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     mem = {}
     for r in recs:
-        mem[r["engine"]] = max(mem.get(r["engine"], 0), r["peak_memory_bytes"])
+        if r["peak_memory_bytes"] is not None:  # None: not measured (a vLLM worker without a GPU)
+            mem[r["engine"]] = max(mem.get(r["engine"], 0), r["peak_memory_bytes"])
     ax.bar(list(mem), [v / 2**20 for v in mem.values()], color=[COLORS.get(e.split("-")[0]) for e in mem])
     ax.set_ylabel("peak memory, MiB (weights + activations)")
     ax.set_title(f"Memory with {n_max} adapters (merged = {n_max} model copies)", fontsize=9)

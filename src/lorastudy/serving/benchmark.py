@@ -1,19 +1,22 @@
-"""Phase 4B / RQ2: serving benchmark — merged models vs multi-adapter engines.
+"""Phase 4B / RQ2: serving benchmark — merged models vs multi-adapter engines, in-process and in vLLM.
 
 Scenarios, per batch size:
 - ``merged`` per task (one adapter per batch): the baseline;
-- k = 1..N distinct adapters mixed in every batch (rows assigned round-robin), for ``peft`` and ``batched`` (and
-  ``merged``, which must split the batch across its model copies);
+- k = 1..N adapters per batch (rows assigned round-robin; when k exceeds the batch size, k calls serve the
+  adapters in rotation), for ``peft``, ``batched`` and ``vllm`` (and ``merged``, whose model copies each serve their
+  rows: on GPU each adapter's sub-batch is padded to a captured size and replayed as a CUDA graph, so the baseline
+  stays on its serving path);
 - mixed traffic: a stream of requests for the tasks, served (A) by one merged model per task with single-task
-  batches, or (B) by one base + adapters with mixed batches.
+  batches, or (B) by one base + adapters with mixed batches; both also in vLLM.
 ``merged`` and ``batched`` run their serving path (fused projections and norms, and on GPU CUDA-graph replay of
-static shapes); on GPU, ``-eager`` rows run HF's plain modules without graphs beside them.
-Latency per batch with CUDA events (GPU) or perf_counter (CPU); warm-up first; overhead = (multi - merged) / merged
-with a bootstrap 95% CI; H2: overhead <= 30%, one-sided bootstrap test per batch size, Holm-corrected.
+static shapes); on GPU, ``-eager`` rows run HF's plain modules without graphs beside them. ``vllm`` and
+``merged-vllm`` run in worker processes (``vllm_bench``). Every engine is timed per call with one host clock until
+its logits are on the host, repeats interleaved in time (``timing``); overhead, its CI and H2: ``analysis``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -21,10 +24,16 @@ import numpy as np
 import torch
 
 from lorastudy import modeling as M
-from lorastudy import stats as T
 from lorastudy import store
+from lorastudy.serving.analysis import overhead_analysis
 from lorastudy.serving.build import build_engines, study_adapters, synthetic_adapters, synthetic_base
-from lorastudy.serving.engines import GraphRunner
+from lorastudy.serving.engines import GraphRunner, SplitRunner
+from lorastudy.serving.heads import logit_diff
+from lorastudy.serving.timing import LocalCondition, RemoteCondition, interleave, latency
+from lorastudy.serving.vllm_bench import ADAPTERS, MERGED, VllmOptions, VllmRun
+from lorastudy.serving.worker import WorkerError
+
+__all__ = ["overhead_analysis", "run_benchmark", "run_serve_bench"]
 
 
 def random_batch(vocab: int, b: int, seq_len: int, device, gen: torch.Generator, dtype=None) -> dict:
@@ -72,117 +81,231 @@ def _time(fn, warmup: int, n: int, device) -> np.ndarray:
     return out
 
 
-def _lat(ms: np.ndarray) -> dict:
-    return {"mean": float(ms.mean()), "p50": float(np.percentile(ms, 50)), "p95": float(np.percentile(ms, 95)),
-            "p99": float(np.percentile(ms, 99))}
-
-
 def adapter_counts(n: int) -> list[int]:
     return sorted({1, 2, 3, n} & set(range(1, n + 1))) if n > 4 else list(range(1, n + 1))
 
 
+def slot_calls(b: int, k: int) -> tuple[str, list[list[int]]]:
+    """(mixing, per call the adapter index of each row) for k adapters at batch size b.
+
+    k <= b: one call, rows round-robin over the k adapters ("mixed in batch"; k = 1: "single adapter"). k > b: a
+    batch cannot hold k adapters, so k calls serve the adapters in rotation, each covering every adapter b times
+    over the cycle ("in rotation")."""
+    if k <= b:
+        return ("single adapter" if k == 1 else "mixed in batch"), [[i % k for i in range(b)]]
+    return "in rotation", [[(j * b + i) % k for i in range(b)] for j in range(k)]
+
+
+def _mem_kind(device: torch.device) -> str:
+    return ("weights + peak activations (torch.cuda.max_memory_allocated during warm-up)" if device.type == "cuda"
+            else "weights only (activations are not measured on CPU)")
+
+
+CALL_INCLUDES = {
+    "merged": "copy of the token ids into the captured buffers and CUDA-graph replay of the merged model's forward "
+              "(a batch mixing adapters: each adapter's rows gathered, padded to a captured size, replayed, "
+              "scattered back); logits to the host",
+    "batched": "copy of the token ids and adapter indices into the captured buffers and CUDA-graph replay of the "
+               "forward with gathered LoRA and heads; logits to the host",
+    "eager": "the forward on HF's plain modules, launched from Python; logits to the host",
+    "cpu": "the forward in PyTorch on the CPU",
+    "vllm": "one LLM.encode on token-id prompts: vLLM's scheduler, input preparation, forward, LAST pooling and the "
+            "pooled rows to the host (plus, with heads outside vLLM, the gathered head matmul on the host)",
+}
+
+
+def _includes(label: str, graph: bool, device: torch.device) -> str:
+    if label.startswith("vllm") or label.endswith("-vllm"):
+        return CALL_INCLUDES["vllm"]
+    if device.type != "cuda":
+        return CALL_INCLUDES["cpu"]
+    if not graph:
+        return CALL_INCLUDES["eager"]
+    return CALL_INCLUDES["merged" if label.startswith("merged") else "batched"]
+
+
+def _ways(e: str, graphs_ok: bool, fuse: bool, single: bool) -> list[tuple[str, bool, bool]]:
+    """(label, CUDA graph, fused) per way of running engine ``e`` on a condition (``single``: one adapter per
+    call). On GPU merged and batched run their graphs and, beside them, HF's plain modules (merged's eager rows only
+    where a call serves one adapter: the baseline's shape)."""
+    if graphs_ok and e in ("merged", "batched"):
+        return [(e, True, fuse)] + ([(f"{e}-eager", False, False)] if e == "batched" or single else [])
+    return [(e, False, fuse if e != "peft" else False)]
+
+
+def _n_conditions(engines, batch_sizes, n_adapters: int, graphs_ok: bool, fuse: bool, vllm: bool) -> int:
+    """How many conditions the benchmark times (for the progress bar)."""
+    n = 0
+    for b in batch_sizes:
+        for k in adapter_counts(n_adapters):
+            single = all(len(set(x)) == 1 for x in slot_calls(b, k)[1])
+            n += sum(len(_ways(e, graphs_ok, fuse, single)) for e in engines) + vllm
+        n += vllm  # merged-vllm
+    return n
+
+
+def _local_conditions(eng: dict, b: int, batch: dict, device, graphs_ok: bool, fuse: bool, n_graph: int,
+                      n_eager: int, sizes, N: int, weights: dict, log) -> list[LocalCondition]:
+    """Every in-process condition of one batch size (engines x adapter counts x ways of running)."""
+    conds = []
+    for k in adapter_counts(N):
+        mixing, idx_lists = slot_calls(b, k)
+        idx = [torch.tensor(x, device=device) for x in idx_lists]
+        present = [sorted(set(x)) for x in idx_lists]
+        for e, engine in eng.items():
+            for label, use_graph, fused in _ways(e, graphs_ok, fuse, all(len(p) == 1 for p in present)):
+                engine.set_fused(fused)
+                calls, graph, extra = [], use_graph, {}
+                try:
+                    calls = _calls(engine, e, batch, idx, present, use_graph, sizes, extra)
+                except Exception as ex:  # capture can fail (data-dependent host syncs): keep eager numbers
+                    if not use_graph:
+                        raise
+                    log(f"serve-bench: CUDA graph capture failed for {e} (b={b}, k={k}): {type(ex).__name__}")
+                    label, graph = f"{e}-nograph", False
+                    calls = _calls(engine, e, batch, idx, present, False, sizes, extra)
+                fields = {"engine": label, "cuda_graph": graph, "fused": fused, "n_adapters": k, "mixing": mixing,
+                          "distinct_in_batch": max(len(p) for p in present), "batch_size": b,
+                          "weights_bytes": weights[e], "includes": _includes(label, graph, device), **extra}
+                conds.append(LocalCondition(fields, n_graph if graph else n_eager, calls, device,
+                                            set_mode=functools.partial(engine.set_fused, fused)))
+    return conds
+
+
+def _calls(engine, e: str, batch: dict, idx: list, present: list, graph: bool, sizes, extra: dict) -> list:
+    """Zero-argument calls for one condition (one per call of the rotation)."""
+    if not graph:
+        return [functools.partial(engine, batch, i, p) for i, p in zip(idx, present, strict=True)]
+    if e == "batched":
+        runner = GraphRunner(engine, batch, idx[0], present[0])
+        return [functools.partial(runner, batch, i, p) for i, p in zip(idx, present, strict=True)]
+    calls = []  # merged: a graph per model (one adapter) or a split runner (several adapters in the batch)
+    for i, p in zip(idx, present, strict=True):
+        if len(p) == 1:
+            calls.append(functools.partial(GraphRunner(engine, batch, i, p), batch, None, p))
+        else:
+            split = SplitRunner(engine, batch, i, sizes, make_runner=GraphRunner)
+            extra["rows_computed"] = split.padded_rows
+            calls.append(functools.partial(split, batch))
+    return calls
+
+
+def _record(c, blks: list[np.ndarray], seq_len: int, dtype, device, mem_kind: str, peak: int | None) -> dict:
+    lat = latency(blks)
+    return {**c.fields, "seq_len": seq_len, **lat, "throughput_rps": float(c.fields["batch_size"] * 1e3 /
+                                                                             lat["latency_ms"]["mean"]),
+            "peak_memory_bytes": peak, "memory_kind": mem_kind, "dtype": str(dtype), "device": str(device)}
+
+
 def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batched"), batch_sizes=(1, 2, 4, 8, 16),
-                  seq_len: int = 64, warmup: int = 100, requests: int = 1000,
-                  eager_requests: int | None = None, cuda_graphs: bool = True, fuse: bool = True,
-                  device: str | torch.device = "cpu", progress=None, log=print) -> dict:
-    """Time every engine per batch size and number of adapters mixed in a batch.
+                  seq_len: int = 64, warmup: int = 100, requests: int = 1000, eager_requests: int | None = None,
+                  repeats: int = 10, cuda_graphs: bool = True, fuse: bool = True,
+                  device: str | torch.device = "cpu", vllm: VllmOptions | None = None, progress=None,
+                  log=print) -> dict:
+    """Time every engine per batch size and number of adapters mixed in a batch (``timing``: one host clock for
+    every engine, repeats interleaved in time).
 
     Labels: ``merged`` / ``batched`` run the serving path (fused projections and norms when ``fuse``, CUDA-graph
-    replay on GPU); on GPU, ``merged-eager`` / ``batched-eager`` run HF's plain modules without graphs, like
-    ``peft``. ``max_abs_logit_diff`` is against ``merged`` on HF's plain modules, on one mixed batch."""
+    replay on GPU; ``merged`` with a batch mixing adapters pads each adapter's sub-batch to a captured size); on GPU,
+    ``-eager`` rows run HF's plain modules without graphs, like ``peft``; ``vllm`` / ``merged-vllm`` are vLLM with
+    the adapters / with the merged model (``vllm_bench``; skipped with a message when vLLM is not importable).
+    ``max_abs_logit_diff`` is against ``merged`` on HF's plain modules, on one mixed batch."""
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     names = [e for e in engines if e != "vllm"]
-    eng = build_engines(base, adapters, targets, names, device, dtype, fuse=fuse)
-    if "vllm" in engines:
-        try:
-            import vllm  # noqa: F401
-            log("serve-bench: vLLM is importable, but its multi-LoRA engine is not wired in yet; skipped")
-        except ImportError:
-            log("serve-bench: vLLM is not installed; the vllm engine is skipped")
-    vocab = base.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    N = len(adapters)
-    records: list[dict] = []
-    weights = {k: _weights_bytes(v) for k, v in eng.items()}
+    base = base.to(dtype=dtype).eval()
+    vocab, N = base.config.vocab_size, len(adapters)
     graphs_ok = cuda_graphs and device.type == "cuda"
-
-    def variants(e: str, one_adapter: bool) -> list[tuple[str, bool, bool]]:
-        """(label, CUDA graph, fused) per way of running engine ``e``."""
-        if e not in ("merged", "batched"):
-            return [(e, False, False)]
-        if not graphs_ok:
-            return [(e, False, fuse)]
-        if e == "merged" and not one_adapter:  # rows split across model copies: data-dependent, not capturable
-            return [(e, False, fuse)]
-        return [(e, True, fuse), (f"{e}-eager", False, False)]
-
-    # parity on one mixed batch (every adapter present when the batch allows), against merged on HF's modules
     mdt = dtype if device.type == "cuda" else None
+    gen = torch.Generator().manual_seed(0)
+    # every engine gets the same token-id batches (generated up front; vLLM workers get them in their spec)
     vb = random_batch(vocab, max(8, N), seq_len, device, gen, mdt)
     vidx = (torch.arange(vb["input_ids"].shape[0]) % N).to(device)
-    parity: dict[str, float | None] = {}
-    ref = None
-    if "merged" in eng:
-        eng["merged"].set_fused(False)
-        ref = eng["merged"](vb, vidx)
-    for e, engine in eng.items():
-        for label, _, fused in variants(e, True):
-            engine.set_fused(fused)
-            parity[label] = float((engine(vb, vidx) - ref).abs().max()) if ref is not None else None
-    total = len(batch_sizes) * len(adapter_counts(N)) * len(names)
-    if progress is not None:
-        progress.set_total(total)
-    for b in batch_sizes:
-        batch = random_batch(vocab, b, seq_len, device, gen, mdt)
-        conds = [(e, k) for k in adapter_counts(N) for e in names]  # merged with k=1 is the baseline
-        for e, k in conds:
-            idx = (torch.arange(b) % k).to(device)
-            present = sorted(set(range(min(k, b))))
-            for label, use_graph, fused in variants(e, len(present) == 1):
-                engine = eng[e]
+    batches = {b: random_batch(vocab, b, seq_len, device, gen, mdt) for b in batch_sizes}
+    traffic = traffic_plan(adapters, batch_sizes, requests, vocab, seq_len, device, gen, mdt)
+    vsetup = vrun = None
+    if "vllm" in engines:
+        opts = vllm or VllmOptions()
+        opts = dataclasses.replace(opts, cuda_graphs=opts.cuda_graphs and device.type == "cuda")
+        vsetup = _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes, requests,
+                             eager_requests, seq_len, dtype, opts, log)
+    try:
+        eng = build_engines(base, adapters, targets, names, device, dtype, fuse=fuse)
+        weights = {k: _weights_bytes(v) for k, v in eng.items()}
+        # parity on one mixed batch (every adapter present when the batch allows), against merged on HF's modules
+        parity: dict[str, float | None] = {}
+        ref = peft_ref = None
+        if "merged" in eng:
+            eng["merged"].set_fused(False)
+            ref = eng["merged"](vb, vidx)
+        for e, engine in eng.items():
+            ways = [(e, fuse if e != "peft" else False)]
+            if graphs_ok and e in ("merged", "batched"):
+                ways.append((f"{e}-eager", False))
+            for label, fused in ways:
                 engine.set_fused(fused)
-                graph = False
-                call = functools.partial(engine, batch, idx, present)
-                if use_graph:
-                    try:
-                        call = functools.partial(GraphRunner(engine, batch, idx, present), batch, idx, present)
-                        graph = True
-                    except Exception as ex:  # capture can fail (data-dependent host syncs); keep eager numbers
-                        log(f"serve-bench: CUDA graph capture failed for {e} (b={b}, k={k}): {type(ex).__name__}")
-                        label = f"{e}-nograph"
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                n = requests if graph else (eager_requests or requests)
-                ms = _time(call, min(warmup, n), n, device)
-                act = (torch.cuda.max_memory_allocated() - before) if device.type == "cuda" else 0
-                records.append({
-                    "engine": label, "cuda_graph": graph, "fused": fused, "n_adapters": k,
-                    "distinct_in_batch": len(present), "batch_size": b, "seq_len": seq_len, "latency_ms": _lat(ms),
-                    "throughput_rps": float(b * 1e3 / ms.mean()), "peak_memory_bytes": int(weights[e] + act),
-                    "weights_bytes": weights[e], "max_abs_logit_diff": parity.get(label), "dtype": str(dtype),
-                    "device": str(device), "_samples": ms,
-                })
+                out = engine(vb, vidx)
+                parity[label] = logit_diff(out, ref) if ref is not None else None
+                if e == "peft":
+                    peft_ref = out
+        vllm_parity = None
+        if vsetup is not None and vsetup.ready():  # the workers started while the engines above were built
+            vrun = vsetup
+            try:
+                vllm_parity = _vllm_parity(vrun, vidx, ref, peft_ref, parity, adapters, dtype)
+            except WorkerError as e:
+                vrun = _drop_vllm(vsetup, e, "parity", [], parity, log)
+        records: list[dict] = []
+        mem_kind = _mem_kind(device)
+        sizes = sorted(batch_sizes)
+        for bi, b in enumerate(batch_sizes):
+            conds = _local_conditions(eng, b, batches[b], device, graphs_ok, fuse, requests,
+                                      eager_requests or requests, sizes, N, weights, log)
+            if vrun is not None:
+                conds += _vllm_conditions(vrun, b, N, requests, eager_requests, device)
+            if progress is not None and bi == 0:
+                progress.set_total(_n_conditions(list(eng), batch_sizes, N, graphs_ok, fuse, vrun is not None))
+            try:
+                timed = interleave(conds, repeats, warmup)
+            except WorkerError as e:  # keep the other engines' rows: time this batch size again without vLLM
+                vrun = _drop_vllm(vsetup, e, f"timing at batch size {b}", records, parity, log)
+                conds = [c for c in conds if isinstance(c, LocalCondition)]
+                timed = interleave(conds, repeats, warmup)
+            for c, blks in zip(conds, timed, strict=True):
+                local = isinstance(c, LocalCondition)
+                records.append(_record(c, blks, seq_len, dtype, device, mem_kind if local else "",
+                                       c.fields["weights_bytes"] + c.activation_bytes if local else None))
             if progress is not None:
-                progress.advance_rows(1)
-    for e in ("merged", "batched"):
-        if e in eng:
-            eng[e].set_fused(fuse)
-    traffic = mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt, graphs_ok)
-    return {"records": records, "parity_max_abs_logit_diff": parity, "mixed_traffic": traffic,
-            "n_adapters_total": N, "adapters": [a.name for a in adapters], "dtype": str(dtype), "fused": fuse,
-            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+                progress.advance_rows(len(conds))
+        for e in ("merged", "batched"):
+            if e in eng:
+                eng[e].set_fused(fuse)
+        try:
+            mixed = mixed_traffic(eng, traffic, device, graphs_ok, vrun)
+            if vrun is not None:
+                _vllm_memory(vrun, records)
+        except WorkerError as e:
+            vrun = _drop_vllm(vsetup, e, "mixed traffic", records, parity, log)
+            mixed = mixed_traffic(eng, traffic, device, graphs_ok, None)
+    finally:
+        if vsetup is not None:
+            vsetup.close()
+    for r in records:
+        r["max_abs_logit_diff"] = parity.get(r["engine"])
+    return {"records": records, "parity_max_abs_logit_diff": parity, "vllm_parity": vllm_parity,
+            "mixed_traffic": mixed, "n_adapters_total": N, "adapters": [a.name for a in adapters],
+            "label_counts": {a.name: a.num_labels for a in adapters}, "dtype": str(dtype), "fused": fuse,
+            "device": str(device), "repeats": repeats,
+            "timer": "host clock per call, from the call until its logits are on the host (every engine alike); "
+                     "repeats interleaved in time",
+            "memory_kind": mem_kind, "vllm": vsetup.status if vsetup is not None else None,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
-def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, gen, mdt=None, graphs: bool = False
-                  ) -> list[dict]:
-    """A stream of requests for the tasks (one adapter per task), served (A) by merged models with single-task
-    batches, (B) by the batched engine with mixed batches in arrival order. Both on their serving path (CUDA graphs
-    when ``graphs``: a partial last batch is padded to the static batch size, as a graph server would)."""
-    if "merged" not in eng or "batched" not in eng:
-        return []
+def traffic_plan(adapters, batch_sizes, requests: int, vocab: int, seq_len: int, device, gen, mdt) -> list[dict]:
+    """Per batch size, a random stream of requests over the tasks (one adapter per task) and how each scenario
+    serves it: (A) a queue per task, full single-task batches (leftovers as a final partial batch); (B) consecutive
+    requests in arrival order, adapters mixed."""
     tasks = sorted({a.task for a in adapters})
     per_task = [next(i for i, a in enumerate(adapters) if a.task == t) for t in tasks]
     rng = np.random.default_rng(0)
@@ -190,104 +313,157 @@ def mixed_traffic(eng, adapters, vocab, batch_sizes, seq_len, requests, device, 
     for b in batch_sizes:
         n_req = max(requests, 4 * b)
         stream = rng.choice(per_task, size=n_req)
-        pool = random_batch(vocab, b, seq_len, device, gen, mdt)
-        # (A) queue per task, serve full single-task batches (leftovers as a final partial batch)
         batches_a = []
         for a in per_task:
             rows = int((stream == a).sum())
             batches_a += [(a, min(b, rows - s)) for s in range(0, rows, b)]
-        # (B) consecutive requests in arrival order, mixed adapters (index tensors made before timing)
-        idx_b = [torch.as_tensor(stream[s: s + b], device=device) for s in range(0, n_req, b)]
-        if graphs:
-            runners = {a: GraphRunner(eng["merged"], pool, torch.full((b,), a, device=device), [a])
-                       for a in per_task}
-            runner_b = GraphRunner(eng["batched"], pool, torch.zeros(b, dtype=torch.long, device=device))
-            idx_b = [torch.cat([i, i[:1].expand(b - len(i))]) for i in idx_b]  # pad rows: any valid adapter
-
-            def serve_a(batches_a=batches_a, pool=pool, runners=runners):
-                for a, _ in batches_a:
-                    runners[a](pool, None, [a])
-
-            def serve_b(idx_b=idx_b, pool=pool, runner_b=runner_b):
-                for i in idx_b:
-                    runner_b(pool, i)
-        else:
-            full = {a: torch.full((b,), a, device=device) for a in per_task}
-
-            def serve_a(batches_a=batches_a, pool=pool, full=full):
-                for a, n in batches_a:
-                    eng["merged"]({k: v[:n] for k, v in pool.items()}, full[a][:n], [a])
-
-            def serve_b(idx_b=idx_b, pool=pool):
-                for i in idx_b:
-                    eng["batched"]({k: v[: len(i)] for k, v in pool.items()}, i)
-
-        res = {}
-        for name, fn, nb in (("A: merged per task", serve_a, len(batches_a)),
-                             ("B: base + adapters, mixed", serve_b, len(idx_b))):
-            fn()  # warm-up pass
-            ms = _time(fn, 0, 3, device)  # three passes over the whole stream
-            res[name] = {"total_ms": float(np.median(ms)), "throughput_rps": float(n_req * 1e3 / np.median(ms)),
-                         "batches": nb, "mean_batch_latency_ms": float(np.median(ms) / nb)}
-        res["A: merged per task"]["weights_bytes"] = _weights_bytes(eng["merged"].models[0]) * len(per_task)
-        res["B: base + adapters, mixed"]["weights_bytes"] = _weights_bytes(eng["batched"])
-        out.append({"batch_size": b, "requests": n_req, "tasks": tasks, "cuda_graphs": graphs, **res})
+        out.append({"batch_size": b, "requests": n_req, "tasks": tasks, "per_task": per_task,
+                    "pool": random_batch(vocab, b, seq_len, device, gen, mdt), "batches_a": batches_a,
+                    "idx_b": [stream[s: s + b].tolist() for s in range(0, n_req, b)]})
     return out
 
 
-def overhead_analysis(records: list[dict], n_boot: int = 2000, seed: int = 0, h2_max: float = 0.30,
-                      alpha: float = 0.05) -> dict:
-    """overhead = mean(multi) / mean(merged) - 1 per engine, batch size and adapter count (graph vs graph, eager vs
-    eager; peft against eager merged), bootstrap CI over timed requests; H2 one-sided per batch size."""
-    rng = np.random.default_rng(seed)
-    by = {(r["engine"], r["batch_size"], r["n_adapters"]): r for r in records}
+TRAFFIC_PASSES = 3  # timed passes over each stream (after one warm-up pass); the median is reported
 
-    def ref_for(engine: str) -> str:
-        if engine == "batched":
-            return "merged" if any(k[0] == "merged" for k in by) else "merged-eager"
-        return "merged-eager" if any(k[0] == "merged-eager" for k in by) else "merged"
 
-    rows = []
-    for (e, b, k), r in sorted(by.items()):
-        if e.startswith("merged"):
-            continue
-        ref = by.get((ref_for(e), b, 1))
-        if ref is None:
-            continue
-        x, y = r["_samples"], ref["_samples"]
-        bx = x[rng.integers(0, len(x), (n_boot, len(x)))].mean(1)
-        byy = y[rng.integers(0, len(y), (n_boot, len(y)))].mean(1)
-        boot = bx / byy - 1
-        est = float(x.mean() / y.mean() - 1)
-        p = float((np.sum(boot > h2_max) + 1) / (n_boot + 1))  # H0: overhead > h2_max
-        rows.append({"engine": e, "reference": ref["engine"], "batch_size": b, "n_adapters": k,
-                     "overhead": est, "ci95": list(T.percentile_ci(boot)), "p_one_sided_h2": p})
-    # H2 on the project's engine with every adapter mixed (the hardest case), per batch size
-    h2_rows = [r for r in rows if r["engine"] == "batched" and r["n_adapters"] == max(x["n_adapters"] for x in rows)] \
-        if rows else []
-    if not h2_rows:
-        h2_rows = [r for r in rows if r["engine"] == "batched-eager"]
-    fam = f"H2 over batch sizes {[r['batch_size'] for r in h2_rows]}"
-    holm = T.correct([r["p_one_sided_h2"] for r in h2_rows], "holm", family=fam, alpha=alpha)
-    for r, padj in zip(h2_rows, holm["adjusted"], strict=True):
-        r["p_holm"] = padj
-        r["decision"] = "supported" if padj < alpha else (
-            "contradicted" if r["ci95"][0] > h2_max else "not supported (inconclusive)")
-    verdict = None
-    if h2_rows:
-        verdict = "supported" if all(r["decision"] == "supported" for r in h2_rows) else (
-            "contradicted" if any(r["decision"] == "contradicted" for r in h2_rows) else "not supported (inconclusive)")
-    return {
-        "definition": "overhead = mean latency(multi-adapter engine) / mean latency(merged, one task per batch) - 1",
-        "ci": f"percentile bootstrap over timed requests, {n_boot} resamples",
-        "rows": rows,
-        "H2": {"hypothesis": f"multi-adapter serving costs at most {h2_max:.0%} latency over merged models",
-               "engine": h2_rows[0]["engine"] if h2_rows else None,
-               "test": f"one-sided bootstrap test of H0: overhead > {h2_max:.0%}, per batch size",
-               "correction": "Holm over batch sizes",
-               "decision_rule": f"supported when every batch size has Holm-adjusted p < {alpha}",
-               "per_batch_size": h2_rows, "decision": verdict},
-    }
+def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, vrun=None) -> list[dict]:
+    """The traffic scenarios timed per batch size, passes interleaved in time: (A) merged models, (B) the batched
+    engine, both on their serving path (CUDA graphs when ``graphs``: a partial batch is padded to the static batch
+    size, as a graph server would); with vLLM, the same two scenarios in vLLM (A served by one merged engine, which
+    stands in for one per task: their shapes and costs are identical, and vLLM holds one engine per process)."""
+    local = "merged" in eng and "batched" in eng
+    if not local and vrun is None:
+        return []
+    out = []
+    for t in traffic:
+        b, pool = t["batch_size"], t["pool"]
+        conds, names = [], []
+        if local:
+            if graphs:
+                runners = {a: GraphRunner(eng["merged"], pool, torch.full((b,), a, device=device), [a])
+                           for a in t["per_task"]}
+                runner_b = GraphRunner(eng["batched"], pool, torch.zeros(b, dtype=torch.long, device=device))
+                calls_a = [functools.partial(runners[a], pool, None, [a]) for a, _ in t["batches_a"]]
+                calls_b = [functools.partial(runner_b, pool, torch.tensor(i + i[:1] * (b - len(i)), device=device))
+                           for i in t["idx_b"]]  # pad rows: any valid adapter
+            else:
+                calls_a = [functools.partial(eng["merged"], {k: v[:n] for k, v in pool.items()},
+                                             torch.full((n,), a, device=device), [a]) for a, n in t["batches_a"]]
+                calls_b = [functools.partial(eng["batched"], {k: v[: len(i)] for k, v in pool.items()},
+                                             torch.tensor(i, device=device)) for i in t["idx_b"]]
+            conds += [LocalCondition({}, TRAFFIC_PASSES, calls_a, device, unit="all"),
+                      LocalCondition({}, TRAFFIC_PASSES, calls_b, device, unit="all")]
+            names += ["A: merged per task", "B: base + adapters, mixed"]
+        if vrun is not None:
+            conds += [RemoteCondition({}, TRAFFIC_PASSES, vrun, MERGED, f"traffic-A-b{b}"),
+                      RemoteCondition({}, TRAFFIC_PASSES, vrun, ADAPTERS, f"traffic-B-b{b}")]
+            names += ["A (vLLM): merged per task", "B (vLLM): base + adapters, mixed"]
+        res = {}
+        for name, blks in zip(names, interleave(conds, TRAFFIC_PASSES, 1), strict=True):
+            ms = float(np.median(np.concatenate(blks)))
+            nb = len(t["batches_a"]) if name.startswith("A") else len(t["idx_b"])
+            res[name] = {"total_ms": ms, "throughput_rps": float(t["requests"] * 1e3 / ms), "batches": nb,
+                         "mean_batch_latency_ms": ms / nb, "weights_bytes": None}
+        if local:
+            res["A: merged per task"]["weights_bytes"] = _weights_bytes(eng["merged"].models[0]) * len(t["per_task"])
+            res["B: base + adapters, mixed"]["weights_bytes"] = _weights_bytes(eng["batched"])
+        out.append({"batch_size": b, "requests": t["requests"], "tasks": t["tasks"], "cuda_graphs": graphs, **res})
+    return out
+
+
+def _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes, requests, eager_requests,
+                seq_len, dtype, opts: VllmOptions, log) -> VllmRun:
+    """The vLLM workers with every condition they will time (the same token-id batches as the other engines)."""
+    N = len(adapters)
+    rows0 = [i for i, a in enumerate(vidx.tolist()) if a == 0]
+    data = {"parity": vb, "parity0": {k: v[rows0] for k, v in vb.items()}}
+    conds = {}
+    for b in batch_sizes:
+        data[f"b{b}"] = batches[b]
+        for k in adapter_counts(N):
+            conds[f"b{b}-k{k}"] = {"worker": ADAPTERS, "unit": "call",
+                                   "calls": [{"batch": f"b{b}", "rows": b, "idx": x} for x in slot_calls(b, k)[1]]}
+        conds[f"b{b}-k1-merged"] = {"worker": MERGED, "unit": "call",
+                                    "calls": [{"batch": f"b{b}", "rows": b, "idx": [0] * b}]}
+    for t in traffic:
+        b = t["batch_size"]
+        data[f"pool{b}"] = t["pool"]
+        conds[f"traffic-A-b{b}"] = {"worker": MERGED, "unit": "all", "calls": [
+            {"batch": f"pool{b}", "rows": n, "idx": [0] * n} for _, n in t["batches_a"]]}
+        conds[f"traffic-B-b{b}"] = {"worker": ADAPTERS, "unit": "all", "calls": [
+            {"batch": f"pool{b}", "rows": len(i), "idx": i} for i in t["idx_b"]]}
+    run = VllmRun(base, adapters, targets, data, conds, seq_len, max(max(batch_sizes), vb["input_ids"].shape[0]),
+                  dtype, opts, log, capture_tokens=sorted({b * seq_len for b in batch_sizes}))
+    run.start()
+    return run
+
+
+def _vllm_conditions(vrun: VllmRun, b: int, N: int, requests: int, eager_requests: int | None,
+                     device) -> list[RemoteCondition]:
+    graphs = vrun.opts.cuda_graphs
+    n = requests if graphs else (eager_requests or requests)
+    common = {"cuda_graph": graphs, "fused": None, "batch_size": b, "weights_bytes": None,
+              "includes": CALL_INCLUDES["vllm"], "heads": vrun.status.get("heads")}
+    conds = [RemoteCondition({**common, "engine": MERGED, "n_adapters": 1, "mixing": "single adapter",
+                              "distinct_in_batch": 1, "heads": "vllm"}, n, vrun, MERGED, f"b{b}-k1-merged")]
+    for k in adapter_counts(N):
+        mixing, idx_lists = slot_calls(b, k)
+        conds.append(RemoteCondition({**common, "engine": ADAPTERS, "n_adapters": k, "mixing": mixing,
+                                      "distinct_in_batch": max(len(set(x)) for x in idx_lists)},
+                                     n, vrun, ADAPTERS, f"b{b}-k{k}"))
+    return conds
+
+
+def _padded(rows: list[list[float]], width: int) -> torch.Tensor:
+    return torch.tensor([r + [float("-inf")] * (width - len(r)) for r in rows])
+
+
+def _vllm_parity(vrun: VllmRun, vidx, ref, peft_ref, parity: dict, adapters, dtype) -> dict:
+    """vLLM's logits on the parity batch against merged on HF's modules, and its probabilities against PEFT's
+    (the reference for correctness; merged on HF's modules when PEFT is not run). Tolerance: 1e-4 in float32; in
+    bf16, twice the largest probability difference between PEFT and merged on HF's modules on the same batch (two
+    correct bf16 implementations), and at least 0.02."""
+    idx = vidx.tolist()
+    width = max(a.num_labels for a in adapters)
+    out = _padded(vrun.request(ADAPTERS, "logits", batch="parity", idx=idx)["logits"], width)
+    rows0 = [i for i, a in enumerate(idx) if a == 0]
+    merged = _padded(vrun.request(MERGED, "logits", batch="parity0", idx=[0] * len(rows0))["logits"], width)
+    ref_c = ref.float().cpu() if ref is not None else None
+    target = (peft_ref if peft_ref is not None else ref).float().cpu()
+    parity[ADAPTERS] = logit_diff(out, ref_c) if ref_c is not None else None
+    parity[MERGED] = logit_diff(merged, ref_c[rows0]) if ref_c is not None else None
+
+    def prob_diff(a, b):
+        return float((torch.softmax(a, -1) - torch.softmax(b, -1)).abs().max())
+
+    d, dm = prob_diff(out, target), prob_diff(merged, target[rows0])
+    floor = prob_diff(peft_ref.float().cpu(), ref_c) if peft_ref is not None and ref_c is not None else 0.0
+    tol = 1e-4 if dtype == torch.float32 else max(0.02, 2 * floor)
+    return {"reference": "peft" if peft_ref is not None else "merged (HF modules)", "rows": len(idx),
+            "max_abs_prob_diff": d, "merged_vllm_max_abs_prob_diff": dm, "peft_vs_merged_hf_prob_diff": floor,
+            "tolerance": tol, "pass": bool(d <= tol and dm <= tol),
+            "rule": "float32: 1e-4; bf16: max(0.02, 2 x the PEFT vs merged-on-HF-modules probability difference on "
+                    "the same batch)"}
+
+
+def _drop_vllm(vsetup: VllmRun, err: Exception, stage: str, records: list[dict], parity: dict, log) -> None:
+    """A vLLM worker failed mid-run: record why, close the workers, drop every vLLM row (the other engines' rows
+    stay). Returns None (the caller's vLLM run is over)."""
+    log(f"serve-bench: a vLLM worker failed during {stage}; the vllm rows are dropped:\n{err}")
+    vsetup.status = {**vsetup.status, "status": "failed", "stage": stage, "error": str(err)}
+    vsetup.close()
+    records[:] = [r for r in records if r["engine"] not in (ADAPTERS, MERGED)]
+    for k in (ADAPTERS, MERGED):
+        parity.pop(k, None)
+    return None
+
+
+def _vllm_memory(vrun: VllmRun, records: list[dict]) -> None:
+    for label in (ADAPTERS, MERGED):
+        mem = vrun.request(label, "memory")
+        for r in records:
+            if r["engine"] == label:
+                r["peak_memory_bytes"], r["memory_kind"] = mem["peak_bytes"], mem["kind"]
 
 
 def probe_median_length(cfg) -> int:
@@ -321,10 +497,11 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     device = pick_device(cfg.train.device)
     n_max = s.max_adapters
     source = "synthetic"
+    labels = {t: cfg.task(t).num_labels for t in cfg.tasks}  # each task's own label count (they may differ)
     if arch:
         base = synthetic_base(arch, device=device)
         adapters = synthetic_adapters(base, n_max or 9, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
-                                      tasks=cfg.tasks)
+                                      num_labels=labels, tasks=cfg.tasks)
         source = f"synthetic {arch} architecture, random weights"
     else:
         tok = M.load_tokenizer(cfg.model)
@@ -334,15 +511,18 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
         else:
             base, _ = M.load_base(cfg.model, 2, seed=0, tokenizer=tok)
             adapters = synthetic_adapters(base, n_max or len(cfg.tasks) * len(cfg.seeds), cfg.lora.rank,
-                                          cfg.lora.alpha, cfg.lora.target_modules, tasks=cfg.tasks)
+                                          cfg.lora.alpha, cfg.lora.target_modules, num_labels=labels,
+                                          tasks=cfg.tasks)
             source = f"synthetic adapters on {cfg.model.source} (no phase-2 LoRA runs found)"
         if n_max:
             adapters = adapters[:n_max]
     seq_len = s.seq_len or probe_median_length(cfg)
     res = run_benchmark(base, adapters, targets=cfg.lora.target_modules, engines=s.engines,
                         batch_sizes=s.batch_sizes, seq_len=seq_len, warmup=s.warmup, requests=s.requests,
-                        eager_requests=s.eager_requests,
-                        cuda_graphs=s.cuda_graphs, fuse=s.fuse, device=device, progress=progress, log=log)
+                        eager_requests=s.eager_requests, repeats=s.repeats,
+                        cuda_graphs=s.cuda_graphs, fuse=s.fuse, device=device, progress=progress, log=log,
+                        vllm=VllmOptions(cuda_graphs=s.vllm_cuda_graphs, start_timeout_s=s.vllm_start_timeout_s,
+                                         gpu_memory_utilization=s.vllm_gpu_memory_utilization))
     ov = overhead_analysis(res["records"], seed=cfg.drift.seed, h2_max=s.h2_max_overhead, alpha=cfg.drift.alpha)
     for r in res["records"]:
         r.pop("_samples")

@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from lorastudy import modeling as M
 from lorastudy.serving.engines import Adapter, BatchedLoraEngine, MergedEngine, PeftEngine, adapter_from_peft
+from lorastudy.serving.heads import NO_CLASS
 
 # Architecture-only configs (random weights): timing needs the shapes, not the knowledge.
 SYNTHETIC_ARCHS = {
@@ -30,8 +31,10 @@ def synthetic_base(arch: str, num_labels: int = 2, seed: int = 0, device="cpu") 
 
 
 def synthetic_adapters(base, n: int, rank: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
-                       num_labels: int = 2, seed: int = 0, tasks: list[str] | None = None) -> list[Adapter]:
-    """Random adapters with non-zero B (a fresh PEFT adapter has B = 0, which would hide routing bugs)."""
+                       num_labels: int | dict[str, int] = 2, seed: int = 0,
+                       tasks: list[str] | None = None) -> list[Adapter]:
+    """Random adapters with non-zero B (a fresh PEFT adapter has B = 0, which would hide routing bugs).
+    ``num_labels``: one count for every adapter, or a count per task name (adapter i serves ``tasks[i % len]``)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     keys = [p for p, m in base.named_modules() if p.split(".")[-1] in targets and isinstance(m, torch.nn.Linear)]
@@ -42,9 +45,10 @@ def synthetic_adapters(base, n: int, rank: int = 8, alpha: float = 16, targets=(
             a = torch.randn(rank, lin.in_features, generator=g) / lin.in_features ** 0.5
             b = torch.randn(lin.out_features, rank, generator=g) * 0.02
             lora[k] = (a, b)
-        score = torch.randn(num_labels, base.config.hidden_size, generator=g) * 0.05
         task = tasks[i % len(tasks)] if tasks else f"task{i}"
-        out.append(Adapter(f"a{i}", task, num_labels, lora, alpha / rank, score))
+        c = num_labels[task] if isinstance(num_labels, dict) else num_labels
+        score = torch.randn(c, base.config.hidden_size, generator=g) * 0.05
+        out.append(Adapter(f"a{i}", task, c, lora, alpha / rank, score))
     return out
 
 
@@ -63,7 +67,11 @@ def merged_model(base, ad: Adapter):
 
 
 def peft_model(base, adapters: list[Adapter], targets: list[str]):
-    """One PEFT model holding every adapter (LoRA factors and score head copied in)."""
+    """One PEFT model holding every adapter (LoRA factors and score head copied in).
+
+    Label counts that differ between adapters: each adapter's saved head becomes a ``Linear(H, C_max)`` whose first
+    ``C_task`` rows are the trained head and whose bias is 0 there and ``-inf`` beyond (``heads``); PEFT's mixed
+    batch stacks the heads' outputs, which needs one width."""
     from peft import LoraConfig, get_peft_model
 
     def conf(ad: Adapter):
@@ -71,6 +79,7 @@ def peft_model(base, adapters: list[Adapter], targets: list[str]):
         return LoraConfig(task_type="SEQ_CLS", r=r, lora_alpha=ad.scaling * r, lora_dropout=0.0,
                           target_modules=list(targets), modules_to_save=["score"])
 
+    c_max = max(ad.num_labels for ad in adapters)
     pm = get_peft_model(copy.deepcopy(base), conf(adapters[0]), adapter_name=adapters[0].name)
     for ad in adapters[1:]:
         pm.add_adapter(ad.name, conf(ad))
@@ -84,8 +93,25 @@ def peft_model(base, adapters: list[Adapter], targets: list[str]):
                     mod.lora_B[ad.name].weight.copy_(b)
             if path.endswith("score") and hasattr(mod, "modules_to_save"):
                 for ad in adapters:
-                    mod.modules_to_save[ad.name].weight.copy_(ad.score)
+                    _set_head(mod.modules_to_save, ad, c_max)
     return pm.eval()
+
+
+def _set_head(heads: torch.nn.ModuleDict, ad: Adapter, c_max: int) -> None:
+    """The adapter's trained head into PEFT's ``modules_to_save`` copy (padded to ``c_max`` classes, see
+    ``peft_model``)."""
+    old = heads[ad.name].weight
+    if old.shape[0] == ad.num_labels == c_max:
+        old.copy_(ad.score)
+        return
+    lin = torch.nn.Linear(old.shape[1], c_max, bias=c_max != ad.num_labels).to(old.device, old.dtype)
+    lin.weight.zero_()
+    lin.weight[: ad.num_labels].copy_(ad.score)
+    if lin.bias is not None:
+        lin.bias.zero_()
+        lin.bias[ad.num_labels:] = NO_CLASS
+    lin.requires_grad_(False)
+    heads[ad.name] = lin
 
 
 def build_engines(base, adapters: list[Adapter], targets: list[str], names: list[str], device, dtype,
@@ -97,7 +123,8 @@ def build_engines(base, adapters: list[Adapter], targets: list[str], names: list
     if "merged" in names:
         engines["merged"] = MergedEngine([merged_model(base, a).to(device) for a in adapters], fuse=fuse)
     if "peft" in names:
-        engines["peft"] = PeftEngine(peft_model(base, adapters, targets).to(device), [a.name for a in adapters])
+        engines["peft"] = PeftEngine(peft_model(base, adapters, targets).to(device), [a.name for a in adapters],
+                                     [a.num_labels for a in adapters])
     if "batched" in names:
         engines["batched"] = BatchedLoraEngine(copy.deepcopy(base).to(device), adapters, fuse=fuse).eval()
     return engines
@@ -116,6 +143,7 @@ def study_adapters(cfg, tokenizer) -> tuple[object, list[Adapter]]:
                 continue
             pm, _ = M.load_trained(cfg.model, cfg.task(task).num_labels, rd / "adapter", "lora", tokenizer=tokenizer)
             adapters.append(adapter_from_peft(pm, f"{task}-s{seed}", task))
+            adapters[-1].path = rd / "adapter"
             if base is None:
                 base, _ = M.load_base(cfg.model, cfg.task(task).num_labels, seed=0, tokenizer=tokenizer)
     return base, adapters

@@ -7,18 +7,23 @@ batch names its adapter (task/seed) by index.
 - ``BatchedLoraEngine``: the project's own path: base weights once, adapters stacked, a per-row adapter index,
   LoRA applied with gathered batched matmuls, per-adapter ``score`` heads applied the same way.
 - Serving optimisations given to ``merged`` and ``batched`` alike: fused sibling projections and RMSNorm
-  (``fuse``, switchable back to HF's plain modules) and CUDA-graph replay for static shapes (``GraphRunner``).
+  (``fuse``, switchable back to HF's plain modules) and CUDA-graph replay for static shapes (``GraphRunner``;
+  ``SplitRunner`` for merged models serving a batch that mixes adapters).
+- Adapters whose tasks have different label counts: every engine returns ``[B, C_max]`` with ``-inf`` in the columns
+  a row's task does not have (``heads`` explains why).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from lorastudy import modeling as M
 from lorastudy.serving.fuse import LoraSlot, ProjectionGroup, Switch, fuse_for_serving
+from lorastudy.serving.heads import StackedHeads, pad_logits
 
 
 @dataclass
@@ -31,6 +36,7 @@ class Adapter:
     lora: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r])
     scaling: float
     score: torch.Tensor  # [C, H]
+    path: Path | None = None  # the PEFT adapter directory it was loaded from (None: in memory only)
 
 
 def adapter_from_peft(peft_model, name: str, task: str, adapter_name: str = "default") -> Adapter:
@@ -67,7 +73,8 @@ class MergedEngine(nn.Module):
     def __init__(self, models: list[nn.Module], fuse: bool = True):
         super().__init__()
         self.models = nn.ModuleList(models)
-        self.num_labels = max(m.config.num_labels for m in models)
+        self.label_counts = [int(m.config.num_labels) for m in models]
+        self.num_labels = max(self.label_counts)
         self.switch = Switch(fused=fuse)
         for m in models:
             fuse_for_serving(m, self.switch)
@@ -83,12 +90,12 @@ class MergedEngine(nn.Module):
         if present is None:
             present = sorted(set(adapter_idx.tolist()))
         if len(present) == 1:
-            return M.classifier_logits(self.models[present[0]], batch).float()
+            return pad_logits(M.classifier_logits(self.models[present[0]], batch).float(), self.num_labels)
         out = torch.empty((ids.shape[0], self.num_labels), device=ids.device)
         for a in present:
             rows = (adapter_idx == a).nonzero().squeeze(-1)
             sub = {k: v.index_select(0, rows) for k, v in batch.items()}
-            out[rows] = M.classifier_logits(self.models[a], sub).float()
+            out.index_copy_(0, rows, pad_logits(M.classifier_logits(self.models[a], sub).float(), self.num_labels))
         return out
 
 
@@ -97,10 +104,14 @@ class PeftEngine(nn.Module):
 
     name = "peft"
 
-    def __init__(self, peft_model, adapter_names: list[str]):
+    def __init__(self, peft_model, adapter_names: list[str], label_counts: list[int] | None = None):
+        """``label_counts``: each adapter's number of classes (the heads of ``build.peft_model`` return ``-inf``
+        past them when they differ)."""
         super().__init__()
         self.model = peft_model
         self.adapter_names = adapter_names
+        self.label_counts = label_counts or [int(peft_model.config.num_labels)] * len(adapter_names)
+        self.num_labels = max(self.label_counts)
 
     def set_fused(self, fused: bool) -> None:
         """PEFT always runs HF's plain modules (the reference); only ``False`` is meaningful."""
@@ -137,7 +148,6 @@ class BatchedLoraEngine(nn.Module):
         self.router = _Router()
         self.switch = Switch(fused=fuse)
         self.model = base_model
-        self.num_labels = max(a.num_labels for a in adapters)
         keys = sorted(adapters[0].lora)
         for a in adapters[1:]:
             if sorted(a.lora) != keys:
@@ -158,10 +168,8 @@ class BatchedLoraEngine(nn.Module):
             self.register_buffer(f"A_{j}", A)
             self.register_buffer(f"B_{j}", B)
             self.kinds[kind] = (f"A_{j}", f"B_{j}")
-        heads = torch.zeros(len(adapters), self.num_labels, w0.shape[1], device=w0.device, dtype=w0.dtype)
-        for i, ad in enumerate(adapters):
-            heads[i, : ad.num_labels] = ad.score.to(w0.device, w0.dtype)
-        self.register_buffer("heads", heads)  # [N, C, H]
+        self.heads = StackedHeads([ad.score for ad in adapters], device=w0.device, dtype=w0.dtype)
+        self.label_counts, self.num_labels = self.heads.label_counts, self.heads.num_labels
 
     def set_fused(self, fused: bool) -> None:
         """True: fused projections (one shrink and one expand per group) and norms; False: HF's plain modules with
@@ -177,8 +185,7 @@ class BatchedLoraEngine(nn.Module):
                                    position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         rows = torch.arange(h.shape[0], device=h.device)
         last = h[rows, pooled_index(batch["attention_mask"])]  # [B, H]
-        heads = self.heads.index_select(0, adapter_idx)  # [B, C, H]
-        return torch.bmm(heads, last.unsqueeze(-1)).squeeze(-1).float()
+        return self.heads(last, adapter_idx)
 
 
 def _targeted_cols(names: list[str], targeted: set[str], r: int) -> list[slice | None]:
@@ -243,3 +250,52 @@ class GraphRunner:
             self.static_idx.copy_(idx, non_blocking=True)
         self.graph.replay()
         return self.out
+
+
+class SplitRunner:
+    """Merged models serving one batch that mixes adapters, on the serving path: each adapter's rows are gathered
+    into a sub-batch padded up to the smallest captured size that holds them (copies of its first row) and run by
+    that adapter's runner (a CUDA graph on GPU, ``make_runner``); the logits are scattered back. This is what a
+    graph server with one model per task does; without it a mixed batch leaves the graph path and the merged
+    baseline becomes a straw man (data-dependent sub-batch shapes cannot be captured).
+
+    ``sizes``: the captured batch sizes; ``make_runner(engine, sub_batch, sub_idx, present)`` returns a callable
+    ``(sub_batch, None, present) -> [s, C]`` (``GraphRunner`` on GPU; the engine itself in CPU tests). Index
+    tensors are made once here, so a call has no host sync."""
+
+    def __init__(self, engine: MergedEngine, example_batch: dict, adapter_idx: torch.Tensor, sizes,
+                 make_runner=None):
+        self.engine = engine
+        self.num_labels = engine.num_labels
+        self.rows_total = int(adapter_idx.shape[0])
+        make_runner = make_runner or _eager_runner
+        device = adapter_idx.device
+        self.parts = []
+        idx = adapter_idx.tolist()
+        for a in sorted(set(idx)):
+            rows = [i for i, x in enumerate(idx) if x == a]
+            size = min((s for s in sizes if s >= len(rows)), default=len(rows))
+            gather = torch.tensor(rows + [rows[0]] * (size - len(rows)), device=device)
+            sub = {k: v.index_select(0, gather) for k, v in example_batch.items()}
+            runner = make_runner(engine, sub, torch.full((size,), a, device=device), [a])
+            self.parts.append((a, torch.tensor(rows, device=device), gather, len(rows), runner))
+
+    @property
+    def padded_rows(self) -> int:
+        """Rows computed per call, padding included."""
+        return sum(int(g.shape[0]) for _, _, g, _, _ in self.parts)
+
+    def __call__(self, batch: dict, idx=None, present=None) -> torch.Tensor:
+        """Logits ``[B, C]`` for ``batch`` laid out like the example batch (same adapter per row)."""
+        out = torch.empty((self.rows_total, self.num_labels), device=batch["input_ids"].device)
+        for a, rows, gather, n, runner in self.parts:
+            sub = {k: v.index_select(0, gather) for k, v in batch.items()}
+            out.index_copy_(0, rows, runner(sub, None, [a])[:n])
+        return out
+
+
+def _eager_runner(engine, sub_batch, sub_idx, present):
+    """A runner without graphs: the engine on the given sub-batch (the CPU path of ``SplitRunner``)."""
+    def run(batch, idx, present_=None):
+        return engine(batch, sub_idx if idx is None else idx, present)
+    return run
