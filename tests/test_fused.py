@@ -144,6 +144,7 @@ def test_fused_tune_runs_exact_trial_counts_with_slot_reuse(tiny_cfg):
         trials = tuning.get_study(cfg, task, "lora").get_trials(deepcopy=False)
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len(complete) == 3 and all("val_accuracy" in t.user_attrs for t in complete)
+        assert {t.user_attrs["step_mode"] for t in complete} == {"fused-static"}
         assert (cfg.out / "phase1" / f"{task}_lora" / "best.yaml").is_file()
 
 

@@ -303,11 +303,12 @@ LONG_FRACTION = 0.5
 
 
 def fuse_enabled(cfg, ctx: Context | None = None) -> bool:
-    """``train.fuse``: on / off, or auto = on when runs train on a CUDA device."""
+    """``train.fuse``: on / off, or auto = on when runs train on a CUDA device on the fast path (not with
+    ``train.fast_step=eager``, the plain reference path)."""
     spec = cfg.train.fuse
     if spec in ("on", "off"):
         return spec == "on"
-    return resolve_device(cfg.train.device, ctx).type == "cuda"
+    return resolve_device(cfg.train.device, ctx).type == "cuda" and cfg.train.fast_step not in ("eager", "static")
 
 
 @dataclass

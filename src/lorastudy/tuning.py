@@ -218,6 +218,7 @@ def _tell_trial(study: optuna.Study, trial, m: dict, t0: float) -> float:
     trial.set_user_attr("steps", m["steps"])
     trial.set_user_attr("train_time_s", m["train_time_s"])
     trial.set_user_attr("peak_memory_bytes", m["peak_memory_bytes"])
+    trial.set_user_attr("step_mode", m["step_mode"])  # fused-* when the trial trained in a fused group
     trial.set_user_attr("seconds", time.perf_counter() - t0)
     study.tell(trial, val["accuracy"])
     return val["accuracy"]
@@ -337,10 +338,11 @@ def export(cfg, task: str, method: str) -> dict:
         del r["start"], r["end"]
         rows.append({**r, **{k: v for k, v in ua.items() if k not in ("host", "pid")}})
     store.atomic_write_json(out / "trials.json", {"study": study.study_name, "pruning": PRUNING, "trials": rows})
-    import pandas as pd
-
-    flat = pd.DataFrame([{**{k: v for k, v in r.items() if k != "params"}, **{f"param_{k}": v for k, v in
-                                                                               r["params"].items()}} for r in rows])
+    # the CSV is Optuna's own table (params_*, user_attrs_*), without surplus trials and the owner labels
+    flat = study.trials_dataframe()
+    if "user_attrs_surplus" in flat:
+        flat = flat[flat["user_attrs_surplus"].isna()]
+    flat = flat.drop(columns=[c for c in ("user_attrs_host", "user_attrs_pid", "user_attrs_surplus") if c in flat])
     store.atomic_write_text(out / "trials.csv", flat.to_csv(index=False))
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     res = {"task": task, "method": method, "n_complete": len(complete), "n_trials_target": cfg.search.n_trials,
