@@ -560,6 +560,10 @@ def fused_part(a, device, save) -> dict:
                 for n in a.fused_n:
                     out["points"].append(fused_stepper_point(cfg, method, n, bs, seq, device, steps, warm, init))
                     save(out)
+        for bs in a.fused_extra_bs:  # rows padded to a common batch size: what a run of another size costs
+            out["points"].append(fused_stepper_point(cfg, method, max(a.fused_n), bs, LENGTHS[a.fused_lengths[0]],
+                                                     device, steps, warm, init))
+            save(out)
         if method == "lora" and a.fused_dropout_n:
             for n in a.fused_dropout_n:  # the cost of per-run dropout masks (one draw per run and step)
                 out["points"].append(fused_stepper_point(cfg, method, n, a.fused_batch_sizes[0],
@@ -608,6 +612,8 @@ def main() -> None:
     ap.add_argument("--fused-n", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64], help="runs per fused group")
     ap.add_argument("--fused-batch-sizes", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--fused-lengths", nargs="+", choices=list(LENGTHS), default=["sst2", "rte"])
+    ap.add_argument("--fused-extra-bs", nargs="*", type=int, default=[],
+                    help="batch sizes also measured at the largest N only (first length)")
     ap.add_argument("--fused-dropout-n", nargs="*", type=int, default=[32],
                     help="LoRA group sizes also measured with dropout 0.1 (first batch size and length)")
     ap.add_argument("--fused-group-n", nargs="*", type=int, default=[32],
@@ -619,7 +625,11 @@ def main() -> None:
                     help="trajectory JSON whose padded-vs-eager difference is the bf16 noise band")
     ap.add_argument("--smoke", action="store_true", help="fused part: the tiny random model, 3 steps (CPU check)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
+    ap.add_argument("--table", type=Path, help="only print the fused table of this JSON (what a cut run measured)")
     a = ap.parse_args()
+    if a.table:
+        fused_table(json.loads(a.table.read_text()).get("fused", {}))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     result: dict = {"meta": {

@@ -470,14 +470,15 @@ def train_fused(cfg, units: list[tuple[str, tuple]], *, workers: int = 1, progre
     groups = plan_groups(cfg, runs, cfg.train.fuse_max_runs)
     if not groups:
         return []
-    here = workers <= 1 and visible_gpus() <= 1
-    named = [(f"group{i}[" + ",".join(r.name for r in g) + "]", (cfg, g, stop, progress if here else None, log))
+    here = workers <= 1 and visible_gpus() <= 1  # in this process: the stop check, progress and log can be shared
+    named = [(f"group{i}[" + ",".join(r.name for r in g) + "]",
+              (cfg, g, stop if here else None, progress if here else None, log if here else print))
              for i, g in enumerate(groups)]
     n_proc = max(1, min(workers, len(named)))
     chunks = [named[w::n_proc] for w in range(n_proc)]
     pool_units = [("+".join(n for n, _ in c), c) for c in chunks]
     out: list[UnitResult] = []
-    for r in run_units(pool_units, _groups_unit, n_proc):
+    for r in run_units(pool_units, _groups_unit, n_proc, stop=stop):
         if r.ok:
             out += r.value
         else:  # the process died: every run of its groups failed with it
@@ -549,7 +550,7 @@ def tune_fused(cfg, todo: list[tuple[str, str]], *, workers: int = 1, progress=N
                stop: Callable[[], bool] | None = None, on_trial=None, on_start=None, log=print) -> list[UnitResult]:
     """Phase 1 with fusion: ``workers`` processes (one per GPU), each with one fused group per method taking
     trials from the studies of ``todo`` (continuous batching: a freed slot takes the next trial)."""
-    here = workers <= 1 and visible_gpus() <= 1
-    units = [(f"worker{w}", (cfg, todo, w, stop if here else None, on_trial if here else None, log))
-             for w in range(max(1, workers))]
+    here = workers <= 1 and visible_gpus() <= 1  # in this process: the stop check, progress and log can be shared
+    units = [(f"worker{w}", (cfg, todo, w, stop if here else None, on_trial if here else None,
+                             log if here else print)) for w in range(max(1, workers))]
     return run_units(units, _tune_worker, max(1, workers), progress=None, stop=stop, on_start=on_start)

@@ -178,7 +178,12 @@ def n_complete(study: optuna.Study) -> int:
 def _ask_trial(study: optuna.Study, cfg, method: str, worker: int):
     """The next trial of ``study`` for this worker, labelled with this host and pid, with its hyperparameter
     overrides: ``(trial, hp_overrides)``, or None while ``n_trials`` trials are complete or running. A trial
-    created by a race between workers beyond the first ``n_trials`` is marked ``surplus`` and never runs."""
+    created by a race between workers beyond the first ``n_trials`` is marked ``surplus`` and never runs.
+
+    Why not Optuna's MaxTrialsCallback: it stops ``Study.optimize`` once n trials are complete, but parallel workers
+    (and fused groups asking for many trials at once) would overshoot; this count at ask time keeps it exact. Nor
+    RetryFailedTrialCallback: it re-enqueues a failed trial's parameters, which the reseeded sampler below proposes
+    again anyway with one worker; heartbeats (``fail_stale_trials``) are Optuna's own."""
     target = cfg.search.n_trials
     live_states = (TrialState.COMPLETE, TrialState.RUNNING)
     while n_complete(study) < target:
@@ -281,11 +286,15 @@ class TrialSource:
         for st in self.studies.values():
             fail_orphans(st)
         self.k = 0
+        self.idle_until = 0.0
+
+    # while every study is full, the group asks again at most this often (a query per step would slow its steps)
+    RECHECK_S = 5.0
 
     def next(self):
         from lorastudy.fused import RunJob
 
-        if self.stop is not None and self.stop():
+        if (self.stop is not None and self.stop()) or time.monotonic() < self.idle_until:
             return None
         for _ in range(len(self.pairs)):
             task, method = self.pairs[self.k % len(self.pairs)]
@@ -312,6 +321,7 @@ class TrialSource:
                           train_subset=self.cfg.search.train_subset.get(task), evaluate_test=False,
                           on_eval=lambda *_, beat=beat: beat(), on_done=done,
                           on_fail=lambda e, study=study, trial=trial: _fail_trial(study, trial, e))
+        self.idle_until = time.monotonic() + self.RECHECK_S
         return None
 
 
