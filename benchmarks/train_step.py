@@ -398,8 +398,25 @@ def initial_state(cfg, method: str) -> dict:
     return trainable_state(seeded_model(cfg, "sst2", method, 0, hp, torch.device("cpu")).model)
 
 
+def fused_kernels(st, host, labels, weights, lrs, decays, device) -> int:
+    """CUDA kernels of one fused step (the static code a graph replays), counted by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    width = host.shape[-1]
+    fwd, opt = st.fwd_bwd[width], st.opt_step
+    st.fwd_bwd[width], st.opt_step = (lambda w=width: st._forward_backward(w)), st._optimizer_step
+    try:
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            st.step(host, labels, weights, lrs, decays)
+            sync(device)
+        return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    finally:
+        st.fwd_bwd[width], st.opt_step = fwd, opt
+
+
 def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, steps: int, warm: int, init: dict,
-                        dropout: float = 0.0) -> dict:
+                        dropout: float = 0.0, profile: bool = False) -> dict:
     """The fused step alone (static shapes, CUDA graphs on GPU): N runs x ``bs`` rows x ``seq`` random tokens."""
     amp = torch.bfloat16 if device.type == "cuda" else None
     res = {"kind": "stepper", "method": method, "n": n, "batch_size": bs, "seq_len": seq, "lora_dropout": dropout}
@@ -418,9 +435,13 @@ def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, ste
         weights = torch.ones(n, bs)
         lrs, decays = [1e-5] * n, [1.0] * n
         ms = time_steps(lambda: st.step(host, labels, weights, lrs, decays), warm, steps, device)
-        st.close()
-        res.update(fused_step_ms=ms, run_steps_per_s=n / ms * 1e3, params_per_run=sum(
+        # the optimizer graph alone (clipping, decay, AdamW, zeroing, compute-copy refresh: memory-bound for full FT)
+        opt_ms = time_steps(st.opt_step, 1, steps, device)
+        res.update(fused_step_ms=ms, run_steps_per_s=n / ms * 1e3, optimizer_ms=opt_ms, params_per_run=sum(
             math.prod(shape) for _, _, shape in fm.bank.offsets.values()))
+        if device.type == "cuda" and profile:
+            res["kernels_per_step"] = fused_kernels(st, host, labels, weights, lrs, decays, device)
+        st.close()
     except torch.cuda.OutOfMemoryError as e:
         res["error"] = f"out of memory: {str(e)[:200]}"
     finally:
@@ -428,8 +449,9 @@ def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, ste
         release([], device)
     res["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     print(f"fused  {method:4s} N={n:<3d} b={bs} s={seq:<3d} dropout={dropout:.2f} "
-          + (f"{res['fused_step_ms']:8.2f} ms/step  {res['run_steps_per_s']:8.0f} run-steps/s"
-             if "error" not in res else res["error"])
+          + (f"{res['fused_step_ms']:8.2f} ms/step  {res['run_steps_per_s']:8.0f} run-steps/s  optimizer "
+             f"{res['optimizer_ms']:7.2f} ms" + (f"  {res['kernels_per_step']} kernels" if "kernels_per_step" in res
+                                                 else "") if "error" not in res else res["error"])
           + (f"  peak {res['peak_memory_bytes'] / 2**30:6.1f} GiB" if res["peak_memory_bytes"] else ""), flush=True)
     return res
 
@@ -528,7 +550,8 @@ def fused_table(out: dict) -> None:
     """The fused part's numbers, one line per point (printed last)."""
     print("\nfused training (run-steps/s = runs x optimizer steps per second)")
     print(f"{'kind':8s} {'method':6s} {'N':>3s} {'batch':>5s} {'seq':>4s} {'drop':>5s} {'ms/step':>9s} "
-          f"{'run-steps/s':>11s} {'x lone':>7s} {'peak GiB':>8s}")
+          f"{'run-steps/s':>11s} {'x lone':>7s} {'peak GiB':>8s} {'opt ms':>7s} {'opt Gparam/s':>12s} "
+          f"{'kernels':>7s}")
     lone = {(r["method"], r["batch_size"], r["seq_len"]): r["run_steps_per_s"] for r in out.get("lone", [])}
     for r in out.get("lone", []) + out.get("streams", []) + out.get("points", []) + out.get("group", []):
         ms = r.get("fused_step_ms", r.get("step_ms"))
@@ -539,7 +562,12 @@ def fused_table(out: dict) -> None:
               f"{r.get('lora_dropout', 0.0):5.2f} "
               + (f"{ms:9.2f} {rate:11.0f} " if rate else f"{'-':>9s} {'-':>11s} ")
               + (f"{rate / base:7.1f} " if rate and base else f"{'-':>7s} ")
-              + (f"{peak / 2**30:8.1f}" if peak else f"{'-':>8s}") + (f"  {r['error']}" if "error" in r else ""))
+              + (f"{peak / 2**30:8.1f}" if peak else f"{'-':>8s}")
+              + (f" {r['optimizer_ms']:7.2f} {r['n'] * r['params_per_run'] / r['optimizer_ms'] / 1e6:12.2f}"
+                 if "optimizer_ms" in r else f" {'-':>7s} {'-':>12s}")
+              + f" {r.get('kernels_per_step', '-'):>7}" + (f"  {r['error']}" if "error" in r else ""))
+    print("opt Gparam/s: trainable parameters (all runs) per second through the optimizer graph alone; times the "
+          "bytes it moves per parameter, its memory bandwidth")
     for t in out.get("trajectory", []):
         print(f"trajectory {t['method']}: max rel diff fused vs alone, first k steps: {t['max_rel_diff_first_k']}"
               + (f"; bf16 noise band (padded vs eager): "
@@ -558,7 +586,8 @@ def fused_part(a, device, save) -> dict:
                 out["lone"].append(lone_point(cfg, method, bs, seq, device, steps, warm))
                 save(out)
                 for n in a.fused_n:
-                    out["points"].append(fused_stepper_point(cfg, method, n, bs, seq, device, steps, warm, init))
+                    out["points"].append(fused_stepper_point(cfg, method, n, bs, seq, device, steps, warm, init,
+                                                             profile=n == max(a.fused_n)))
                     save(out)
         for bs in a.fused_extra_bs:  # rows padded to a common batch size: what a run of another size costs
             out["points"].append(fused_stepper_point(cfg, method, max(a.fused_n), bs, LENGTHS[a.fused_lengths[0]],
