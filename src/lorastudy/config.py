@@ -144,7 +144,7 @@ class TrainConfig(_Strict):
     fast_step: Literal["auto", "eager", "static", "cuda_graph"] = "auto"
     # Fused multi-run training (fused.py): `tune` and `train-all` train runs of one method as one model, N runs'
     # weights stacked; `on` = always (on CPU through the static path, as the tests compare), `off` = one model per
-    # run (the reference path), `auto` = on when runs train on a CUDA device.
+    # run (the reference path), `auto` = on when runs train on a CUDA device with fast_step auto or cuda_graph.
     fuse: Literal["auto", "on", "off"] = "auto"
     fuse_max_runs: int = Field(32, ge=1, le=1024)  # runs (slots) per fused group
 
