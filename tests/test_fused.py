@@ -130,13 +130,13 @@ def test_fused_train_all_writes_what_single_runs_write_and_reloads(tiny_cfg):
 
 
 def test_fused_tune_runs_exact_trial_counts_with_slot_reuse(tiny_cfg):
-    """Tuning with fusion: two slots for six trials (a freed slot takes the next trial); exactly n_trials complete
+    """Tuning with fusion: three slots for six trials (a freed slot takes the next trial); exactly n_trials complete
     per study, as ordinary Optuna trials with their metrics."""
     from optuna.trial import TrialState
 
     from lorastudy import tuning
 
-    cfg = _cfg(tiny_cfg, "train.fuse=on", "train.fuse_max_runs=2", "tasks=[rte, mrpc]", "methods=[lora]",
+    cfg = _cfg(tiny_cfg, "train.fuse=on", "train.fuse_max_runs=3", "tasks=[rte, mrpc]", "methods=[lora]",
                "search.n_trials=3", "search.max_steps=6")
     res = tuning.tune(cfg)
     assert not res["failures"], res["failures"]
@@ -145,6 +145,7 @@ def test_fused_tune_runs_exact_trial_counts_with_slot_reuse(tiny_cfg):
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         assert len(complete) == 3 and all("val_accuracy" in t.user_attrs for t in complete)
         assert {t.user_attrs["step_mode"] for t in complete} == {"fused-static"}
+        assert len({tuple(sorted(t.params.items())) for t in complete}) == 3  # trials asked at once differ
         assert (cfg.out / "phase1" / f"{task}_lora" / "best.yaml").is_file()
 
 

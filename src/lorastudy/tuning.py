@@ -187,11 +187,14 @@ def _ask_trial(study: optuna.Study, cfg, method: str, worker: int):
     target = cfg.search.n_trials
     live_states = (TrialState.COMPLETE, TrialState.RUNNING)
     while n_complete(study) < target:
-        if len(study.get_trials(deepcopy=False, states=live_states)) >= target:
+        live = len(study.get_trials(deepcopy=False, states=live_states))
+        if live >= target:
             return None
-        # reseed from the number of finished trials: the k-th trial's proposal then depends only on the history,
-        # so an interrupted and resumed search proposes what an uninterrupted one would have (one worker)
-        study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker + n_complete(study))
+        # reseed from the number of finished and running trials: with one worker training one trial at a time that
+        # is the number of finished trials, so the k-th trial's proposal depends only on the history and an
+        # interrupted and resumed search proposes what an uninterrupted one would have; a fused group asking for
+        # several trials at once gets a distinct seed for each (the same seed would propose the same parameters)
+        study.sampler = optuna.samplers.TPESampler(seed=cfg.search.seed + 1000 * worker + live)
         trial = study.ask()
         trial.set_user_attr("host", host_id())  # label at once: an unlabelled trial is only freed after a grace
         trial.set_user_attr("pid", os.getpid())
