@@ -13,6 +13,16 @@ longer sequences and the work lost to interrupted trials).
 
 What it leaves out is printed with the table: early stopping (makes runs shorter), evaluation passes and graph
 captures (longer; the trials-based column includes them), extraction, drift, serving and the report.
+
+With fused training (``--fused``: the JSON of ``benchmarks/train_step.py --parts fused``, e.g. from
+benchmarks/gpu/fused.sh), a second table: each phase's time as the larger of its throughput bound (run-steps over
+the measured fused rate) and its critical path (the longest chain of sequential steps x the measured step time of
+its group). Phase 2 is planned as ``lorastudy train-all`` plans it (execution.plan_groups), with the phase-1 best
+hyperparameters of ``--best-dir`` (``<task>_<method>_optimal.yaml``; default: the config's ``train`` settings):
+
+    python benchmarks/study_time.py configs/smollm2.yaml --glue ../shared/data/glue \\
+        --rates benchmarks/results/train_step_workers_h200.json --fused benchmarks/results/fused_h200.json \\
+        --best-dir benchmarks/results/tune_smollm2_h200x4
 """
 
 from __future__ import annotations
@@ -40,12 +50,94 @@ def search_grid(space) -> list[tuple[int, int]]:
     return list(product(space.batch_size, range(space.epochs.low, space.epochs.high + 1)))
 
 
+def _step_ms(points: list[dict], n: int) -> float:
+    """Fused step time at ``n`` runs, linear between the measured group sizes (clamped at the ends)."""
+    pts = sorted((p["n"], p["fused_step_ms"]) for p in points)
+    if n <= pts[0][0]:
+        return pts[0][1]
+    for (n0, t0), (n1, t1) in zip(pts, pts[1:], strict=False):
+        if n <= n1:
+            return t0 + (t1 - t0) * (n - n0) / (n1 - n0)
+    return pts[-1][1] * n / pts[-1][0]  # beyond the largest group: no better than its rate
+
+
+def fused_estimate(cfg, measured: dict, best_dir: Path | None) -> dict:
+    """Phase 1 and 2 times with fused groups, from measured fused step times (see the module docstring)."""
+    import yaml
+
+    from lorastudy.execution import PlannedRun, plan_groups
+    from lorastudy.training import HParams
+
+    f = measured.get("fused", measured)
+    stepper = [p for p in f["points"] if "fused_step_ms" in p and not p.get("lora_dropout")]
+    shape = (stepper[0]["batch_size"], stepper[0]["seq_len"])
+    curves = {m: [p for p in stepper if p["method"] == m and (p["batch_size"], p["seq_len"]) == shape]
+              for m in cfg.methods}
+    group = {p["method"]: p for p in f.get("group", [])}
+    rows = []
+    n_train = {t: len(D.splits_for(cfg, t).train) for t in cfg.tasks}
+    # phase 1: one fused group per method takes every trial of the method's studies
+    tune = {}
+    for m in cfg.methods:
+        grid = search_grid(cfg.search.spaces[m])
+        work = chain = 0.0
+        for t in cfg.tasks:
+            n_hpo = min(n_train[t], cfg.search.train_subset.get(t, n_train[t]))
+            work += float(np.mean([planned_steps(n_hpo, b, e) for b, e in grid])) * cfg.search.n_trials
+            chain = max(chain, max(planned_steps(n_hpo, b, e) for b, e in grid))
+        slots = min(cfg.train.fuse_max_runs, cfg.search.n_trials * len(cfg.tasks))
+        ms = _step_ms(curves[m], slots)
+        rate = group[m]["run_steps_per_s"] if m in group and group[m]["n"] == slots else slots / ms * 1e3
+        tune[m] = {"run_steps": work, "slots": slots, "run_steps_per_s": rate, "throughput_s": work / rate,
+                   "longest_trial_steps": chain, "critical_path_s": chain * ms / 1e3}
+        rows.append({"phase": "tune", "group": f"{m} x{slots}", **tune[m]})
+    tune_s = max(sum(v["throughput_s"] for v in tune.values()), max(v["critical_path_s"] for v in tune.values()))
+    # phase 2: the groups train-all plans
+    runs = []
+    for t in cfg.tasks:
+        for m in cfg.methods:
+            p = best_dir / f"{t}_{m}_optimal.yaml" if best_dir else None
+            over = (yaml.safe_load(p.read_text()) or {}).get("hparams", {}) if p and p.is_file() else {}
+            hp = HParams.from_config(cfg, m, over)
+            for s in cfg.seeds:
+                runs.append(PlannedRun(f"{t}/{m}/seed{s}", t, m, s, hp, planned_steps(n_train[t], hp.batch_size,
+                                                                                       hp.epochs)))
+    train_work = train_chain = 0.0
+    for g in plan_groups(cfg, runs, cfg.train.fuse_max_runs):
+        m, n = g[0].method, len(g)
+        ms = _step_ms(curves[m], n)
+        steps = max(r.steps for r in g)
+        work = sum(r.steps for r in g) * ms / 1e3 / n
+        train_work += work
+        train_chain = max(train_chain, steps * ms / 1e3)
+        rows.append({"phase": "train-all", "group": ",".join(r.name for r in g), "run_steps": sum(r.steps for r in g),
+                     "slots": n, "run_steps_per_s": n / ms * 1e3, "throughput_s": work,
+                     "longest_trial_steps": steps, "critical_path_s": steps * ms / 1e3})
+    train_s = max(train_work, train_chain)
+    print(f"\nfused groups, step times measured at batch {shape[0]} x {shape[1]} tokens (all runs assumed at that "
+          "shape)")
+    print(f"{'phase':10s} {'group':44s} {'slots':>5s} {'run-steps':>10s} {'run-steps/s':>11s} {'throughput min':>14s}"
+          f" {'longest chain':>13s} {'chain min':>9s}")
+    for r in rows:
+        print(f"{r['phase']:10s} {r['group'][:44]:44s} {r['slots']:5d} {r['run_steps']:10.0f} "
+              f"{r['run_steps_per_s']:11.0f} {r['throughput_s'] / 60:14.1f} {r['longest_trial_steps']:13.0f} "
+              f"{r['critical_path_s'] / 60:9.1f}")
+    print(f"phase 1 ~ {tune_s / 60:.1f} min, phase 2 ~ {train_s / 60:.1f} min (each the larger of its throughput "
+          f"bound and its critical path): {(tune_s + train_s) / 60:.1f} min of training; not included: early "
+          "stopping, evaluation passes, graph captures, model set-up, phases 0 and 3-4")
+    return {"shape": {"batch_size": shape[0], "seq_len": shape[1]}, "rows": rows, "tune_s": tune_s,
+            "train_s": train_s, "total_training_s": tune_s + train_s,
+            "best_hparams_from": str(best_dir) if best_dir else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", type=Path)
     ap.add_argument("--glue", required=True, help="local GLUE directory")
     ap.add_argument("--rates", type=Path, required=True, help="worker-scaling JSON of benchmarks/train_step.py")
     ap.add_argument("--trials", type=Path, help="trials JSON of a tuning run on the same GPU")
+    ap.add_argument("--fused", type=Path, help="JSON of benchmarks/train_step.py --parts fused")
+    ap.add_argument("--best-dir", type=Path, help="directory of <task>_<method>_optimal.yaml (phase-1 best)")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     cfg = load_config(a.config, [f"data.source={a.glue}"])
@@ -108,6 +200,9 @@ def main() -> None:
               f"{r['seconds_fast_best_concurrency'] / 3600:8.2f} {r['seconds_one_eager_run'] / 3600:8.2f}"
               + (f" {r['seconds_at_tuning_run_rate'] / 3600:11.2f}" if sec_per_step_trials else ""))
     print("not included:", "; ".join(out["not_included"]))
+    if a.fused:
+        out["fused"] = fused_estimate(cfg, json.loads(a.fused.read_text()), a.best_dir)
+        out["fused"]["rates_from"] = str(a.fused)
     if a.out:
         a.out.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {a.out}")

@@ -1,6 +1,7 @@
 """Optimizer-step time: the fast path (static shapes + CUDA graphs) vs lorastudy's eager step vs a plain Hugging
-Face/PEFT eager loop, all measured in the same run; loss trajectories fast vs eager on real SST-2 batches; and the
-aggregate throughput of N training processes sharing one GPU. Prints tables and writes JSON.
+Face/PEFT eager loop, all measured in the same run; loss trajectories fast vs eager on real SST-2 batches; the
+aggregate throughput of N training processes sharing one GPU; and fused groups (N runs trained as one model).
+Prints tables and writes JSON.
 
 Parts (``--parts``):
   steps       ms/step, tokens/s, speedup vs HF eager and MFU, for SmolLM2-135M (real weights) and TinyLlama-1.1B's
@@ -9,9 +10,15 @@ Parts (``--parts``):
               bucket-padded batches as the bf16-noise reference (same math, other shapes).
   workers     N = 1, 2, 4, 8, 16 concurrent SmolLM2 runs on one GPU (fast path, batch 4), as N processes and as N
               streams of one process: aggregate steps/s, against one eager run.
+  fused       fused groups (fused.py): run-steps/s against N for LoRA and full FT at the given batch sizes and
+              lengths (the fused step alone, random tokens), beside one lone fast-path run of the same shape and
+              (--fused-streams K) K lone runs on K streams; the trainer's own loop on real SST-2 batches
+              (--fused-group-n); peak memory; and a fused run vs the same run alone over real SST-2 steps
+              (--fused-trajectory-steps). ``--smoke``: the tiny random model, a few steps, on any device.
 
     python benchmarks/train_step.py --out benchmarks/results/train_step_h200.json
     python benchmarks/train_step.py --parts steps --models smollm2 --batch-sizes 1 4 --steps 5   # quick CPU check
+    python benchmarks/train_step.py --parts fused --smoke --out /tmp/fused_smoke.json            # CPU check
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import platform
 import sys
@@ -30,13 +38,15 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from lorastudy import data as D
+from lorastudy import fused
 from lorastudy import modeling as M
 from lorastudy.config import load_config
 from lorastudy.fast_step import StaticTrainStep, default_buckets, fuse_rms_norms
+from lorastudy.fused import FusedGroup, FusedModel, FusedStepper, ListSource, RunJob, trainable_state
 from lorastudy.serving.benchmark import random_batch
 from lorastudy.serving.build import synthetic_base
 from lorastudy.store import code_version
-from lorastudy.training import HParams, Setup, make_optimizer, train_step
+from lorastudy.training import HParams, Setup, make_optimizer, seeded_model, train_run, train_step
 
 LENGTHS = {"sst2": 24, "rte": 64}  # SST-2-like and RTE-like batch lengths (tokens), cf. data-stats p50
 MODEL_LENGTHS = {"smollm2": ["sst2"], "tinyllama": ["rte"]}  # the issue's shapes: SST-2 batches; TinyLlama 16 x 64
@@ -320,7 +330,7 @@ def _worker(rank: int, mode: str, method: str, seconds: float, streams: int, bar
 
 
 def worker_scaling(counts: list[int], method: str, seconds: float, save=None,
-                   modes: tuple[str, ...] = ("processes", "streams")) -> dict:
+                   modes: tuple[str, ...] = ("processes", "streams"), eager: bool = True) -> dict:
     """Aggregate steps/s as concurrent runs grow, as processes (time-sliced on the GPU) and as streams of one
     process (their graphs may overlap), against one eager run."""
     import queue as queue_mod
@@ -329,7 +339,7 @@ def worker_scaling(counts: list[int], method: str, seconds: float, save=None,
 
     ctx = mp.get_context("spawn")
     out = {"method": method, "batch_size": 4, "seq_len": LENGTHS["sst2"], "seconds": seconds, "points": []}
-    plan = [("eager", 1, 1)] + [("fast", n, 1) for n in counts if "processes" in modes or n == 1] \
+    plan = [("eager", 1, 1)] * eager + [("fast", n, 1) for n in counts if "processes" in modes or n == 1] \
         + [("fast", 1, n) for n in counts if n > 1 and "streams" in modes]
     for mode, procs_n, streams in plan:
         barrier, q = ctx.Barrier(procs_n), ctx.Queue()
@@ -360,6 +370,8 @@ def worker_scaling(counts: list[int], method: str, seconds: float, save=None,
         print(f"{mode:5s} processes={procs_n:<3d} streams={streams:<3d} aggregate "
               f"{point['aggregate_steps_per_s']:8.1f} steps/s  per run "
               f"{np.mean(rates) if rates else float('nan'):7.1f}  errors {errors[:1]}", flush=True)
+    if not eager:  # only the fast points were asked for
+        return out
     eager = out["points"][0]["aggregate_steps_per_s"]
     best = max(out["points"][1:], key=lambda p: p["aggregate_steps_per_s"])
     out["eager_one_run_steps_per_s"] = eager
@@ -373,13 +385,246 @@ def worker_scaling(counts: list[int], method: str, seconds: float, save=None,
     return out
 
 
+# -- fused groups ------------------------------------------------------------------------------------------------
+def bench_cfg(smoke: bool, glue: str | None, *sets: str):
+    """SmolLM2-135M (or, with ``smoke``, the tiny random Llama) with the protocol's training settings."""
+    src = "tiny-random-llama" if smoke else "smollm2-135m"
+    return load_config(None, [f"model.source={src}", *([f"data.source={glue}"] if glue else []), *sets])
+
+
+def initial_state(cfg, method: str) -> dict:
+    """A lone run's initial trainable weights (loaded into every slot: the values do not change the speed)."""
+    hp = HParams.from_config(cfg, method, {"lora_dropout": 0.0})
+    return trainable_state(seeded_model(cfg, "sst2", method, 0, hp, torch.device("cpu")).model)
+
+
+def fused_kernels(st, host, labels, weights, lrs, decays, device) -> int:
+    """CUDA kernels of one fused step (the static code a graph replays), counted by the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    width = host.shape[-1]
+    fwd, opt = st.fwd_bwd[width], st.opt_step
+    st.fwd_bwd[width], st.opt_step = (lambda w=width: st._forward_backward(w)), st._optimizer_step
+    try:
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            st.step(host, labels, weights, lrs, decays)
+            sync(device)
+        return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+    finally:
+        st.fwd_bwd[width], st.opt_step = fwd, opt
+
+
+def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, steps: int, warm: int, init: dict,
+                        dropout: float = 0.0, profile: bool = False) -> dict:
+    """The fused step alone (static shapes, CUDA graphs on GPU): N runs x ``bs`` rows x ``seq`` random tokens."""
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    res = {"kind": "stepper", "method": method, "n": n, "batch_size": bs, "seq_len": seq, "lora_dropout": dropout}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        fm = FusedModel(cfg, method, 2, n, device, amp)
+        st = FusedStepper(fm, bs, 0.3, 32, cuda_graph=device.type == "cuda", dropout=dropout > 0)
+        for slot in range(n):
+            fm.load_slot(slot, init)
+            st.assign(slot, slot, dropout, 16 / cfg.lora.rank)
+        gen = torch.Generator().manual_seed(n)
+        b = random_batch(fm.model.config.vocab_size, n * bs, seq, "cpu", gen)
+        host = torch.stack([b["input_ids"], b["attention_mask"], b["position_ids"]])
+        labels = torch.randint(0, 2, (n * bs,), generator=gen)
+        weights = torch.ones(n, bs)
+        lrs, decays = [1e-5] * n, [1.0] * n
+        ms = time_steps(lambda: st.step(host, labels, weights, lrs, decays), warm, steps, device)
+        # the optimizer graph alone (clipping, decay, AdamW, zeroing, compute-copy refresh: memory-bound for full FT)
+        opt_ms = time_steps(st.opt_step, 1, steps, device)
+        res.update(fused_step_ms=ms, run_steps_per_s=n / ms * 1e3, optimizer_ms=opt_ms, params_per_run=sum(
+            math.prod(shape) for _, _, shape in fm.bank.offsets.values()))
+        if device.type == "cuda" and profile:
+            res["kernels_per_step"] = fused_kernels(st, host, labels, weights, lrs, decays, device)
+        st.close()
+    except torch.cuda.OutOfMemoryError as e:
+        res["error"] = f"out of memory: {str(e)[:200]}"
+    finally:
+        fm = st = None  # noqa: F841
+        release([], device)
+    res["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    print(f"fused  {method:4s} N={n:<3d} b={bs} s={seq:<3d} dropout={dropout:.2f} "
+          + (f"{res['fused_step_ms']:8.2f} ms/step  {res['run_steps_per_s']:8.0f} run-steps/s  optimizer "
+             f"{res['optimizer_ms']:7.2f} ms" + (f"  {res['kernels_per_step']} kernels" if "kernels_per_step" in res
+                                                 else "") if "error" not in res else res["error"])
+          + (f"  peak {res['peak_memory_bytes'] / 2**30:6.1f} GiB" if res["peak_memory_bytes"] else ""), flush=True)
+    return res
+
+
+def lone_point(cfg, method: str, bs: int, seq: int, device, steps: int, warm: int) -> dict:
+    """One lone run's fast-path step (what train.fuse=off gives a run) at the same shape."""
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    hp = HParams.from_config(cfg, method, {"lora_dropout": 0.0})
+    s = seeded_model(cfg, "sst2", method, 0, hp, device)
+    fuse_rms_norms(s.model)
+    st, _, sched = fast_stepper(s.model, s.params, bs, amp, device)
+    gen = torch.Generator().manual_seed(0)
+    b = random_batch(s.model.config.vocab_size, bs, seq, "cpu", gen)
+    y = torch.randint(0, 2, (bs,), generator=gen)
+    ms = time_steps(lambda: (st.step(b, y), sched.step()), warm, steps, device)
+    st.close()
+    release(s.params, device)
+    print(f"lone   {method:4s} N=1   b={bs} s={seq:<3d} {ms:8.2f} ms/step  {1e3 / ms:8.0f} run-steps/s", flush=True)
+    return {"kind": "lone", "method": method, "n": 1, "batch_size": bs, "seq_len": seq, "step_ms": ms,
+            "run_steps_per_s": 1e3 / ms}
+
+
+def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, warm: int, init: dict,
+                      dropout: float = 0.0) -> dict:
+    """The trainer's own loop (FusedGroup._step: each run's next real batch from its own order, the host batch,
+    the schedules; no evaluation) for N tuning-like runs on SST-2's 3,000-row search subset."""
+    g = FusedGroup(cfg, method, 2, n, bs, device=device, dropout=dropout > 0)
+    hp = lambda i: HParams.from_config(cfg, method, {"batch_size": bs, "lora_dropout": dropout,  # noqa: E731
+                                                     "epochs": 4, "lr": 1e-5 * (1 + i % 4)})
+    for i in range(n):  # every seed's initial weights (the values do not change the speed): no rebuilds
+        g._init[(i, "sst2")] = (init, 0, 0)
+    g._fill(ListSource([RunJob(f"r{i}", "sst2", method, i, hp(i), train_subset=3000, evaluate_test=False)
+                        for i in range(n)]))
+    for _ in range(warm):
+        g._step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        g._step()
+    sync(device)
+    ms = (time.perf_counter() - t0) / steps * 1e3
+    widths = sorted(g.stepper.inputs)
+    g.stepper.close()
+    release([], device)
+    print(f"group  {method:4s} N={n:<3d} b={bs} real SST-2 {ms:8.2f} ms/step  {n / ms * 1e3:8.0f} run-steps/s  "
+          f"(widths captured {widths})", flush=True)
+    return {"kind": "group", "method": method, "n": n, "batch_size": bs, "data": "sst2 search subset (3000 rows)",
+            "lora_dropout": dropout, "fused_step_ms": ms, "run_steps_per_s": n / ms * 1e3, "widths": widths,
+            "warmup_steps": warm, "steps": steps}
+
+
+def fused_trajectory(method: str, n_steps: int, others: int, device, glue: str | None, smoke: bool,
+                     noise_ref: Path | None) -> dict:
+    """A run trained inside a fused group (beside ``others`` runs of other seeds and learning rates) vs the same
+    run alone, on the same real SST-2 batches (batch 4, dropout 0): per-step training losses."""
+    mode = "cuda_graph" if device.type == "cuda" else "static"
+    cfg = bench_cfg(smoke, glue, "data.validation_max=32", "data.train_limit.sst2=8000", "train.patience=1000000",
+                    "train.evals_per_epoch=1000000", f"train.fast_step={mode}", "train.fuse=on")
+    lr = 2e-5 if method == "full" else 5e-4
+    hp = HParams(lr, 4, 1, 0.1, 0.0, 16, 0.0, max_steps=n_steps)
+    alone = train_run(cfg, "sst2", method, 0, hp, evaluate_test=False)
+    specs = [{"task": "sst2", "method": method, "seed": 0, "hp": hp, "evaluate_test": False}]
+    specs += [{"task": "sst2", "method": method, "seed": i, "evaluate_test": False,
+               "hp": HParams(lr * (0.5 + 0.25 * i), 4, 1, 0.1, 0.0, 16, 0.0, max_steps=n_steps)}
+              for i in range(1, others + 1)]
+    group = fused.train_runs(cfg, specs)
+    if not isinstance(group[0], dict):
+        raise RuntimeError(f"fused trajectory run failed: {group[0]}")
+    la = np.array([c["train_loss"] for c in alone["curve"]])
+    lg = np.array([c["train_loss"] for c in group[0]["curve"]])
+    rel = np.abs(lg - la) / np.maximum(np.abs(la), 1e-8)
+    ks = [k for k in (1, 5, 10, 20, 50, 100, 200) if k <= len(rel)]
+    res = {"method": method, "steps": n_steps, "group_size": others + 1, "lr": lr, "step_mode": mode,
+           "losses": {"alone": la.tolist(), "fused": lg.tolist()},
+           "max_rel_diff_first_k": {str(k): float(rel[:k].max()) for k in ks},
+           "median_rel_diff": float(np.median(rel)),
+           "mean_loss_last_20": {"alone": float(la[-20:].mean()), "fused": float(lg[-20:].mean())}}
+    if noise_ref is not None and noise_ref.is_file():  # the bf16 noise band of the trajectory table
+        ref = json.loads(noise_ref.read_text())
+        ref = ref.get("trajectory", [ref])[0] if isinstance(ref, dict) else ref[0]
+        e = np.array(ref["losses"]["eager"])
+        p = np.array(ref["losses"]["eager_padded"])
+        r = np.abs(p - e) / np.maximum(np.abs(e), 1e-8)
+        res["noise_reference"] = {"file": str(noise_ref), "method": ref["method"],
+                                  "padded_vs_eager_max_rel_diff_first_k": {str(k): float(r[:k].max()) for k in ks
+                                                                           if k <= len(r)}}
+    print(f"trajectory {method}: fused (in a group of {others + 1}) vs alone, max rel diff over the first k steps "
+          f"{res['max_rel_diff_first_k']}; last-20 mean loss {res['mean_loss_last_20']}", flush=True)
+    if "noise_reference" in res:
+        print(f"  noise band (eager on padded batches vs eager, {res['noise_reference']['file']}): "
+              f"{res['noise_reference']['padded_vs_eager_max_rel_diff_first_k']}", flush=True)
+    return res
+
+
+def fused_table(out: dict) -> None:
+    """The fused part's numbers, one line per point (printed last)."""
+    print("\nfused training (run-steps/s = runs x optimizer steps per second)")
+    print(f"{'kind':8s} {'method':6s} {'N':>3s} {'batch':>5s} {'seq':>4s} {'drop':>5s} {'ms/step':>9s} "
+          f"{'run-steps/s':>11s} {'x lone':>7s} {'peak GiB':>8s} {'opt ms':>7s} {'opt Gparam/s':>12s} "
+          f"{'kernels':>7s}")
+    lone = {(r["method"], r["batch_size"], r["seq_len"]): r["run_steps_per_s"] for r in out.get("lone", [])}
+    for r in out.get("lone", []) + out.get("streams", []) + out.get("points", []) + out.get("group", []):
+        ms = r.get("fused_step_ms", r.get("step_ms"))
+        rate = r.get("run_steps_per_s")
+        base = lone.get((r["method"], r["batch_size"], r.get("seq_len")))
+        peak = r.get("peak_memory_bytes")
+        print(f"{r['kind']:8s} {r['method']:6s} {r['n']:3d} {r['batch_size']:5d} {str(r.get('seq_len', 'real')):>4s} "
+              f"{r.get('lora_dropout', 0.0):5.2f} "
+              + (f"{ms:9.2f} {rate:11.0f} " if rate else f"{'-':>9s} {'-':>11s} ")
+              + (f"{rate / base:7.1f} " if rate and base else f"{'-':>7s} ")
+              + (f"{peak / 2**30:8.1f}" if peak else f"{'-':>8s}")
+              + (f" {r['optimizer_ms']:7.2f} {r['n'] * r['params_per_run'] / r['optimizer_ms'] / 1e6:12.2f}"
+                 if "optimizer_ms" in r else f" {'-':>7s} {'-':>12s}")
+              + f" {r.get('kernels_per_step', '-'):>7}" + (f"  {r['error']}" if "error" in r else ""))
+    print("opt Gparam/s: trainable parameters (all runs) per second through the optimizer graph alone; times the "
+          "bytes it moves per parameter, its memory bandwidth")
+    for t in out.get("trajectory", []):
+        print(f"trajectory {t['method']}: max rel diff fused vs alone, first k steps: {t['max_rel_diff_first_k']}"
+              + (f"; bf16 noise band (padded vs eager): "
+                 f"{t['noise_reference']['padded_vs_eager_max_rel_diff_first_k']}" if "noise_reference" in t else ""))
+
+
+def fused_part(a, device, save) -> dict:
+    out: dict = {"points": [], "lone": [], "streams": [], "group": [], "trajectory": [], "smoke": a.smoke}
+    steps, warm = (3, 1) if a.smoke else (a.steps, a.warmup)
+    for method in a.methods:
+        cfg = bench_cfg(a.smoke, a.glue)
+        init = initial_state(cfg, method)
+        for ln in a.fused_lengths:
+            seq = LENGTHS[ln]
+            for bs in a.fused_batch_sizes:
+                out["lone"].append(lone_point(cfg, method, bs, seq, device, steps, warm))
+                save(out)
+                for n in a.fused_n:
+                    out["points"].append(fused_stepper_point(cfg, method, n, bs, seq, device, steps, warm, init,
+                                                             profile=n == max(a.fused_n)))
+                    save(out)
+        for bs in a.fused_extra_bs:  # rows padded to a common batch size: what a run of another size costs
+            out["points"].append(fused_stepper_point(cfg, method, max(a.fused_n), bs, LENGTHS[a.fused_lengths[0]],
+                                                     device, steps, warm, init))
+            save(out)
+        if method == "lora" and a.fused_dropout_n:
+            for n in a.fused_dropout_n:  # the cost of per-run dropout masks (one draw per run and step)
+                out["points"].append(fused_stepper_point(cfg, method, n, a.fused_batch_sizes[0],
+                                                         LENGTHS[a.fused_lengths[0]], device, steps, warm, init,
+                                                         dropout=0.1))
+                save(out)
+        for n in a.fused_group_n:
+            out["group"].append(fused_group_point(cfg, method, n, a.fused_batch_sizes[0], device, steps, warm, init))
+            save(out)
+        if a.fused_streams and device.type == "cuda":
+            w = worker_scaling([a.fused_streams], method, a.worker_seconds, modes=("streams",), eager=False)
+            for p in w["points"]:
+                if p["mode"] == "fast" and p["streams"] > 1:
+                    out["streams"].append({"kind": "streams", "method": method, "n": p["streams"], "batch_size": 4,
+                                           "seq_len": LENGTHS["sst2"], "run_steps_per_s": p["aggregate_steps_per_s"],
+                                           "errors": p["errors"]})
+            save(out)
+    for method in a.methods if a.fused_trajectory_steps else []:
+        out["trajectory"].append(fused_trajectory(method, a.fused_trajectory_steps, a.fused_trajectory_others,
+                                                  device, a.glue, a.smoke, a.noise_ref))
+        save(out)
+    fused_table(out)
+    return out
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["steps", "trajectory", "workers"],
-                    choices=["steps", "trajectory", "workers"])
+                    choices=["steps", "trajectory", "workers", "fused"])
     ap.add_argument("--models", nargs="+", default=["smollm2", "tinyllama"])
     ap.add_argument("--methods", nargs="+", default=["full", "lora"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 16])
@@ -393,8 +638,27 @@ def main() -> None:
                     help="grow the concurrent runs as processes, as streams of one process, or both")
     ap.add_argument("--worker-method", default="lora")
     ap.add_argument("--worker-seconds", type=float, default=8.0)
+    ap.add_argument("--fused-n", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64], help="runs per fused group")
+    ap.add_argument("--fused-batch-sizes", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--fused-lengths", nargs="+", choices=list(LENGTHS), default=["sst2", "rte"])
+    ap.add_argument("--fused-extra-bs", nargs="*", type=int, default=[],
+                    help="batch sizes also measured at the largest N only (first length)")
+    ap.add_argument("--fused-dropout-n", nargs="*", type=int, default=[32],
+                    help="LoRA group sizes also measured with dropout 0.1 (first batch size and length)")
+    ap.add_argument("--fused-group-n", nargs="*", type=int, default=[32],
+                    help="group sizes of the trainer-loop measurement on real SST-2 batches (first batch size)")
+    ap.add_argument("--fused-streams", type=int, default=8, help="lone runs on this many streams (0: skip)")
+    ap.add_argument("--fused-trajectory-steps", type=int, default=200, help="0: skip the trajectory check")
+    ap.add_argument("--fused-trajectory-others", type=int, default=7, help="other runs in the trajectory's group")
+    ap.add_argument("--noise-ref", type=Path, default=Path("benchmarks/results/train_step_trajectory_lora_h200.json"),
+                    help="trajectory JSON whose padded-vs-eager difference is the bf16 noise band")
+    ap.add_argument("--smoke", action="store_true", help="fused part: the tiny random model, 3 steps (CPU check)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
+    ap.add_argument("--table", type=Path, help="only print the fused table of this JSON (what a cut run measured)")
     a = ap.parse_args()
+    if a.table:
+        fused_table(json.loads(a.table.read_text()).get("fused", {}))
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     result: dict = {"meta": {
@@ -424,6 +688,9 @@ def main() -> None:
                                                save=lambda w: (result.__setitem__("workers", w), save()),
                                                modes=tuple(a.worker_modes))
             save()
+    if "fused" in a.parts:
+        result["fused"] = fused_part(a, device, save=lambda f: (result.__setitem__("fused", f), save()))
+        save()
     print(f"wrote {a.out}")
 
 

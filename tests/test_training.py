@@ -169,3 +169,25 @@ def test_static_shape_buckets_compute_the_same_thing(tiny_cfg):
 
     assert bucket_width(33, [32, 48, 64]) == 48 and bucket_width(70, [32, 64]) is None
     assert bucket_width(5, None) is None
+
+
+def test_data_order_and_early_stopping_state_roundtrip():
+    """A run's data order and early-stopping state are plain data: restored mid-epoch, the batches and decisions
+    continue exactly as without the interruption (what mid-run checkpoints build on)."""
+    from lorastudy.training import DataOrder, EarlyStopping
+
+    lengths = np.random.default_rng(0).integers(3, 40, size=23)
+    ref = DataOrder(lengths, 4, seed=5, group_by_length=True)
+    want = [ref.next().tolist() for _ in range(15)]  # crosses two epoch boundaries (6 batches each)
+    a = DataOrder(lengths, 4, seed=5, group_by_length=True)
+    got = [a.next().tolist() for _ in range(8)]
+    b = DataOrder(lengths, 4, seed=0, group_by_length=True)
+    b.load_state_dict(a.state_dict())
+    got += [b.next().tolist() for _ in range(7)]
+    assert got == want
+    stop = EarlyStopping(2)
+    for step, loss in ((1, 0.5), (2, 0.6)):
+        stop.update(step, {"loss": loss})
+    again = EarlyStopping(2)
+    again.load_state_dict(stop.state_dict())
+    assert not again.update(3, {"loss": 0.7}) and again.should_stop and again.best_step == 1

@@ -138,8 +138,9 @@ def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
 
 
 @pytest.mark.parametrize("extra, group", [(["--streams", "2"], False), (["--workers", "2"], False),
-                                          (["--workers", "2", "--streams", "2"], True)],
-                         ids=["threads", "processes", "processes_x_threads_group_signal"])
+                                          (["--workers", "2", "--streams", "2"], True),
+                                          (["--set", "train.fuse=on", "--set", "train.fast_step=static"], False)],
+                         ids=["threads", "processes", "processes_x_threads_group_signal", "fused_group"])
 def test_sigterm_stops_parallel_tune_and_frees_its_trials(tiny_cfg, extra, group):
     """`timeout` / a scheduler's cancel, sent to the tune process alone or to its whole process group (what
     `timeout` does): a tune running trials in threads (--streams) and/or worker processes (--workers) exits promptly

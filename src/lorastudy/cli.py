@@ -5,9 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorastudy.config import ConfigError, StudyConfig, dump_yaml, load_config
-from lorastudy.workers import default_streams
+from lorastudy.execution import default_streams, exit_if_threads_alive
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect study configs.")
@@ -53,13 +51,8 @@ def _handle_errors(fn):
 
 
 def _exit_interrupted() -> None:
-    """Exit 130 after an interrupt. Runs of --streams are daemon threads that cannot be stopped from outside; what
-    they did is already safe (finished work on disk, their trials marked failed by ``tune``), so when any is still
-    inside a torch call end the process at once: interpreter shutdown beside such threads can hang (seen in CI)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if any(t.daemon and t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
-        os._exit(130)
+    """Exit 130 after an interrupt (at once when run threads are still inside torch calls: see execution)."""
+    exit_if_threads_alive(130)
     raise typer.Exit(130)
 
 

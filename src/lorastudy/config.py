@@ -142,12 +142,23 @@ class TrainConfig(_Strict):
     # ``eager`` = the plain eager reference path (also ``false``); ``auto`` = cuda_graph on a CUDA device, eager
     # elsewhere.
     fast_step: Literal["auto", "eager", "static", "cuda_graph"] = "auto"
+    # Fused multi-run training (fused.py): `tune` and `train-all` train runs of one method as one model, N runs'
+    # weights stacked; `on` = always (on CPU through the static path, as the tests compare), `off` = one model per
+    # run (the reference path), `auto` = on when runs train on a CUDA device with fast_step auto or cuda_graph.
+    fuse: Literal["auto", "on", "off"] = "auto"
+    fuse_max_runs: int = Field(32, ge=1, le=1024)  # runs (slots) per fused group
 
     @field_validator("fast_step", mode="before")
     @classmethod
     def _fast_step_bool(cls, v: Any) -> Any:
         # YAML reads off/false/no as False: accept it as "eager", and true as "auto"
         return {False: "eager", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("fuse", mode="before")
+    @classmethod
+    def _fuse_bool(cls, v: Any) -> Any:
+        # YAML reads on/off as booleans
+        return {False: "off", True: "on"}.get(v, v) if isinstance(v, bool) else v
 
 
 class SanityConfig(_Strict):

@@ -23,19 +23,19 @@ replay already removes the launch overhead it would remove.
 from __future__ import annotations
 
 import gc
-import threading
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lorastudy import modeling as M
+from lorastudy.execution import CAPTURE_LOCK as _CAPTURE_LOCK
 
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
-# Several runs may share a process, one thread and CUDA stream each (workers.run_units with streams > 1). Captures
-# are serialised; each captures in "thread_local" mode so that the other threads keep launching work meanwhile.
-_CAPTURE_LOCK = threading.Lock()
+# Several runs may share a process, one thread and CUDA stream each (execution.run_units with streams > 1).
+# Captures are serialised (execution.CAPTURE_LOCK); each captures in "thread_local" mode so that the other threads
+# keep launching work meanwhile.
 
 
 def default_buckets(max_length: int) -> list[int]:

@@ -28,21 +28,20 @@ def production_units(cfg) -> list[tuple[str, str, int]]:
     return [(t, m, s) for t in cfg.tasks for m in cfg.methods for s in cfg.seeds]
 
 
-def _train_unit(arg, device):
+def _train_unit(arg, ctx):
     from lorastudy.training import HParams, run_and_save
 
     cfg, task, method, seed, hp_over = arg
-    del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
     hp = HParams.from_config(cfg, method, hp_over)
-    m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed))
+    m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed), ctx=ctx)
     return {"test": m["test"][m["primary_metric"]], "collapsed": m["collapsed"]}
 
 
 def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | None = None, log=print,
               streams: int = 1) -> dict:
     """Phase 2: every task x method x seed with the phase-1 best hyperparameters on the full training split."""
+    from lorastudy import execution
     from lorastudy.tuning import best_hparams
-    from lorastudy.workers import run_units
 
     units, skipped = [], []
     for t, m, s in production_units(cfg):
@@ -56,7 +55,10 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
         units.append((f"{t}/{m}/seed{s}", (cfg, t, m, s, hp)))
     if progress is not None:
         progress.set_total(len(units))
-    res = run_units(units, _train_unit, workers, progress=progress, stop=stop, streams=streams)
+    if execution.fuse_enabled(cfg):  # fused groups planned by the critical path (execution.plan_groups)
+        res = execution.train_fused(cfg, units, workers=workers, progress=progress, stop=stop, log=log)
+    else:
+        res = execution.run_units(units, _train_unit, workers, progress=progress, stop=stop, streams=streams)
     failures = [{"unit": r.name, "error": r.error} for r in res if not r.ok]
     summary = {"trained": [r.name for r in res if r.ok], "skipped_complete": skipped, "failures": failures,
                "not_started": len(units) - len(res)}

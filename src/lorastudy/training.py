@@ -1,25 +1,32 @@
 """One fine-tuning run: (task, method, seed, hyperparameters) -> trained model + metrics.
 
-Read it top to bottom: ``train_run`` sets up, loops over length-grouped batches, evaluates on the validation split a
-few times per epoch, stops early on validation loss, restores the best weights and evaluates the test split once.
+``train_run`` reads top to bottom as setup -> fit -> validate (litgpt's split):
+
+* setup: the run's model (seeded, under the init lock), its data (``RunData``), its state (``RunState``: data order,
+  step, early stopping, curve) and a stepper (eager, static or CUDA-graph; see ``Stepper``);
+* fit: the loop over length-grouped batches, validation ``evals_per_epoch`` times per epoch, early stopping on
+  validation loss (``EarlyStopping``);
+* validate: restore the best weights, evaluate the test split once, build the metrics.
+
+The per-run objects (``RunState``, ``DataOrder``, ``EarlyStopping``) are explicit and shared with fused groups
+(fused.py), where one loop advances many runs at once; their state is plain data, for checkpoints.
 
 No host sync inside the step: the running loss stays on the device and is read at evaluation points only; a NaN/inf
 anywhere in the window makes that sum non-finite, so divergence is still caught. On CUDA the step and the evaluation
-forward are replayed as CUDA graphs over static padded shapes (``train.fast_step``, see fast_step.py); ``train_step``
-below is the eager reference path.
+forward are replayed as CUDA graphs over static padded shapes (``train.fast_step``, see fast_step.py);
+``train_step`` below is the eager reference path. Where a run executes (device, threads, fused groups) is decided
+by execution.py and passed in as a context.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import random
 import resource
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,11 +38,6 @@ from lorastudy import metrics as MT
 from lorastudy import modeling as M
 from lorastudy import store
 from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets, fuse_rms_norms
-
-# Runs may share a process (workers.run_units with streams > 1): seeding and building a model hold this lock, so
-# each run's initial weights come from its own seed whatever the other threads draw meanwhile.
-_INIT_LOCK = threading.Lock()
-_ACTIVE = {"runs": 0}  # runs training in this process now (guarded by _INIT_LOCK)
 
 
 class TrainingError(RuntimeError):
@@ -73,14 +75,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(spec: str) -> torch.device:
-    """``auto`` = CUDA when available. The worker pool sets LORASTUDY_DEVICE (e.g. cuda:3) to spread runs over
-    GPUs; it overrides ``auto`` and a bare ``cuda``, not an explicit ``cuda:N`` or ``cpu``."""
-    if spec in ("auto", "cuda") and os.environ.get("LORASTUDY_DEVICE"):
-        return torch.device(os.environ["LORASTUDY_DEVICE"])
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+def pick_device(spec: str, ctx=None) -> torch.device:
+    """``train.device`` resolved where the work runs (``execution.resolve_device``; ``ctx``: an
+    ``execution.Context`` naming the GPU a worker was given)."""
+    from lorastudy.execution import resolve_device
+
+    return resolve_device(spec, ctx)
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -159,6 +159,19 @@ def build_model(cfg, task: str, method: str, seed: int, hp: HParams, device: tor
     return Setup(model, tok, device, amp_dtype(cfg.train.precision, device), trainable, total, params)
 
 
+def seeded_model(cfg, task: str, method: str, seed: int, hp: HParams, device: torch.device) -> Setup:
+    """``build_model`` with the run's seed, and the run's own dropout generator (modeling.SeededDropout), under the
+    process's init lock: with several runs per process a run's initial weights come from its own seed whatever the
+    other threads draw meanwhile."""
+    from lorastudy.execution import INIT_LOCK
+
+    with INIT_LOCK:
+        seed_everything(seed)
+        s = build_model(cfg, task, method, seed, hp, device)
+        M.seed_dropout(s.model, seed, device)
+    return s
+
+
 def make_optimizer(model, hp: HParams, device: torch.device, graphs: bool = False) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and norm weights (1-D tensors), as in HF Trainer. ``graphs``: capturable,
     with the learning rate as a device tensor per group (the scheduler writes it in place; a graph reads it)."""
@@ -185,6 +198,16 @@ def step_mode(spec: str, device: torch.device) -> str:
     return spec
 
 
+def run_buckets(cfg, mode: str) -> list[int] | None:
+    """Padded widths: ``train.shape_buckets``, else a default set on the static paths (every batch must land in a
+    bucket there: a graph per stray width would pile up), else dynamic padding (None)."""
+    L = cfg.data.max_length
+    buckets = cfg.train.shape_buckets or (default_buckets(L) if mode != "eager" else None)
+    if mode != "eager":
+        buckets = sorted(set(buckets) | {L})
+    return buckets
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -209,7 +232,340 @@ def peak_memory(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # CPU: max RSS of the process
 
 
+# -- a run's data and state (shared with fused groups) -----------------------------------------------------------
+@dataclass
+class RunData:
+    """The encoded splits of one run (test only when it will be evaluated) and how batches are padded."""
+
+    task: str
+    train: D.Encoded
+    validation: D.Encoded
+    test: D.Encoded | None
+    test_idx: list | None
+    pad_id: int
+    padding_side: str
+    buckets: list[int] | None
+
+    def collate(self, enc: D.Encoded, idx: np.ndarray, pad_to: int | None = None) -> dict:
+        """A CPU batch of rows ``idx`` of ``enc``, padded to its bucket width (or ``pad_to``)."""
+        if pad_to is None:
+            pad_to = D.bucket_width(int(max(len(enc.input_ids[i]) for i in idx)), self.buckets)
+        return D.collate([enc.input_ids[i] for i in idx], self.pad_id, self.padding_side, pad_to)
+
+
+def prepare_data(cfg, task: str, tokenizer, *, splits: D.Splits | None = None, train_subset: int | None = None,
+                 evaluate_test: bool = True, buckets: list[int] | None = None) -> RunData:
+    """Encode the run's splits (``train_subset``: a seeded stratified subset of train, for HPO).
+
+    Raises TrainingError when train or validation is empty."""
+    spec = cfg.task(task)
+    splits = splits or D.splits_for(cfg, task)
+    train_df = D.subset(splits.train, train_subset, cfg.data.split_seed, f"{task}-hpo") if train_subset \
+        else splits.train
+    L = cfg.data.max_length
+    enc_train, enc_val = D.encode(tokenizer, train_df, spec, L), D.encode(tokenizer, splits.validation, spec, L)
+    if len(enc_train) == 0 or len(enc_val) == 0:
+        raise TrainingError(f"{task}: empty train or validation split")
+    enc_test = D.encode(tokenizer, splits.test, spec, L) if evaluate_test else None
+    return RunData(task, enc_train, enc_val, enc_test, splits.test["idx"].tolist() if evaluate_test else None,
+                   tokenizer.pad_token_id, cfg.model.padding_side, buckets)
+
+
+class DataOrder:
+    """A run's training batches: per epoch, length-grouped (``group_by_length``) or plainly shuffled, from the
+    run's own generator seeded with its seed. The position (epoch, batch within it, the generator state at the
+    epoch's start) is explicit, so a checkpoint can restore it."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int, group_by_length: bool) -> None:
+        self.lengths, self.batch_size, self.group_by_length = lengths, batch_size, group_by_length
+        self.rng = np.random.default_rng(seed)
+        self.epoch, self.pos = -1, 0
+        self.batches: list[np.ndarray] = []
+        self.epoch_rng_state: dict | None = None
+
+    def _new_epoch(self) -> None:
+        self.epoch += 1
+        self.epoch_rng_state = self.rng.bit_generator.state
+        if self.group_by_length:
+            self.batches = D.length_grouped_order(self.lengths, self.batch_size, self.rng)
+        else:
+            n_batches = math.ceil(len(self.lengths) / self.batch_size)
+            self.batches = list(np.array_split(self.rng.permutation(len(self.lengths)), n_batches))
+        self.pos = 0
+
+    def next(self) -> np.ndarray:
+        """The next batch (row indices); a new epoch's order is drawn when the last one is used up."""
+        if self.pos >= len(self.batches):
+            self._new_epoch()
+        idx = self.batches[self.pos]
+        self.pos += 1
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "epoch_rng_state": self.epoch_rng_state,
+                "rng_state": self.rng.bit_generator.state}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.epoch, self.batches = st["epoch"], []
+        if st["epoch_rng_state"] is not None:
+            self.epoch -= 1
+            self.rng.bit_generator.state = st["epoch_rng_state"]
+            self._new_epoch()  # redraws the same epoch order
+        self.pos = st["pos"]
+        self.rng.bit_generator.state = st["rng_state"]
+
+
+class EarlyStopping:
+    """Patience on validation loss: a run stops after ``patience`` evaluations in a row without a new best."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_loss, self.best_step, self.best_val, self.bad = math.inf, 0, None, 0
+
+    def update(self, step: int, val: dict) -> bool:
+        """Record an evaluation; True when it is the new best (its weights should be kept)."""
+        if val["loss"] < self.best_loss:
+            self.best_loss, self.best_step, self.best_val, self.bad = val["loss"], step, val, 0
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "best_val": self.best_val, "bad": self.bad}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.best_loss, self.best_step, self.best_val, self.bad = (st["best_loss"], st["best_step"], st["best_val"],
+                                                                   st["bad"])
+
+
+class RunState:
+    """One run's progress through fit: its plan (steps, evaluation points), data order, step and token counts,
+    early stopping and curve. ``on_eval(step, val_metrics)`` is called at each evaluation (it may raise to prune)."""
+
+    def __init__(self, cfg, task: str, method: str, seed: int, hp: HParams, data: RunData, on_eval=None) -> None:
+        self.task, self.method, self.seed, self.hp, self.data, self.on_eval = task, method, seed, hp, data, on_eval
+        self.spec = cfg.task(task)
+        n = len(data.train)
+        self.steps_per_epoch = math.ceil(n / hp.batch_size)
+        total = math.ceil(hp.epochs * self.steps_per_epoch)
+        self.total_steps = min(total, hp.max_steps) if hp.max_steps else total
+        self.warmup_steps = int(round(hp.warmup_ratio * self.total_steps))
+        self.eval_every = max(1, self.steps_per_epoch // cfg.train.evals_per_epoch)
+        self.lengths = data.train.lengths()
+        self.labels = torch.tensor(data.train.labels)
+        self.order = DataOrder(self.lengths, hp.batch_size, seed, cfg.train.group_by_length)
+        self.stopper = EarlyStopping(cfg.train.patience)
+        self.step = self.tokens = 0
+        self.curve: list[dict] = []
+        self.stopped_early = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.method}/seed{self.seed}"
+
+    def next_batch(self) -> np.ndarray:
+        """Row indices of the next training batch; counts the step and its tokens."""
+        idx = self.order.next()
+        self.step += 1
+        self.tokens += int(self.lengths[idx].sum())
+        return idx
+
+    @property
+    def eval_due(self) -> bool:
+        return self.step % self.eval_every == 0 or self.step == self.total_steps
+
+    @property
+    def done(self) -> bool:
+        return self.stopped_early or self.step >= self.total_steps
+
+    def train_loss(self, loss_sum: torch.Tensor, n: int) -> float:
+        """Mean training loss of the window (the one host sync per evaluation); TrainingError if non-finite."""
+        loss = float(loss_sum.item()) / max(n, 1)
+        if not math.isfinite(loss):
+            raise TrainingError(f"{self.name}: non-finite training loss before step {self.step} "
+                                f"(lr={self.hp.lr}); the run is marked failed")
+        return loss
+
+    def record_eval(self, train_loss: float, val: dict, lr: float) -> bool:
+        """Append the evaluation to the curve, tell ``on_eval``, update early stopping; True when it is the new
+        best (the caller keeps the weights). TrainingError on a non-finite validation loss."""
+        if not math.isfinite(val["loss"]):
+            raise TrainingError(f"{self.name}: non-finite validation loss at step {self.step}")
+        self.curve.append({"step": self.step, "epoch": self.step / self.steps_per_epoch, "train_loss": train_loss,
+                           "val_loss": val["loss"], **{f"val_{k}": v for k, v in val.items() if k != "loss"},
+                           "lr": lr})
+        if self.on_eval is not None:
+            self.on_eval(self.step, val)
+        improved = self.stopper.update(self.step, val)
+        self.stopped_early = self.stopper.should_stop
+        return improved
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "curve": list(self.curve),
+                "stopped_early": self.stopped_early, "order": self.order.state_dict(),
+                "stopper": self.stopper.state_dict()}
+
+    def metrics(self, *, train_time: float, peak_memory_bytes: int, device: torch.device,
+                amp: torch.dtype | None, mode: str, trainable: int, total: int) -> dict[str, Any]:
+        """The run's metrics.json content (test results are added by ``test_metrics``)."""
+        return {
+            "task": self.task, "method": self.method, "seed": self.seed, "hparams": asdict(self.hp),
+            "best_step": self.stopper.best_step, "steps": self.step, "total_steps_planned": self.total_steps,
+            "stopped_early": self.stopped_early,
+            "validation": self.stopper.best_val, "curve": self.curve,
+            "train_time_s": train_time, "tokens_per_s": self.tokens / max(train_time, 1e-9),
+            "train_tokens": self.tokens,
+            # process-wide: with several runs per process (--streams, fused groups) it covers all of them
+            "peak_memory_bytes": peak_memory_bytes, "peak_memory_scope": "process", "device": str(device),
+            "precision": "bf16-autocast" if amp else "fp32", "step_mode": mode,
+            "trainable_params": trainable, "total_params": total,
+            "n_train": len(self.data.train), "n_validation": len(self.data.validation),
+        }
+
+    def score(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Loss and the task's declared metrics (``TaskSpec.metrics``) of logits [n, K] against labels [n]."""
+        return scores(logits, labels, self.spec.metrics)
+
+    def test_metrics(self, logits: np.ndarray) -> dict[str, Any]:
+        """Test scores, the majority-class baseline, the collapse flag and the predictions."""
+        enc, primary = self.data.test, self.spec.primary
+        test = self.score(logits, enc.labels)
+        maj = majority_accuracy(self.data.train.labels, enc.labels)
+        # collapse rule: at or below the majority-class predictor (train's majority class) on the primary metric
+        maj_pred = np.full(len(enc), np.bincount(self.data.train.labels).argmax())
+        maj_primary = MT.compute([primary], enc.labels, maj_pred)[primary]
+        return {
+            "test": test, "n_test": len(enc), "majority_accuracy": maj,
+            # the known full-FT failure mode on RTE/MRPC: reported, never dropped
+            "primary_metric": primary, "majority_baseline": {primary: maj_primary},
+            "collapsed": bool(test[primary] <= maj_primary),
+            "test_predictions": logits.argmax(-1).tolist(), "test_labels": enc.labels.tolist(),
+            "test_idx": self.data.test_idx,
+        }
+
+
+# -- steppers: one optimizer step, the loss window, the evaluation forward ---------------------------------------
+class Stepper(Protocol):
+    """What fit needs from a training path; the eager, static and fused steps implement it (the fused one with one
+    entry per run of its group, see fused.FusedStepper)."""
+
+    mode: str
+
+    def step(self, batch: dict, labels: torch.Tensor) -> None:
+        """One optimizer step (and schedule step) on a collated CPU batch."""
+
+    def take_loss(self) -> tuple[torch.Tensor, int]:
+        """(sum of step losses on the device, steps) since the last call; resets the window."""
+
+    def lr(self) -> float:
+        """The learning rate of the last step (for the curve)."""
+
+    def predict(self, enc: D.Encoded) -> np.ndarray:
+        """Logits [rows, labels] for an encoded split, in row order (model in eval mode meanwhile)."""
+
+    def close(self) -> None:
+        """Free graphs and buffers (called in ``finally``)."""
+
+
+class EagerStepper:
+    """The eager reference path: HF/PEFT forward under autocast, ``train_step``, predictions with ``predict``."""
+
+    def __init__(self, cfg, s: Setup, opt, sched, data: RunData, mode: str = "eager") -> None:
+        self.s, self.opt, self.sched, self.data, self.mode = s, opt, sched, data, mode
+        self.max_norm, self.eval_batch_size = cfg.train.max_grad_norm, cfg.train.eval_batch_size
+        self.loss, self.n = torch.zeros((), device=s.device), 0
+
+    def step(self, batch: dict, labels: torch.Tensor) -> None:
+        y = labels.to(self.s.device, non_blocking=True)
+        self.loss += train_step(self.s, self.opt, self.sched, to_device(batch, self.s.device), y, self.max_norm)
+        self.n += 1
+
+    def take_loss(self) -> tuple[torch.Tensor, int]:
+        out, n = self.loss, self.n
+        self.loss, self.n = torch.zeros((), device=self.s.device), 0
+        return out, n
+
+    def lr(self) -> float:
+        return float(self.sched.get_last_lr()[0])
+
+    def predict(self, enc: D.Encoded) -> np.ndarray:
+        d = self.data
+        return predict(self.s.model, enc, d.pad_id, d.padding_side, self.eval_batch_size, self.s.device, self.s.amp,
+                       d.buckets)
+
+    def close(self) -> None:
+        pass
+
+
+class StaticStepper(EagerStepper):
+    """The fast path: static shapes, replayed as CUDA graphs on GPU (``cuda_graph``) or run eagerly (``static``)."""
+
+    def __init__(self, cfg, s: Setup, opt, sched, data: RunData, mode: str, batch_size: int) -> None:
+        super().__init__(cfg, s, opt, sched, data, mode)
+        graph = mode == "cuda_graph"
+        fuse_rms_norms(s.model)  # fewer kernels, same computation (the model is this run's own)
+        self.fast = StaticTrainStep(s.model, s.params, opt, batch_size, cfg.train.max_grad_norm, s.amp, s.device,
+                                    cuda_graph=graph)
+        self.runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, s.device, cuda_graph=graph)
+
+    def step(self, batch: dict, labels: torch.Tensor) -> None:
+        self.fast.step(batch, labels)
+        self.sched.step()
+
+    def take_loss(self) -> tuple[torch.Tensor, int]:
+        return self.fast.take_loss()
+
+    def predict(self, enc: D.Encoded) -> np.ndarray:
+        d = self.data
+        return predict(self.s.model, enc, d.pad_id, d.padding_side, self.eval_batch_size, self.s.device, self.s.amp,
+                       d.buckets, self.runner)
+
+    def close(self) -> None:
+        self.fast.close()
+        self.runner.close()
+
+
+def make_stepper(cfg, s: Setup, hp: HParams, state: RunState, mode: str) -> EagerStepper:
+    """The stepper of ``mode`` (eager | static | cuda_graph) with its AdamW and linear warmup/decay schedule."""
+    opt = make_optimizer(s.model, hp, s.device, graphs=mode == "cuda_graph")
+    sched = get_linear_schedule_with_warmup(opt, state.warmup_steps, state.total_steps)
+    if mode == "eager":
+        return EagerStepper(cfg, s, opt, sched, state.data)
+    return StaticStepper(cfg, s, opt, sched, state.data, mode, hp.batch_size)
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
+def fit(state: RunState, stepper: Stepper, model) -> dict | None:
+    """Train until the planned steps or early stopping; returns the best weights (trainable tensors, on the
+    device) by validation loss. Raises TrainingError when the run diverges."""
+    best = None
+    while not state.done:
+        idx = state.next_batch()
+        stepper.step(state.data.collate(state.data.train, idx), state.labels[torch.as_tensor(idx)])
+        if state.eval_due:
+            train_loss = state.train_loss(*stepper.take_loss())
+            val = state.score(stepper.predict(state.data.validation), state.data.validation.labels)
+            if state.record_eval(train_loss, val, stepper.lr()):
+                best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return best
+
+
+def validate(state: RunState, stepper: Stepper, model, best: dict | None) -> dict | None:
+    """Restore the best checkpoint (by validation loss) and evaluate the test split once (when it was encoded);
+    returns the test metrics or None."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if best is not None and n in best:
+                p.copy_(best[n])
+    if state.data.test is None:
+        return None
+    return state.test_metrics(stepper.predict(state.data.test))
+
+
 def train_run(
     cfg,
     task: str,
@@ -222,189 +578,83 @@ def train_run(
     evaluate_test: bool = True,
     on_eval=None,
     keep_model: bool = False,
+    ctx=None,
 ) -> dict[str, Any]:
     """Train one run and return its metrics (and the model under ``"_model"`` when ``keep_model``).
 
     ``train_subset`` (HPO) trains on a seeded stratified subset of train. ``evaluate_test=False`` for HPO: the test
-    split is then never touched. ``on_eval(step, val_metrics)`` may raise to prune.
-    """
+    split is then never touched. ``on_eval(step, val_metrics)`` may raise to prune. ``ctx``: where to run
+    (``execution.Context``; None: as the config says). Raises TrainingError (diverged, out of GPU memory)."""
+    from lorastudy.execution import active_run
+
     t_start = time.perf_counter()
-    spec = cfg.task(task)
-    splits = splits or D.splits_for(cfg, task)
-    train_df = D.subset(splits.train, train_subset, cfg.data.split_seed, f"{task}-hpo") if train_subset \
-        else splits.train
-    device = pick_device(cfg.train.device)
-    with _INIT_LOCK:
-        seed_everything(seed)
-        s = build_model(cfg, task, method, seed, hp, device)
-        M.seed_dropout(s.model, seed, device)  # the run's own dropout generator (see modeling.SeededDropout)
-        _ACTIVE["runs"] += 1
-        alone = _ACTIVE["runs"] == 1
-    try:
-        tok, pad, side = s.tokenizer, s.tokenizer.pad_token_id, cfg.model.padding_side
-        L = cfg.data.max_length
-        mode = step_mode(cfg.train.fast_step, device)
-        buckets = cfg.train.shape_buckets or (default_buckets(L) if mode != "eager" else None)
-        if mode != "eager":  # every batch must land in a bucket: a graph per stray width would pile up
-            buckets = sorted(set(buckets) | {L})
-        enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
-        if len(enc_train) == 0 or len(enc_val) == 0:
-            raise TrainingError(f"{task}: empty train or validation split")
-
-        opt = make_optimizer(s.model, hp, device, graphs=mode == "cuda_graph")
-        steps_per_epoch = math.ceil(len(enc_train) / hp.batch_size)
-        total_steps = math.ceil(hp.epochs * steps_per_epoch)
-        if hp.max_steps:
-            total_steps = min(total_steps, hp.max_steps)
-        sched = get_linear_schedule_with_warmup(opt, int(round(hp.warmup_ratio * total_steps)), total_steps)
-        eval_every = max(1, steps_per_epoch // cfg.train.evals_per_epoch)
-        if device.type == "cuda" and alone:
-            # the peak is per process: reset only when no other run of this process is under way, so that with
-            # several runs per process (--streams) it covers all of them (peak_memory_scope = "process")
-            torch.cuda.reset_peak_memory_stats(device)
-        fast = runner = None
-        if mode != "eager":  # static shapes; CUDA graphs unless mode == "static" (see fast_step.py)
-            fuse_rms_norms(s.model)  # fewer kernels, same computation (the model is this run's own)
-            fast = StaticTrainStep(s.model, s.params, opt, hp.batch_size, cfg.train.max_grad_norm, s.amp, device,
-                                   cuda_graph=mode == "cuda_graph")
-            runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, device, cuda_graph=mode == "cuda_graph")
-
-        rng = np.random.default_rng(seed)
-        lengths = enc_train.lengths()
-        labels_all = torch.tensor(enc_train.labels)
-        curve: list[dict] = []
-        best = {"loss": math.inf, "step": 0, "state": None}
-        bad_evals, step, tokens = 0, 0, 0
-        run_loss, run_n = torch.zeros((), device=device), 0
-        stopped_early = False
-        t_train = time.perf_counter()
-
-        def evaluate(step: int) -> bool:
-            """Validation pass; returns True when early stopping fires."""
-            nonlocal run_loss, run_n, bad_evals
-            if fast is not None:
-                run_loss, run_n = fast.take_loss()
-            train_loss = float(run_loss.item()) / max(run_n, 1)  # the one host sync per evaluation window
-            if not math.isfinite(train_loss):
-                raise TrainingError(f"{task}/{method}/seed{seed}: non-finite training loss before step {step} "
-                                    f"(lr={hp.lr}); the run is marked failed")
-            run_loss, run_n = torch.zeros((), device=device), 0
-            val = scores(predict(s.model, enc_val, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets,
-                                 runner), enc_val.labels, spec.metrics)
-            if not math.isfinite(val["loss"]):
-                raise TrainingError(f"{task}/{method}/seed{seed}: non-finite validation loss at step {step}")
-            curve.append({"step": step, "epoch": step / steps_per_epoch, "train_loss": train_loss,
-                          "val_loss": val["loss"], **{f"val_{k}": v for k, v in val.items() if k != "loss"},
-                          "lr": float(sched.get_last_lr()[0])})
-            if on_eval is not None:
-                on_eval(step, val)
-            if val["loss"] < best["loss"]:
-                best.update(loss=val["loss"], step=step, val=val,
-                            state={n: p.detach().clone() for n, p in s.model.named_parameters() if p.requires_grad})
-                bad_evals = 0
-            else:
-                bad_evals += 1
-            return bad_evals >= cfg.train.patience
-
+    device = pick_device(cfg.train.device, ctx)
+    mode = step_mode(cfg.train.fast_step, device)
+    # setup
+    s = seeded_model(cfg, task, method, seed, hp, device)
+    data = prepare_data(cfg, task, s.tokenizer, splits=splits, train_subset=train_subset,
+                        evaluate_test=evaluate_test, buckets=run_buckets(cfg, mode))
+    state = RunState(cfg, task, method, seed, hp, data, on_eval)
+    with active_run(device):  # the peak-memory counter covers every run of the process
+        stepper = make_stepper(cfg, s, hp, state, mode)
         try:
-            epoch = 0
-            while step < total_steps and not stopped_early:
-                for idx in (D.length_grouped_order(lengths, hp.batch_size, rng) if cfg.train.group_by_length
-                            else [b for b in np.array_split(rng.permutation(len(lengths)),
-                                                            steps_per_epoch)]):
-                    pad_to = D.bucket_width(int(lengths[idx].max()), buckets)
-                    cpu_batch = D.collate([enc_train.input_ids[i] for i in idx], pad, side, pad_to)
-                    if fast is not None:
-                        fast.step(cpu_batch, labels_all[torch.as_tensor(idx)])
-                        sched.step()
-                    else:
-                        y = labels_all[torch.as_tensor(idx)].to(device, non_blocking=True)
-                        run_loss += train_step(s, opt, sched, to_device(cpu_batch, device), y, cfg.train.max_grad_norm)
-                        run_n += 1
-                    tokens += int(lengths[idx].sum())
-                    step += 1
-                    if step % eval_every == 0 or step == total_steps:
-                        if evaluate(step):
-                            stopped_early = True
-                            break
-                    if step >= total_steps:
-                        break
-                epoch += 1
-        except torch.cuda.OutOfMemoryError as e:
-            raise TrainingError(f"{task}/{method}/seed{seed}: GPU out of memory at batch size {hp.batch_size}, "
-                                f"max_length {L} ({e}); lower train.batch_size or data.max_length, or use fewer "
-                                "workers per GPU") from None
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # this run's stream only: others may be capturing
-        train_time = time.perf_counter() - t_train
-        if fast is not None:
-            fast.close()
-
-        # restore the best checkpoint (by validation loss) before the one test evaluation
-        with torch.no_grad():
-            for n, p in s.model.named_parameters():
-                if n in best["state"]:
-                    p.copy_(best["state"][n])
-        metrics: dict[str, Any] = {
-            "task": task, "method": method, "seed": seed, "hparams": asdict(hp),
-            "best_step": best["step"], "steps": step, "total_steps_planned": total_steps,
-            "stopped_early": stopped_early,
-            "validation": best["val"], "curve": curve,
-            "train_time_s": train_time, "tokens_per_s": tokens / max(train_time, 1e-9), "train_tokens": tokens,
-            # process-wide: with several runs per process (--streams) it covers all of them
-            "peak_memory_bytes": peak_memory(device), "peak_memory_scope": "process", "device": str(device),
-            "precision": "bf16-autocast" if s.amp else "fp32", "step_mode": mode,
-            "trainable_params": s.trainable, "total_params": s.total,
-            "n_train": len(enc_train), "n_validation": len(enc_val),
-        }
-        if evaluate_test:
-            enc_test = D.encode(tok, splits.test, spec, L)
-            logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets, runner)
-            test = scores(logits, enc_test.labels, spec.metrics)
-            maj = majority_accuracy(enc_train.labels, enc_test.labels)
-            # collapse rule: at or below the majority-class predictor (train's majority class) on the primary metric
-            maj_pred = np.full(len(enc_test), np.bincount(enc_train.labels).argmax())
-            maj_primary = MT.compute([spec.primary], enc_test.labels, maj_pred)[spec.primary]
-            metrics.update({
-                "test": test, "n_test": len(enc_test), "majority_accuracy": maj,
-                # the known full-FT failure mode on RTE/MRPC: reported, never dropped
-                "primary_metric": spec.primary, "majority_baseline": {spec.primary: maj_primary},
-                "collapsed": bool(test[spec.primary] <= maj_primary),
-                "test_predictions": logits.argmax(-1).tolist(), "test_labels": enc_test.labels.tolist(),
-                "test_idx": splits.test["idx"].tolist(),
-            })
-        if runner is not None:
-            runner.close()
-        metrics["wall_time_s"] = time.perf_counter() - t_start
-        if keep_model:
-            metrics["_model"] = s.model
-            metrics["_tokenizer"] = tok
-        return metrics
-    finally:
-        with _INIT_LOCK:
-            _ACTIVE["runs"] -= 1
+            # fit
+            t_train = time.perf_counter()
+            try:
+                best = fit(state, stepper, s.model)
+            except torch.cuda.OutOfMemoryError as e:
+                raise TrainingError(f"{state.name}: GPU out of memory at batch size {hp.batch_size}, max_length "
+                                    f"{cfg.data.max_length} ({e}); lower train.batch_size or data.max_length, or "
+                                    "use fewer workers per GPU") from None
+            if device.type == "cuda":
+                torch.cuda.current_stream(device).synchronize()  # this run's stream only: others may be capturing
+            train_time = time.perf_counter() - t_train
+            # validate
+            test = validate(state, stepper, s.model, best)
+        finally:
+            stepper.close()
+        metrics = state.metrics(train_time=train_time, peak_memory_bytes=peak_memory(device), device=device,
+                                amp=s.amp, mode=mode, trainable=s.trainable, total=s.total)
+    if test is not None:
+        metrics.update(test)
+    metrics["wall_time_s"] = time.perf_counter() - t_start
+    if keep_model:
+        metrics["_model"] = s.model
+        metrics["_tokenizer"] = s.tokenizer
+    return metrics
 
 
-def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir: Path, *,
-                 splits: D.Splits | None = None) -> dict[str, Any]:
-    """Train and write the run directory atomically (COMPLETE marker last); a failure writes FAILED.json beside."""
+def write_failed(final_dir: Path, task: str, method: str, seed: int, hp: HParams, error: BaseException) -> None:
+    """FAILED.json beside the run directory (never inside it: a failed run never looks complete)."""
+    failed = Path(final_dir).parent / f"{Path(final_dir).name}.{store.FAILED}"
+    store.atomic_write_json(failed, {"task": task, "method": method, "seed": seed, "error": str(error),
+                                     "type": type(error).__name__, "hparams": asdict(hp)})
+
+
+def save_run(cfg, method: str, metrics: dict[str, Any], model, final_dir: Path) -> None:
+    """Write the run directory atomically (COMPLETE marker last): the adapter (LoRA, with its score head) or the
+    whole model, metrics.json, the resolved config and the code version; removes a FAILED.json of an earlier try."""
     from lorastudy.config import dump_yaml
 
     final_dir = Path(final_dir)
-    failed = final_dir.parent / f"{final_dir.name}.{store.FAILED}"
-    try:
-        m = train_run(cfg, task, method, seed, hp, splits=splits, keep_model=cfg.train.save_model)
-    except Exception as e:
-        store.atomic_write_json(failed, {"task": task, "method": method, "seed": seed, "error": str(e),
-                                         "type": type(e).__name__, "hparams": asdict(hp)})
-        raise
-    model = m.pop("_model", None)
-    m.pop("_tokenizer", None)
     with store.staging_dir(final_dir) as tmp:
         if model is not None:
             M.save_model(model.to("cpu"), tmp / ("adapter" if method == "lora" else "model"), method)
-        store.atomic_write_json(tmp / "metrics.json", m)
+        store.atomic_write_json(tmp / "metrics.json", metrics)
         store.atomic_write_text(tmp / "config.yaml", dump_yaml(cfg))
         store.atomic_write_json(tmp / "code_version.json", store.code_version())
-    failed.unlink(missing_ok=True)
+    (final_dir.parent / f"{final_dir.name}.{store.FAILED}").unlink(missing_ok=True)
+
+
+def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir: Path, *,
+                 splits: D.Splits | None = None, ctx=None) -> dict[str, Any]:
+    """Train and write the run directory atomically (COMPLETE marker last); a failure writes FAILED.json beside."""
+    try:
+        m = train_run(cfg, task, method, seed, hp, splits=splits, keep_model=cfg.train.save_model, ctx=ctx)
+    except Exception as e:
+        write_failed(final_dir, task, method, seed, hp, e)
+        raise
+    model = m.pop("_model", None)
+    m.pop("_tokenizer", None)
+    save_run(cfg, method, m, model, final_dir)
     return m

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import socket
 import threading
 import time
@@ -32,6 +31,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lorastudy import store
+from lorastudy.execution import sigterm_as_interrupt
 from lorastudy.training import HParams, train_run
 
 PRUNING = "none"
@@ -235,23 +235,6 @@ def fail_own_running(cfg, pairs: list[tuple[str, str]], pids: set[int] | None = 
     return n
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (``timeout``, a scheduler's cancel) ends the search like Ctrl-C does (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def n_complete(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -285,27 +268,22 @@ def _duplicate(study: optuna.Study, trial) -> bool:
                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)))
 
 
-def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop=None, wait: bool = True) -> int:
-    """Work on one study until ``n_trials`` trials are complete. Returns trials this worker completed.
+def _ask_trial(study: optuna.Study, cfg, method: str, worker: int):
+    """The next trial of ``study`` for this worker, labelled with this host and pid, with its hyperparameter
+    overrides: ``(trial, hp_overrides)``, or None while ``n_trials`` trials are complete or running. A trial
+    created by a race between workers beyond the first ``n_trials`` is marked ``surplus`` and never runs.
 
-    ``wait=False``: return as soon as the missing trials are all running elsewhere (the worker can then help
-    another study) instead of waiting for them in case one fails."""
-    study = get_study(cfg, task, method, worker)
-    fail_orphans(study)
+    Why not Optuna's MaxTrialsCallback: it stops ``Study.optimize`` once n trials are complete, but parallel workers
+    (and fused groups asking for many trials at once) would overshoot; this count at ask time keeps it exact. Nor
+    RetryFailedTrialCallback: it re-enqueues a failed trial's parameters, which the reseeded sampler below proposes
+    again anyway with one worker; heartbeats (``fail_stale_trials``) are Optuna's own."""
     target = cfg.search.n_trials
-    objective = cfg.task(task).primary  # validation score of the task's primary metric, maximized
-    done_here = retries = 0
+    retries = 0
     live_states = (TrialState.COMPLETE, TrialState.RUNNING)
     while n_complete(study) < target:
-        if stop is not None and stop():
-            break
-        live = study.get_trials(deepcopy=False, states=live_states)
-        if len(live) >= target:
-            if not wait:
-                break
-            time.sleep(1.0)  # the rest are running elsewhere; wait in case one fails
-            fail_orphans(study)
-            continue
+        live = len(study.get_trials(deepcopy=False, states=live_states))
+        if live >= target:
+            return None
         trial = study.ask()
         trial.set_user_attr("host", host_id())  # label at once: an unlabelled trial is only freed after a grace
         trial.set_user_attr("pid", os.getpid())
@@ -326,30 +304,126 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         retries = 0
         if cfg.search.max_steps:
             hp_over["max_steps"] = cfg.search.max_steps
+        return trial, hp_over
+    return None
+
+
+def _heartbeat(study: optuna.Study, trial) -> functools.partial:
+    beat = functools.partial(study._storage.record_heartbeat, trial._trial_id)
+    beat()
+    return beat
+
+
+def _tell_trial(study: optuna.Study, trial, m: dict, t0: float, objective: str) -> float:
+    """Record a finished trial (validation loss and metrics, steps, times, memory as user attributes) and tell
+    Optuna its validation score on ``objective`` (the task's primary metric, maximized); returns it."""
+    val = m["validation"]
+    for k, v in val.items():  # loss and the task's declared metrics
+        trial.set_user_attr(f"val_{k}", v)
+    trial.set_user_attr("best_step", m["best_step"])
+    trial.set_user_attr("steps", m["steps"])
+    trial.set_user_attr("train_time_s", m["train_time_s"])
+    trial.set_user_attr("peak_memory_bytes", m["peak_memory_bytes"])
+    trial.set_user_attr("step_mode", m["step_mode"])  # fused-* when the trial trained in a fused group
+    trial.set_user_attr("seconds", time.perf_counter() - t0)
+    study.tell(trial, val[objective])
+    return val[objective]
+
+
+def _fail_trial(study: optuna.Study, trial, e: BaseException) -> None:
+    """A failed trial (diverged, OOM) is recorded with its error and replaced."""
+    trial.set_user_attr("error", f"{type(e).__name__}: {e}")
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop=None, wait: bool = True,
+               ctx=None) -> int:
+    """Work on one study until ``n_trials`` trials are complete. Returns trials this worker completed.
+
+    ``wait=False``: return as soon as the missing trials are all running elsewhere (the worker can then help
+    another study) instead of waiting for them in case one fails. ``ctx``: where runs train
+    (``execution.Context``)."""
+    study = get_study(cfg, task, method, worker)
+    fail_orphans(study)
+    target = cfg.search.n_trials
+    done_here = 0
+    while n_complete(study) < target:
+        if stop is not None and stop():
+            break
+        got = _ask_trial(study, cfg, method, worker)
+        if got is None:
+            if not wait:
+                break
+            time.sleep(1.0)  # the rest are running elsewhere; wait in case one fails
+            fail_orphans(study)
+            continue
+        trial, hp_over = got
         t0 = time.perf_counter()
-        beat = functools.partial(study._storage.record_heartbeat, trial._trial_id)
-        beat()
+        beat = _heartbeat(study, trial)
         try:
             hp = HParams.from_config(cfg, method, hp_over)
             m = train_run(cfg, task, method, cfg.search.seed, hp, train_subset=cfg.search.train_subset.get(task),
-                          evaluate_test=False, on_eval=lambda *_, beat=beat: beat())
+                          evaluate_test=False, on_eval=lambda *_, beat=beat: beat(), ctx=ctx)
         except Exception as e:  # a failed trial (diverged, OOM) is recorded and replaced
-            trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-            study.tell(trial, state=TrialState.FAIL)
+            _fail_trial(study, trial, e)
             continue
-        val = m["validation"]
-        for k, v in val.items():  # loss and the task's declared metrics
-            trial.set_user_attr(f"val_{k}", v)
-        trial.set_user_attr("best_step", m["best_step"])
-        trial.set_user_attr("steps", m["steps"])
-        trial.set_user_attr("train_time_s", m["train_time_s"])
-        trial.set_user_attr("peak_memory_bytes", m["peak_memory_bytes"])
-        trial.set_user_attr("seconds", time.perf_counter() - t0)
-        study.tell(trial, val[objective])
+        acc = _tell_trial(study, trial, m, t0, cfg.task(task).primary)
         done_here += 1
         if on_trial is not None:
-            on_trial(task, method, trial.number, val[objective])
+            on_trial(task, method, trial.number, acc)
     return done_here
+
+
+class TrialSource:
+    """Trials of the studies ``pairs`` (one method), round robin over them, as jobs of a fused group
+    (fused.RunJob): a freed slot takes the next trial (continuous batching). Optuna sees ordinary trials: asked
+    and labelled as by ``run_worker``, a heartbeat at every evaluation, told the validation accuracy or failed with
+    the error. ``next()`` gives None once every study has all its missing trials complete or running."""
+
+    def __init__(self, cfg, pairs: list[tuple[str, str]], worker: int = 0, stop=None, on_trial=None,
+                 ctx=None) -> None:
+        self.cfg, self.pairs, self.worker, self.stop, self.on_trial = cfg, list(pairs), worker, stop, on_trial
+        self.studies = {p: get_study(cfg, *p, worker) for p in self.pairs}
+        for st in self.studies.values():
+            fail_orphans(st)
+        self.k = 0
+        self.idle_until = 0.0
+
+    # while every study is full, the group asks again at most this often (a query per step would slow its steps)
+    RECHECK_S = 5.0
+
+    def next(self):
+        from lorastudy.fused import RunJob
+
+        if (self.stop is not None and self.stop()) or time.monotonic() < self.idle_until:
+            return None
+        for _ in range(len(self.pairs)):
+            task, method = self.pairs[self.k % len(self.pairs)]
+            self.k += 1
+            study = self.studies[(task, method)]
+            got = _ask_trial(study, self.cfg, method, self.worker)
+            if got is None:
+                continue
+            trial, hp_over = got
+            t0 = time.perf_counter()
+            beat = _heartbeat(study, trial)
+            try:
+                hp = HParams.from_config(self.cfg, method, hp_over)
+            except ValueError as e:
+                _fail_trial(study, trial, e)
+                continue
+
+            def done(m, study=study, trial=trial, t0=t0, task=task, method=method):
+                acc = _tell_trial(study, trial, m, t0, self.cfg.task(task).primary)
+                if self.on_trial is not None:
+                    self.on_trial(task, method, trial.number, acc)
+
+            return RunJob(f"{task}/{method} trial {trial.number}", task, method, self.cfg.search.seed, hp,
+                          train_subset=self.cfg.search.train_subset.get(task), evaluate_test=False,
+                          on_eval=lambda *_, beat=beat: beat(), on_done=done,
+                          on_fail=lambda e, study=study, trial=trial: _fail_trial(study, trial, e))
+        self.idle_until = time.monotonic() + self.RECHECK_S
+        return None
 
 
 def trial_record(t: optuna.trial.FrozenTrial) -> dict:
@@ -375,10 +449,11 @@ def export(cfg, task: str, method: str) -> dict:
         del r["start"], r["end"]
         rows.append({**r, **{k: v for k, v in ua.items() if k not in ("host", "pid")}})
     store.atomic_write_json(out / "trials.json", {"study": study.study_name, "pruning": PRUNING, "trials": rows})
-    import pandas as pd
-
-    flat = pd.DataFrame([{**{k: v for k, v in r.items() if k != "params"}, **{f"param_{k}": v for k, v in
-                                                                               r["params"].items()}} for r in rows])
+    # the CSV is Optuna's own table (params_*, user_attrs_*), without surplus trials and the owner labels
+    flat = study.trials_dataframe()
+    if "user_attrs_surplus" in flat:
+        flat = flat[flat["user_attrs_surplus"].isna()]
+    flat = flat.drop(columns=[c for c in ("user_attrs_host", "user_attrs_pid", "user_attrs_surplus") if c in flat])
     store.atomic_write_text(out / "trials.csv", flat.to_csv(index=False))
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     res = {"task": task, "method": method, "n_complete": len(complete), "n_trials_target": cfg.search.n_trials,
@@ -463,16 +538,15 @@ def is_done(cfg, task: str, method: str) -> bool:
         return False
 
 
-def _tune_unit(arg, device):
+def _tune_unit(arg, ctx):
     """One worker loop over all unfinished studies: it starts at its own study (worker k at study k mod S), helps
     the others when its study has every missing trial running, then waits on each until it is complete."""
     cfg, pairs, worker, stop, on_trial = arg
-    del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
     order = pairs[worker % len(pairs):] + pairs[: worker % len(pairs)]
     done = 0
     for wait in (False, True):
         for t, m in order:
-            done += run_worker(cfg, t, m, worker, on_trial=on_trial, stop=stop, wait=wait)
+            done += run_worker(cfg, t, m, worker, on_trial=on_trial, stop=stop, wait=wait, ctx=ctx)
     return done
 
 
@@ -490,7 +564,7 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
     workers_pids: set[int] = set()  # worker processes started (their trials are ours to free on an interrupt)
     started = datetime.datetime.now()
     try:
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             _tune_todo(cfg, todo, workers, streams, progress, stop, failures, workers_pids.add)
     except KeyboardInterrupt:
         # the pool has ended the worker processes; their trials and this process's threads' are freed
@@ -510,9 +584,24 @@ def _trial_logger(progress):
 
 
 def _tune_todo(cfg, todo, workers: int, streams: int, progress, stop, failures: list, on_start) -> None:
-    from lorastudy.workers import run_units
+    from lorastudy import execution
+    from lorastudy.execution import run_units
 
-    if workers <= 1 and streams <= 1:
+    if todo and execution.fuse_enabled(cfg):
+        # fused groups (fused.py): one per method in each worker process, a freed slot takes the next trial
+        here = workers <= 1 and execution.visible_gpus() <= 1
+        done = threading.Event()
+        if progress is not None and not here:
+            threading.Thread(target=_follow_trials, args=(cfg, todo, progress, done), daemon=True).start()
+        try:
+            for r in execution.tune_fused(cfg, todo, workers=workers, stop=stop, on_start=on_start,
+                                          on_trial=_trial_logger(progress) if here else None,
+                                          log=getattr(progress, "print", print) if progress is not None else print):
+                if not r.ok:
+                    failures.append({"unit": r.name, "error": r.error})
+        finally:
+            done.set()
+    elif workers <= 1 and streams <= 1:
         for t, m in todo:
             if stop is not None and stop():
                 break
