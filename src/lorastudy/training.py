@@ -30,6 +30,7 @@ from lorastudy import data as D
 from lorastudy import modeling as M
 from lorastudy import store
 from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets, fuse_rms_norms
+from lorastudy.step_levers import StepLevers
 
 # Runs may share a process (workers.run_units with streams > 1): seeding and building a model hold this lock, so
 # each run's initial weights come from its own seed whatever the other threads draw meanwhile.
@@ -269,9 +270,11 @@ def train_run(
         fast = runner = None
         if mode != "eager":  # static shapes; CUDA graphs unless mode == "static" (see fast_step.py)
             fuse_rms_norms(s.model)  # fewer kernels, same computation (the model is this run's own)
+            levers = StepLevers.from_config(cfg.train, cfg.out)  # train.step_levers (step_levers.py)
             fast = StaticTrainStep(s.model, s.params, opt, hp.batch_size, cfg.train.max_grad_norm, s.amp, device,
-                                   cuda_graph=mode == "cuda_graph")
-            runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, device, cuda_graph=mode == "cuda_graph")
+                                   cuda_graph=mode == "cuda_graph", levers=levers)
+            runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, device, cuda_graph=mode == "cuda_graph",
+                                   levers=levers)
 
         rng = np.random.default_rng(seed)
         lengths = enc_train.lengths()
@@ -358,6 +361,7 @@ def train_run(
             # process-wide: with several runs per process (--streams) it covers all of them
             "peak_memory_bytes": peak_memory(device), "peak_memory_scope": "process", "device": str(device),
             "precision": "bf16-autocast" if s.amp else "fp32", "step_mode": mode,
+            "step_levers": sorted(fast.levers.names) if fast is not None else [],
             "trainable_params": s.trainable, "total_params": s.total,
             "n_train": len(enc_train), "n_validation": len(enc_val),
         }

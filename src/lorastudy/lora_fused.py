@@ -1,0 +1,79 @@
+"""Lever ``lora_fused``: PEFT's LoRA forward with fewer elementwise kernels.
+
+PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` with dropout as ``x * (mask / (1 - p))``: besides
+the three matmuls, a mask draw, a divide, a multiply, a scale and an add over activations, and under autocast one
+bf16 cast of ``x`` per matmul. Here (same math, by linearity of the LoRA branch):
+
+    out = addmm(base(x), (x * mask) @ A^T, B^T, alpha = scaling / (1 - p))
+
+* the dropout's ``1 / (1 - p)`` and LoRA's ``scaling`` ride on the GEMM's ``alpha`` (no kernel), and the residual
+  add is the GEMM's ``beta * input`` (no kernel);
+* the mask is drawn exactly as ``modeling.SeededDropout`` / PEFT draw it (same generator, shape and dtype), so a
+  run gets the same masks with and without the lever;
+* without dropout, ``x`` is cast to the autocast dtype once for both the base and the A matmul.
+
+Rounding differs from PEFT's order (the scale is applied inside the GEMM's fp32 accumulation): float32 results
+agree to ~1e-6 relative, bf16 within bf16 rounding. Layers PEFT configures otherwise (several active adapters,
+DoRA or other variants, LoRA biases, merged or disabled adapters, extra forward arguments) keep PEFT's forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _fusable(layer: nn.Module) -> bool:
+    a = layer.active_adapters
+    return (len(a) == 1 and a[0] in layer.lora_A and a[0] not in getattr(layer, "lora_variant", {})
+            and isinstance(layer.base_layer, nn.Linear) and not getattr(layer, "fan_in_fan_out", False)
+            and layer.lora_B[a[0]].bias is None and layer.lora_A[a[0]].bias is None)
+
+
+def fused_lora_forward(layer: nn.Module, peft_forward: Callable, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward of one PEFT ``lora.Linear`` (x: [..., in] -> [..., out]); see the module docstring."""
+    if args or kwargs or layer.disable_adapters or layer.merged or not _fusable(layer):
+        return peft_forward(x, *args, **kwargs)
+    name = layer.active_adapters[0]
+    lora_a, lora_b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
+    p = float(getattr(drop, "p", 0.0)) if drop.training else 0.0
+    alpha = layer.scaling[name] / (1.0 - p)
+    if p > 0:
+        # the very draw of SeededDropout / nn.Dropout's bernoulli path: same generator, shape, dtype
+        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=getattr(drop, "generator", None))
+        base = layer.base_layer(x)
+        h = F.linear(x * keep, lora_a.weight)
+    else:
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
+            x = x.to(torch.get_autocast_dtype(dev))  # one cast for both matmuls (autocast would cast twice)
+        base = layer.base_layer(x)
+        h = F.linear(x, lora_a.weight)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=alpha)
+    return out.view(base.shape)
+
+
+def fuse_lora_layers(model: nn.Module) -> Callable[[], None]:
+    """Route every PEFT ``lora.Linear`` of ``model`` through ``fused_lora_forward``; returns the undo.
+    A model without LoRA layers is left alone."""
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # no PEFT installed: no LoRA layers to fuse
+        return lambda: None
+    patched = []
+    for m in model.modules():
+        if type(m) is LoraLinear and "forward" not in vars(m):
+            def forward(x, *args, m=m, peft_forward=m.forward, **kwargs):
+                return fused_lora_forward(m, peft_forward, x, *args, **kwargs)
+
+            m.forward = forward
+            patched.append(m)
+
+    def undo() -> None:
+        for m in patched:
+            del m.forward
+
+    return undo
