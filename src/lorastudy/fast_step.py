@@ -194,6 +194,8 @@ class StaticTrainStep:
         if "bf16_weights" in self.levers:
             order = self.flat.order if self.flat is not None else compute_first
             self.compute = ComputeWeights.acquire(model, amp or torch.float32, order)
+            if self.flat is not None:
+                self.compute.relayout()  # the masters now lie in the flat buffer: one-copy refresh
         copied = {id(p) for p in (self.compute.masters[:self.compute.n_trainable] if self.compute else [])}
         self.zero_grads = [p for p in params if id(p) not in copied]  # the others are overwritten every step
         self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None

@@ -81,6 +81,9 @@ class FlatParams:
         kw = {k: v for k, v in src.defaults.items() if k in accepted and k != "params"}
         self.opt = torch.optim.AdamW(groups, **kw)
         src._opt_called = True  # its scheduler checks that it stepped: its flat twin steps in its place
+        for dst, g in zip(self.opt.param_groups, src.param_groups, strict=True):
+            if isinstance(g["lr"], torch.Tensor) and dst["lr"] is not g["lr"]:
+                raise RuntimeError("flat_optimizer: the learning-rate tensor was not shared with the scheduler's")
         return self.opt
 
     def sync_lr(self) -> None:

@@ -9,7 +9,8 @@ bf16 cast of ``x`` per matmul. Here (same math, by linearity of the LoRA branch)
 * the dropout's ``1 / (1 - p)`` and LoRA's ``scaling`` ride on the GEMM's ``alpha`` (no kernel), and the residual
   add is the GEMM's ``beta * input`` (no kernel);
 * the mask is drawn exactly as ``modeling.SeededDropout`` / PEFT draw it (same generator, shape and dtype), so a
-  run gets the same masks with and without the lever;
+  run gets the same masks with and without the lever; the draw is a custom operator (``lorastudy::dropout_mask``),
+  which torch.compile keeps as one opaque call instead of breaking the compiled layer around a generator argument;
 * without dropout, ``x`` is cast to the autocast dtype once for both the base and the A matmul.
 
 Rounding differs from PEFT's order (the scale is applied inside the GEMM's fp32 accumulation): float32 results
@@ -24,6 +25,31 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_GENERATORS: dict[int, torch.Generator] = {}  # dropout_mask's generators by id (an op cannot take a Generator)
+
+
+@torch.library.custom_op("lorastudy::dropout_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def dropout_mask(x: torch.Tensor, p: float, generator_id: int, slot: int) -> torch.Tensor:
+    """A {0, 1} keep-mask shaped like ``x``: ``bernoulli_(1 - p)`` drawn from the registered generator
+    ``generator_id`` (-1: the default one), the very draw of ``modeling.SeededDropout``. ``slot`` tells apart the
+    sibling projections that read the same ``x`` (q_proj, v_proj): without it a compiler would merge their two
+    identical-looking calls into one draw."""
+    if generator_id != -1 and generator_id not in _GENERATORS:
+        raise RuntimeError(f"dropout_mask: no generator registered as {generator_id}")
+    return torch.empty_like(x).bernoulli_(1.0 - p, generator=_GENERATORS.get(generator_id))
+
+
+@dropout_mask.register_fake
+def _(x: torch.Tensor, p: float, generator_id: int, slot: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _generator_id(gen: torch.Generator | None) -> int:
+    if gen is None:
+        return -1
+    _GENERATORS.setdefault(id(gen), gen)
+    return id(gen)
 
 
 def _fusable(layer: nn.Module) -> bool:
@@ -43,7 +69,7 @@ def fused_lora_forward(layer: nn.Module, peft_forward: Callable, x: torch.Tensor
     alpha = layer.scaling[name] / (1.0 - p)
     if p > 0:
         # the very draw of SeededDropout / nn.Dropout's bernoulli path: same generator, shape, dtype
-        keep = torch.empty_like(x).bernoulli_(1.0 - p, generator=getattr(drop, "generator", None))
+        keep = dropout_mask(x.detach(), p, layer._lorastudy_generator, layer._lorastudy_slot)
         base = layer.base_layer(x)
         h = F.linear(x * keep, lora_a.weight)
     else:
@@ -63,9 +89,15 @@ def fuse_lora_layers(model: nn.Module) -> Callable[[], None]:
         from peft.tuners.lora import Linear as LoraLinear
     except ImportError:  # no PEFT installed: no LoRA layers to fuse
         return lambda: None
-    patched = []
-    for m in model.modules():
+    patched, slots = [], {}
+    for name, m in model.named_modules():
         if type(m) is LoraLinear and "forward" not in vars(m):
+            # the same small number for the same projection in every layer (compiled code is shared by layers)
+            m._lorastudy_slot = slots.setdefault(name.rsplit(".", 1)[-1], len(slots))
+            # resolved here, not in the forward: under torch.compile id() of a traced object is not the object's
+            # (so the dropout generator must be set, modeling.seed_dropout, before this)
+            drops = list(m.lora_dropout.values())
+            m._lorastudy_generator = _generator_id(getattr(drops[0], "generator", None)) if len(drops) == 1 else -1
             def forward(x, *args, m=m, peft_forward=m.forward, **kwargs):
                 return fused_lora_forward(m, peft_forward, x, *args, **kwargs)
 
