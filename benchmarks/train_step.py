@@ -51,6 +51,20 @@ MODEL_LENGTHS = {"smollm2": ["sst2"], "tinyllama": ["rte"]}  # the issue's shape
 PEAK_BF16 = 790e12  # dense bf16 FLOP/s measured on the H200 (the issue's reference)
 
 
+_TEMPLATES: dict = {}
+
+
+def cached_model(name: str, method: str, device, dropout: float = 0.0):
+    """A fresh copy of ``make_model(name, method, device, dropout, seed=0)``: the first call loads, later ones copy
+    (the levers part builds a model per point; loading SmolLM2 each time would spend the GPU call's minutes)."""
+    import copy
+
+    key = (name, method, str(device), dropout)
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = make_model(name, method, device, dropout=dropout, seed=0)
+    return copy.deepcopy(_TEMPLATES[key]).train()
+
+
 def make_model(name: str, method: str, device, dropout: float = 0.0, seed: int = 0):
     if name in ("smollm2", "tiny"):  # tiny: the random tiny Llama of the tests (CPU smoke runs)
         cfg = load_config(None, [f"model.source={'smollm2-135m' if name == 'smollm2' else M.TINY}"])
@@ -467,7 +481,7 @@ def lever_point(model_name: str, point: dict, seq: int, device, steps: int, warm
     method, bs = point["method"], point["batch_size"]
     amp = torch.bfloat16 if device.type == "cuda" or opts.get("cpu_bf16") else None
     graphs = device.type == "cuda"
-    model = make_model(model_name, method, device, dropout=point.get("dropout", 0.0))
+    model = cached_model(model_name, method, device, dropout=point.get("dropout", 0.0))
     if point.get("dropout"):
         M.seed_dropout(model, 0, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -508,7 +522,7 @@ def eval_point(model_name: str, point: dict, seq: int, device, steps: int, warm:
     from lorastudy.step_levers import StepLevers
 
     amp = torch.bfloat16 if device.type == "cuda" or opts.get("cpu_bf16") else None
-    model = make_model(model_name, point["method"], device).eval()
+    model = cached_model(model_name, point["method"], device).eval()
     fuse_rms_norms(model)
     levers = StepLevers.of(*point["levers"], compile_mode=opts["compile_mode"], cache_dir=opts.get("cache_dir"),
                            compile_backend=opts["compile_backend"])
@@ -551,7 +565,7 @@ def lever_trajectory(model_name: str, method: str, names: list[str], n_steps: in
     hp = HParams(lr, bs, 1, 0.1, 0.0, 16, 0.0)
     out, first_s = {}, None
     for variant in ("levers", "eager", "eager_padded"):  # the lever path first: a broken path fails at once
-        model = make_model(model_name, method, device, dropout=0.0, seed=0)
+        model = cached_model(model_name, method, device)
         params = [p for p in model.parameters() if p.requires_grad]
         t0 = time.perf_counter()
         if variant == "levers":
@@ -656,14 +670,18 @@ def levers_part(a, device, save, result: dict) -> None:
         res["points"].append(r)
         save()
 
-    for p in plan[:n_main]:
-        run_point(p)
-    for m in trajectories:
+    # LoRA first (SST-2's LoRA run is the protocol's longest chain): its points, its trajectory, then full FT
+    for m in sorted(a.methods, key=lambda m: m != "lora"):
+        for p in plan[:n_main]:
+            if p["method"] == m:
+                run_point(p)
+        if m not in trajectories:
+            continue
         names = [n for n in CUMULATIVE if (n != "lora_fused" or m == "lora") and (n != "fused_kernels" or liger)]
         if m in old_traj:
             res["trajectory"].append(old_traj[m])
             continue
-        if left() < a.point_reserve_s * 2:
+        if left() < a.point_reserve_s * 3:
             res["skipped"].append({"trajectory": m})
             continue
         try:
