@@ -397,8 +397,8 @@ def worker_scaling(counts: list[int], method: str, seconds: float, save=None,
 
 # -- step levers (issue 20) ----------------------------------------------------------------------------------------
 PROTOCOL_BATCH = {"full": 2, "lora": 1}  # configs/smollm2.yaml's phase-1 best for SST-2 (the critical chains)
-SINGLE_LEVERS = ["bf16_weights", "flat_optimizer", "lora_fused", "fused_kernels"]
-CUMULATIVE = ["bf16_weights", "flat_optimizer", "lora_fused", "fused_kernels", "compile"]
+SINGLE_LEVERS = ["bf16_weights", "flat_optimizer", "lora_fused", "fused_projections", "fused_kernels"]
+CUMULATIVE = ["bf16_weights", "flat_optimizer", "lora_fused", "fused_projections", "fused_kernels", "compile"]
 
 
 def lever_plan(methods: list[str], liger: bool, smoke: bool) -> list[dict]:

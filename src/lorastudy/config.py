@@ -143,8 +143,8 @@ class TrainConfig(_Strict):
     # elsewhere.
     fast_step: Literal["auto", "eager", "static", "cuda_graph"] = "auto"
     # Speed levers of the static / CUDA-graph step (step_levers.py; ignored by the eager path): any of
-    # bf16_weights, flat_optimizer, compile, fused_kernels (CUDA + liger-kernel), lora_fused. Each is tested to
-    # compute the same thing; benchmarks/train_step.py --parts levers measures them.
+    # bf16_weights, flat_optimizer, compile, fused_kernels (CUDA + liger-kernel), lora_fused, fused_projections.
+    # Each is tested to compute the same thing; benchmarks/train_step.py --parts levers measures them.
     step_levers: list[str] = Field(default_factory=list)
     compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"  # Inductor mode of ``compile``
     compile_dynamic: bool = False  # ``compile``: one graph for all padded widths instead of one per width

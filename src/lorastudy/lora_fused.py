@@ -63,6 +63,12 @@ def fused_lora_forward(layer: nn.Module, peft_forward: Callable, x: torch.Tensor
     """The forward of one PEFT ``lora.Linear`` (x: [..., in] -> [..., out]); see the module docstring."""
     if args or kwargs or layer.disable_adapters or layer.merged or not _fusable(layer):
         return peft_forward(x, *args, **kwargs)
+    return lora_forward(layer, x)
+
+
+def lora_forward(layer: nn.Module, x: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """``base + LoRA(x)`` of a fusable ``lora.Linear`` prepared by ``prepare_lora_layer``; ``base``: the base
+    layer's output when it was computed already (fused sibling projections), else computed here."""
     name = layer.active_adapters[0]
     lora_a, lora_b, drop = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     p = float(getattr(drop, "p", 0.0)) if drop.training else 0.0
@@ -70,34 +76,51 @@ def fused_lora_forward(layer: nn.Module, peft_forward: Callable, x: torch.Tensor
     if p > 0:
         # the very draw of SeededDropout / nn.Dropout's bernoulli path: same generator, shape, dtype
         keep = dropout_mask(x.detach(), p, layer._lorastudy_generator, layer._lorastudy_slot)
-        base = layer.base_layer(x)
+        if base is None:
+            base = layer.base_layer(x)
         h = F.linear(x * keep, lora_a.weight)
     else:
         dev = x.device.type
         if torch.is_autocast_enabled(dev) and x.dtype == torch.float32:
             x = x.to(torch.get_autocast_dtype(dev))  # one cast for both matmuls (autocast would cast twice)
-        base = layer.base_layer(x)
+        if base is None:
+            base = layer.base_layer(x)
         h = F.linear(x, lora_a.weight)
     out = torch.addmm(base.reshape(-1, base.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(), alpha=alpha)
     return out.view(base.shape)
 
 
+def prepare_lora_layer(m: nn.Module, name: str, slots: dict[str, int]) -> None:
+    """Give a ``lora.Linear`` (at module path ``name``) what ``lora_forward`` reads: its mask slot (the same small
+    number for the same projection in every layer: compiled code is shared by the layers) and its dropout
+    generator's id, resolved here and not in the forward (under torch.compile id() of a traced object is not the
+    object's), so the dropout generator must be set (modeling.seed_dropout) before."""
+    m._lorastudy_slot = slots.setdefault(name.rsplit(".", 1)[-1], len(slots))
+    drops = list(m.lora_dropout.values())
+    m._lorastudy_generator = _generator_id(getattr(drops[0], "generator", None)) if len(drops) == 1 else -1
+
+
+def is_lora_linear(m: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:  # no PEFT installed: no LoRA layers
+        return False
+    return type(m) is LoraLinear
+
+
+def lora_fusable(m: nn.Module) -> bool:
+    """A ``lora.Linear`` whose forward ``lora_forward`` computes (one active vanilla adapter, not merged)."""
+    return is_lora_linear(m) and not m.disable_adapters and not m.merged and _fusable(m)
+
+
 def fuse_lora_layers(model: nn.Module) -> Callable[[], None]:
     """Route every PEFT ``lora.Linear`` of ``model`` through ``fused_lora_forward``; returns the undo.
     A model without LoRA layers is left alone."""
-    try:
-        from peft.tuners.lora import Linear as LoraLinear
-    except ImportError:  # no PEFT installed: no LoRA layers to fuse
-        return lambda: None
     patched, slots = [], {}
     for name, m in model.named_modules():
-        if type(m) is LoraLinear and "forward" not in vars(m):
-            # the same small number for the same projection in every layer (compiled code is shared by layers)
-            m._lorastudy_slot = slots.setdefault(name.rsplit(".", 1)[-1], len(slots))
-            # resolved here, not in the forward: under torch.compile id() of a traced object is not the object's
-            # (so the dropout generator must be set, modeling.seed_dropout, before this)
-            drops = list(m.lora_dropout.values())
-            m._lorastudy_generator = _generator_id(getattr(drops[0], "generator", None)) if len(drops) == 1 else -1
+        if is_lora_linear(m) and "forward" not in vars(m):
+            prepare_lora_layer(m, name, slots)
+
             def forward(x, *args, m=m, peft_forward=m.forward, **kwargs):
                 return fused_lora_forward(m, peft_forward, x, *args, **kwargs)
 

@@ -5,16 +5,15 @@ phase-2 run is ~130 k steps). On the H200 a SmolLM2-135M step is a chain of ~4,0
 each lever removes kernels without changing what is computed (up to bf16 rounding where stated), and each can be
 switched on alone so that benchmarks/train_step.py (part ``levers``) measures it alone and together:
 
-==================  ===============================================================================================
-``bf16_weights``    compute-dtype copies of every Linear weight, refreshed once per optimizer step (one flat copy)
-                    instead of autocast's cast in every matmul; gradients reach the fp32 masters (compute_weights.py)
-``flat_optimizer``  trainable parameters and gradients as views into one flat fp32 buffer each: clipping is one
-                    norm and one scale, AdamW one fused kernel over one tensor per group (flat_optim.py)
-``compile``         regional ``torch.compile`` (Inductor) of each decoder layer, inside the captured graph, with
-                    Inductor's caches in a directory of the results dir so a study compiles once (layer_kernels.py)
-``fused_kernels``   Liger-Kernel's fused rotary embedding and SwiGLU (CUDA; layer_kernels.py)
-``lora_fused``      LoRA's dropout, scaling and residual add folded into one ``addmm`` (lora_fused.py)
-==================  ===============================================================================================
+* ``bf16_weights``: compute-dtype copies of every Linear weight, refreshed once per optimizer step (one flat copy)
+  instead of autocast's cast in every matmul; gradients reach the fp32 masters (compute_weights.py)
+* ``flat_optimizer``: trainable parameters and gradients as views into one flat fp32 buffer each: clipping is one
+  norm and one scale, AdamW one fused kernel over one tensor per group (flat_optim.py)
+* ``compile``: regional ``torch.compile`` (Inductor) of each decoder layer, inside the captured graph, with
+  Inductor's caches in a directory of the results dir so a study compiles once (layer_kernels.py)
+* ``fused_kernels``: Liger-Kernel's fused rotary embedding and SwiGLU (CUDA; layer_kernels.py)
+* ``lora_fused``: LoRA's dropout, scaling and residual add folded into one ``addmm`` (lora_fused.py)
+* ``fused_projections``: q/k/v and gate/up projections as one matmul each (fused_projections.py)
 
 The levers act on the static path only (``train.fast_step`` = static or cuda_graph); the eager reference path
 never changes. New levers register here (``register_lever``); ``train.step_levers`` accepts registered names.
@@ -55,6 +54,7 @@ register_lever(Lever("flat_optimizer", "parameters and gradients in flat buffers
 register_lever(Lever("compile", "regional torch.compile of each decoder layer (Inductor, cached)"))
 register_lever(Lever("fused_kernels", "Liger-Kernel fused rotary embedding and SwiGLU", cuda_only=True))
 register_lever(Lever("lora_fused", "LoRA dropout, scaling and add folded into one addmm"))
+register_lever(Lever("fused_projections", "q/k/v and gate/up projections as one matmul each"))
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
@@ -137,7 +137,7 @@ def prepare_model(model: torch.nn.Module, levers: StepLevers, device: torch.devi
 
     Raises ValueError when a lever cannot run here (``fused_kernels`` without CUDA or without liger-kernel) or the
     model already carries other model-level levers."""
-    wanted = frozenset(n for n in ("compile", "fused_kernels", "lora_fused") if n in levers)
+    wanted = frozenset(n for n in ("compile", "fused_kernels", "lora_fused", "fused_projections") if n in levers)
     handle: ModelLevers | None = getattr(model, _MODEL_ATTR, None)
     if handle is not None and handle.applied:
         if handle.applied != wanted:
@@ -152,6 +152,10 @@ def prepare_model(model: torch.nn.Module, levers: StepLevers, device: torch.devi
         from lorastudy.lora_fused import fuse_lora_layers
 
         handle.undos.append(fuse_lora_layers(model))
+    if "fused_projections" in wanted:  # after lora_fused: its members fall back to whatever forward they had
+        from lorastudy.fused_projections import fuse_sibling_projections
+
+        handle.undos.append(fuse_sibling_projections(model))
     if "fused_kernels" in wanted:
         from lorastudy.layer_kernels import use_liger_kernels
 
