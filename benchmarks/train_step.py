@@ -721,7 +721,7 @@ def print_lever_table(result: dict) -> None:
         vs = f"{p['ms_per_step'] / b['ms_per_step']:.2f}x" if b else ""
         upk = f"{p['us_per_kernel']:.2f}" if p.get("us_per_kernel") else ""
         print(f"| {p['method']} | {p['batch_size']} | {label} | {p['ms_per_step']:.2f} | {vs} | "
-              f"{p['kernels_per_step']} | {upk} | {p['first_step_s']:.1f} |")
+              f"{p['kernels_per_step'] or ''} | {upk} | {p['first_step_s']:.1f} |")
     for t in res.get("trajectory", []):
         if "error" in t:
             print(f"trajectory {t['method']}: failed: {t['error']}")

@@ -11,8 +11,9 @@
 #   .inductor_cache.tgz   a cache written by an earlier call ($OUT/inductor_cache.tgz): compile time drops to
 #       graph tracing.
 #   .levers_prev.json     an earlier call's JSON ($OUT/train_step_levers_h200.json): its points are kept.
-# Knobs: T (python's time limit, s, default 250), BUDGET (no new point after this many s, default 215),
-# MODE (Inductor mode: default | max-autotune-no-cudagraphs), STEPS (timed steps per point, default 200).
+# Knobs: T (python's time limit, s, default 240), BUDGET (no new point after this many s, default 200),
+# MODE (Inductor mode: default | max-autotune-no-cudagraphs), STEPS (timed steps per point, default 100), EXTRA
+# (more arguments; a CPU dry run of this script: EXTRA="--smoke --compile-backend aot_eager --methods lora").
 set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
 mkdir -p "$OUT"
@@ -27,9 +28,9 @@ export TRITON_CACHE_DIR=$CACHE/triton
 RESUME=""
 [ -f .levers_prev.json ] && RESUME="--resume .levers_prev.json"
 python3 -c "from lorastudy import modeling as M; M.resolve_source('smollm2-135m')" 2>&1 | tail -1  # GGUF -> dir once
-timeout -k 10 ${T:-250} python3 benchmarks/train_step.py --parts levers --budget-s ${BUDGET:-215} \
-  --lever-steps ${STEPS:-200} --compile-mode ${MODE:-default} --compile-cache "$CACHE" $RESUME \
-  --glue "$LORASTUDY_GLUE_DIR" --out "$OUT/train_step_levers_h200.json" 2>&1 \
+timeout -k 10 ${T:-240} python3 benchmarks/train_step.py --parts levers --budget-s ${BUDGET:-200} \
+  --lever-steps ${STEPS:-100} --compile-mode ${MODE:-default} --compile-cache "$CACHE" $RESUME \
+  --glue "$LORASTUDY_GLUE_DIR" --out "$OUT/train_step_levers_h200.json" ${EXTRA:-} 2>&1 \
   | grep -v "Loading weights" | tee "$OUT/levers.log"
 tar -czf "$OUT/inductor_cache.tgz" -C "$CACHE" . 2>/dev/null
 [ "$(stat -c %s "$OUT/inductor_cache.tgz")" -gt 16000000 ] && rm -f "$OUT/inductor_cache.tgz"  # over the 16 MiB limit
