@@ -23,6 +23,15 @@ hyperparameters of ``--best-dir`` (``<task>_<method>_optimal.yaml``; default: th
     python benchmarks/study_time.py configs/smollm2.yaml --glue ../shared/data/glue \\
         --rates benchmarks/results/train_step_workers_h200.json --fused benchmarks/results/fused_h200.json \\
         --best-dir benchmarks/results/tune_smollm2_h200x4
+With ``--levers`` (the JSON of ``benchmarks/train_step.py --parts levers``) it also computes the critical path:
+a run's steps are sequential, so however wide the GPU is used, the study takes at least the longest chain of
+(the longest tuning trial of a task x method, then that task x method's phase-2 run) at a lone run's measured step
+latency, plus its validation passes; it is printed beside the total work (all trials and runs, in run-steps).
+
+    python benchmarks/study_time.py configs/smollm2.yaml --glue ../shared/data/glue \\
+        --rates benchmarks/results/train_step_workers_h200.json \\
+        --trials benchmarks/results/tune_smollm2_h200x4.json \\
+        --levers benchmarks/results/train_step_levers_h200.json
 """
 
 from __future__ import annotations
@@ -128,6 +137,68 @@ def fused_estimate(cfg, measured: dict, best_dir: Path | None) -> dict:
     return {"shape": {"batch_size": shape[0], "seq_len": shape[1]}, "rows": rows, "tune_s": tune_s,
             "train_s": train_s, "total_training_s": tune_s + train_s,
             "best_hparams_from": str(best_dir) if best_dir else None}
+def step_latencies(levers_json: dict) -> dict:
+    """{(method, batch): {"none": ms, "all": ms, "all_levers": [...]}} from the levers part's points (training
+    points without dropout; "all" = the point with the most levers), and {"eval": {method: ms per batch}}."""
+    out: dict = {}
+    for p in levers_json.get("levers", {}).get("points", []):
+        if "error" in p or p.get("dropout"):
+            continue
+        if p.get("eval"):
+            if p["levers"]:
+                out.setdefault("eval", {})[p["method"]] = (p["ms_per_step"], p["batch_size"])
+            continue
+        d = out.setdefault((p["method"], p["batch_size"]), {})
+        if not p["levers"]:
+            d["none"] = p["ms_per_step"]
+        elif len(p["levers"]) >= len(d.get("all_levers", [])):
+            d["all"], d["all_levers"] = p["ms_per_step"], p["levers"]
+    return out
+
+
+def latency(lat: dict, method: str, batch: int, which: str) -> tuple[float | None, int | None]:
+    """ms per step for (method, batch); the nearest measured batch of that method when this one was not."""
+    have = [b for (m, b), d in ((k, v) for k, v in lat.items() if isinstance(k, tuple)) if m == method and which in d]
+    if not have:
+        return None, None
+    b = min(have, key=lambda x: (abs(x - batch), x))
+    return lat[(method, b)][which], b
+
+
+def critical_path(cfg, n_train: dict, hpo_n: dict, trials: list | None, lat: dict) -> dict:
+    """Per task x method: the longest tuning trial (trials run side by side, so the tuning phase lasts at least
+    that long) followed by one phase-2 run with the best trial's batch size and epochs (seeds side by side), in
+    steps and minutes at the no-lever and all-lever step latencies (plus validation passes at the measured
+    evaluation rate: 4 per epoch over the validation split). Without trials: the search grid's longest trial and
+    the config's batch size and epochs."""
+    rows = []
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            done = [t for t in (trials or []) if t["task"] == task and t["method"] == method
+                    and t["state"] == "COMPLETE"]
+            if done:
+                tune = max(planned_steps(hpo_n[task], t["params"]["batch_size"], t["params"]["epochs"]) for t in done)
+                best = max(done, key=lambda t: t["value"])["params"]
+                bs, ep = best["batch_size"], best["epochs"]
+            else:
+                tune = max(planned_steps(hpo_n[task], b, e) for b, e in search_grid(cfg.search.spaces[method]))
+                bs, ep = cfg.train.batch_size, cfg.train.epochs
+            run = planned_steps(n_train[task], bs, ep)
+            r = {"task": task, "method": method, "tune_chain_steps": tune, "phase2_batch": bs, "phase2_epochs": ep,
+                 "phase2_steps": run, "chain_steps": tune + run}
+            ev = lat.get("eval", {}).get(method)
+            n_val = min(cfg.data.validation_max, math.ceil(n_train[task] * cfg.data.validation_fraction))
+            eval_s = ev[0] / 1e3 * math.ceil(n_val / ev[1]) * cfg.train.evals_per_epoch * ep if ev else 0.0
+            r["phase2_eval_s"] = eval_s
+            for which in ("none", "all"):
+                ms, b = latency(lat, method, bs, which)
+                r[f"ms_per_step_{which}"], r[f"latency_batch_{which}"] = ms, b
+                r[f"chain_min_{which}"] = (r["chain_steps"] * ms / 1e3 + eval_s) / 60 if ms else None
+            rows.append(r)
+    key = lambda r: r["chain_min_all"] or r["chain_min_none"] or 0  # noqa: E731
+    crit = max(rows, key=key)
+    return {"rows": rows, "critical": {k: crit[k] for k in ("task", "method", "chain_steps", "chain_min_none",
+                                                            "chain_min_all")}}
 
 
 def main() -> None:
@@ -138,6 +209,7 @@ def main() -> None:
     ap.add_argument("--trials", type=Path, help="trials JSON of a tuning run on the same GPU")
     ap.add_argument("--fused", type=Path, help="JSON of benchmarks/train_step.py --parts fused")
     ap.add_argument("--best-dir", type=Path, help="directory of <task>_<method>_optimal.yaml (phase-1 best)")
+    ap.add_argument("--levers", type=Path, help="levers JSON of benchmarks/train_step.py: the critical path")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     cfg = load_config(a.config, [f"data.source={a.glue}"])
@@ -203,6 +275,34 @@ def main() -> None:
     if a.fused:
         out["fused"] = fused_estimate(cfg, json.loads(a.fused.read_text()), a.best_dir)
         out["fused"]["rates_from"] = str(a.fused)
+    if a.levers:
+        lat = step_latencies(json.loads(a.levers.read_text()))
+        n_train = {t: next(r["n_train"] for r in rows if r["phase"] == "train-all" and r["task"] == t)
+                   for t in cfg.tasks}
+        hpo_n = {t: next(r["n_train"] for r in rows if r["phase"] == "tune" and r["task"] == t) for t in cfg.tasks}
+        trials = None
+        if a.trials:
+            data = json.loads(a.trials.read_text())
+            trials = data["trials"] if isinstance(data, dict) else data
+        cp = critical_path(cfg, n_train, hpo_n, trials, lat)
+        out["critical_path"] = cp
+        out["levers_from"] = str(a.levers)
+        # total work: every trial and run, one after another on one lone-run stream (the no-parallelism bound)
+        work = {m: sum(r["steps"] for r in rows if r["method"] == m) for m in cfg.methods}
+        out["total_work_run_steps"] = work
+        print(f"\ncritical path (longest tuning trial + one phase-2 run, sequential steps at a lone run's latency; "
+              f"latencies from {a.levers}):")
+        print(f"{'task':5s} {'method':6s} {'tune':>7s} {'phase2':>8s} {'batch':>5s} {'ms none':>8s} {'ms all':>7s} "
+              f"{'min none':>9s} {'min all':>8s}")
+        fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+        for r in cp["rows"]:
+            print(f"{r['task']:5s} {r['method']:6s} {r['tune_chain_steps']:7d} {r['phase2_steps']:8d} "
+                  f"{r['phase2_batch']:5d} {fmt(r['ms_per_step_none'], '8.2f')} {fmt(r['ms_per_step_all'], '7.2f')} "
+                  f"{fmt(r['chain_min_none'], '9.1f')} {fmt(r['chain_min_all'], '8.1f')}")
+        c = cp["critical"]
+        print(f"critical path: {c['task']}/{c['method']}, {c['chain_steps']} sequential steps = "
+              f"{fmt(c['chain_min_none'], '.1f')} min without levers, {fmt(c['chain_min_all'], '.1f')} min with "
+              f"all levers; total work {sum(work.values()):.0f} run-steps ({work})")
     if a.out:
         a.out.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {a.out}")

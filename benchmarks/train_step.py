@@ -15,10 +15,18 @@ Parts (``--parts``):
               (--fused-streams K) K lone runs on K streams; the trainer's own loop on real SST-2 batches
               (--fused-group-n); peak memory; and a fused run vs the same run alone over real SST-2 steps
               (--fused-trajectory-steps). ``--smoke``: the tiny random model, a few steps, on any device.
+  levers      the step levers of issue 20 (train.step_levers), each alone and cumulatively, at the protocol's
+              SST-2 shapes (full FT batch 2, LoRA batch 1, 24 tokens): ms per step, CUDA kernels per step, us per
+              kernel, first-step seconds (capture + compile); then 200 real SST-2 steps with all levers against
+              the eager step, beside eager on padded batches (the bf16 noise band). --smoke runs every code path
+              on CPU with the tiny model in a minute or two.
 
     python benchmarks/train_step.py --out benchmarks/results/train_step_h200.json
     python benchmarks/train_step.py --parts steps --models smollm2 --batch-sizes 1 4 --steps 5   # quick CPU check
     python benchmarks/train_step.py --parts fused --smoke --out /tmp/fused_smoke.json            # CPU check
+    python benchmarks/train_step.py --parts levers --out /tmp/levers.json      # on the H200 (benchmarks/gpu/levers.sh)
+    python benchmarks/train_step.py --parts levers --smoke --out /tmp/levers_smoke.json                  # CPU smoke
+    python benchmarks/train_step.py --table /tmp/levers.json                  # print the levers table of a JSON
 """
 
 from __future__ import annotations
@@ -53,9 +61,23 @@ MODEL_LENGTHS = {"smollm2": ["sst2"], "tinyllama": ["rte"]}  # the issue's shape
 PEAK_BF16 = 790e12  # dense bf16 FLOP/s measured on the H200 (the issue's reference)
 
 
+_TEMPLATES: dict = {}
+
+
+def cached_model(name: str, method: str, device, dropout: float = 0.0):
+    """A fresh copy of ``make_model(name, method, device, dropout, seed=0)``: the first call loads, later ones copy
+    (the levers part builds a model per point; loading SmolLM2 each time would spend the GPU call's minutes)."""
+    import copy
+
+    key = (name, method, str(device), dropout)
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = make_model(name, method, device, dropout=dropout, seed=0)
+    return copy.deepcopy(_TEMPLATES[key]).train()
+
+
 def make_model(name: str, method: str, device, dropout: float = 0.0, seed: int = 0):
-    if name == "smollm2":
-        cfg = load_config(None, ["model.source=smollm2-135m"])
+    if name in ("smollm2", "tiny"):  # tiny: the random tiny Llama of the tests (CPU smoke runs)
+        cfg = load_config(None, [f"model.source={'smollm2-135m' if name == 'smollm2' else M.TINY}"])
         model, _ = M.load_base(cfg.model, 2, seed=seed)
     else:
         model = synthetic_base("tinyllama", device=device, seed=seed)
@@ -616,6 +638,346 @@ def fused_part(a, device, save) -> dict:
         save(out)
     fused_table(out)
     return out
+# -- step levers (issue 20) ----------------------------------------------------------------------------------------
+PROTOCOL_BATCH = {"full": 2, "lora": 1}  # configs/smollm2.yaml's phase-1 best for SST-2 (the critical chains)
+SINGLE_LEVERS = ["bf16_weights", "flat_optimizer", "lora_fused", "fused_projections", "fused_kernels"]
+CUMULATIVE = ["bf16_weights", "flat_optimizer", "lora_fused", "fused_projections", "fused_kernels", "compile"]
+
+
+def lever_plan(methods: list[str], liger: bool, smoke: bool) -> list[dict]:
+    """The measured points, most important first (a run cut short by its time limit keeps the first ones):
+    per method at its protocol batch: no lever, each lever alone, the levers added one by one (compile last);
+    then the other batch size with none / all; then compile alone (its own compilation: fp32 weights)."""
+    plan = []
+    for m in methods:
+        usable = [n for n in CUMULATIVE if (n != "lora_fused" or m == "lora") and (n != "fused_kernels" or liger)]
+        bs = PROTOCOL_BATCH[m]
+        plan.append({"method": m, "batch_size": bs, "levers": []})
+        plan += [{"method": m, "batch_size": bs, "levers": [n]} for n in SINGLE_LEVERS if n in usable]
+        for k in range(2, len(usable) + 1):
+            plan.append({"method": m, "batch_size": bs, "levers": usable[:k]})
+    tail = []
+    for m in methods:
+        usable = [n for n in CUMULATIVE if (n != "lora_fused" or m == "lora") and (n != "fused_kernels" or liger)]
+        other = 2 if PROTOCOL_BATCH[m] == 1 else 1
+        tail += [{"method": m, "batch_size": other, "levers": []}, {"method": m, "batch_size": other, "levers": usable}]
+    tail += [{"method": m, "batch_size": PROTOCOL_BATCH[m], "levers": ["compile"]} for m in methods]
+    if "lora" in methods:  # the SST-2 LoRA best has dropout 0.16: masks come from the run's generator
+        usable = [n for n in CUMULATIVE if n != "fused_kernels" or liger]
+        tail.append({"method": "lora", "batch_size": 1, "levers": usable, "dropout": 0.16})
+    tail += [{"method": m, "batch_size": 32, "levers": lv, "eval": True} for m in methods
+             for lv in ([], [n for n in CUMULATIVE if n != "flat_optimizer" and (n != "lora_fused" or m == "lora")
+                             and (n != "fused_kernels" or liger)])]
+    if smoke:  # one of each kind of tail point
+        tail = [p for p in tail if p.get("dropout") or p.get("eval")][:2] + tail[:2]
+    return plan + tail
+
+
+class _OpCount:
+    """Counts the non-view ATen operators a CPU step runs: the CPU stand-in for CUDA kernels (smoke runs)."""
+
+    VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "slice", "select", "permute",
+             "detach", "alias", "as_strided", "squeeze", "split", "split_with_sizes", "unbind", "_reshape_alias",
+             "reshape", "empty", "empty_like", "new_empty", "empty_strided", "lift_fresh", "_local_scalar_dense"}
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.__name__.split(".")[0]
+                if name not in counter.VIEWS:
+                    counter.n += 1
+                return func(*args, **(kwargs or {}))
+
+        self.n, self.mode = 0, Mode()
+
+
+def kernels_of_step(st, width: int, device) -> tuple[int, list]:
+    """CUDA kernels of one step, counted by the profiler on the very code the graphs replay, run without capture
+    (``_forward_backward`` + ``_optimizer_step`` on the step's static buffers: a real step). CPU: ATen ops."""
+    from collections import Counter
+
+    if device.type != "cuda":
+        c = _OpCount()
+        with c.mode:
+            st._forward_backward(width)
+            st._optimizer_step()
+        return c.n, []
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        st._forward_backward(width)
+        st._optimizer_step()
+        sync(device)
+    names = [e.name[:60] for e in prof.events() if e.device_type.name == "CUDA"]
+    return len(names), Counter(names).most_common(8)
+
+
+def lever_point(model_name: str, point: dict, seq: int, device, steps: int, warm: int, opts: dict) -> dict:
+    """One measured point: a fresh model, the fast path with ``point['levers']``, a fixed random batch."""
+    from lorastudy.step_levers import StepLevers
+
+    method, bs = point["method"], point["batch_size"]
+    amp = torch.bfloat16 if device.type == "cuda" or opts.get("cpu_bf16") else None
+    graphs = device.type == "cuda"
+    model = cached_model(model_name, method, device, dropout=point.get("dropout", 0.0))
+    if point.get("dropout"):
+        M.seed_dropout(model, 0, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    fuse_rms_norms(model)
+    levers = StepLevers.of(*point["levers"], compile_mode=opts["compile_mode"], cache_dir=opts.get("cache_dir"),
+                           compile_backend=opts["compile_backend"])
+    opt = bench_optimizer(model, bs, device, graphs=graphs)
+    sched = get_linear_schedule_with_warmup(opt, 0, 10**7)
+    gen = torch.Generator().manual_seed(0)
+    b = {k: v.cpu() for k, v in random_batch(model.config.vocab_size, bs, seq, "cpu", gen).items()}
+    y = torch.randint(0, 2, (bs,), generator=gen)
+    t0 = time.perf_counter()
+    st = StaticTrainStep(model, params, opt, bs, 0.3, amp, device, cuda_graph=graphs, levers=levers)
+    st.step(b, y)
+    sched.step()
+    sync(device)
+    first_s = time.perf_counter() - t0
+    ms = time_steps(lambda st=st, sched=sched: (st.step(b, y), sched.step()), warm, steps, device)
+    total, n = st.take_loss()
+    loss = float(total) / max(1, n)
+    kernels, top = kernels_of_step(st, seq, device)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else 0
+    st.close()
+    del st, opt, sched, model, params
+    release([], device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return {**point, "label": levers.label(), "seq_len": seq, "ms_per_step": ms, "kernels_per_step": kernels,
+            "us_per_kernel": ms * 1e3 / kernels if kernels else None, "first_step_s": first_s,
+            "kernel_unit": "CUDA kernels" if device.type == "cuda" else "ATen ops (CPU stand-in)",
+            "top_kernels": top, "mean_loss": loss, "peak_memory_bytes": peak, "timed_steps": steps}
+
+
+def eval_point(model_name: str, point: dict, seq: int, device, steps: int, warm: int, opts: dict) -> dict:
+    """The evaluation forward (StaticForward, eval mode) with ``point['levers']``: ms per batch of
+    ``batch_size`` rows (validation: 2,000 rows every quarter epoch; the test split once)."""
+    from lorastudy.fast_step import StaticForward
+    from lorastudy.step_levers import StepLevers
+
+    amp = torch.bfloat16 if device.type == "cuda" or opts.get("cpu_bf16") else None
+    model = cached_model(model_name, point["method"], device).eval()
+    fuse_rms_norms(model)
+    levers = StepLevers.of(*point["levers"], compile_mode=opts["compile_mode"], cache_dir=opts.get("cache_dir"),
+                           compile_backend=opts["compile_backend"])
+    gen = torch.Generator().manual_seed(0)
+    b = {k: v.cpu() for k, v in random_batch(model.config.vocab_size, point["batch_size"], seq, "cpu", gen).items()}
+    t0 = time.perf_counter()
+    fwd = StaticForward(model, point["batch_size"], amp, device, cuda_graph=device.type == "cuda", levers=levers)
+    fwd.logits(b)
+    sync(device)
+    first_s = time.perf_counter() - t0
+    ms = time_steps(lambda fwd=fwd: fwd.logits(b), warm, steps, device)
+    fwd.close()
+    del fwd, model
+    release([], device)
+    return {**point, "label": levers.label(), "seq_len": seq, "ms_per_step": ms, "kernels_per_step": 0,
+            "us_per_kernel": None, "first_step_s": first_s, "timed_steps": steps}
+
+
+def lever_trajectory(model_name: str, method: str, names: list[str], n_steps: int, seq: int, device, glue,
+                     opts: dict) -> dict:
+    """200 real SST-2 steps from one init: eager (dynamic padding, the reference), eager on batches padded to
+    ``seq`` (same math, other shapes: the bf16 noise band) and the fast path with ``names``. The batches are the
+    first ``n_steps`` of the length-grouped order (seed 42) whose rows are at most ``seq`` tokens, so every
+    batch pads to one width (one compiled graph). Within the band: for every k, the levers' max relative loss
+    difference to eager over the first k steps is at most max(2 x the padded one's, 0.01)."""
+    from lorastudy.step_levers import StepLevers
+
+    amp = torch.bfloat16 if device.type == "cuda" or opts.get("cpu_bf16") else None
+    graphs = device.type == "cuda"
+    bs = PROTOCOL_BATCH[method]
+    cfg = load_config(None, [f"model.source={'smollm2-135m' if model_name == 'smollm2' else M.TINY}"]
+                      + ([f"data.source={glue}"] if glue else []))
+    splits = D.splits_for(cfg, "sst2")
+    tok = M.load_tokenizer(cfg.model)
+    enc = D.encode(tok, splits.train, cfg.task("sst2"), cfg.data.max_length)
+    lengths = enc.lengths()
+    order = [idx for idx in D.length_grouped_order(lengths, bs, np.random.default_rng(42))
+             if int(lengths[idx].max()) <= seq][:n_steps]
+    lr = 2e-5 if method == "full" else 5e-4
+    hp = HParams(lr, bs, 1, 0.1, 0.0, 16, 0.0)
+    out, first_s = {}, None
+    for variant in ("levers", "eager", "eager_padded"):  # the lever path first: a broken path fails at once
+        model = cached_model(model_name, method, device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        t0 = time.perf_counter()
+        if variant == "levers":
+            fuse_rms_norms(model)
+            levers = StepLevers.of(*names, compile_mode=opts["compile_mode"], cache_dir=opts.get("cache_dir"),
+                                   compile_backend=opts["compile_backend"])
+            opt = make_optimizer(model, hp, device, graphs=graphs)
+            st = StaticTrainStep(model, params, opt, bs, 0.3, amp, device, cuda_graph=graphs, levers=levers)
+        else:
+            opt = make_optimizer(model, hp, device)
+            s = Setup(model, None, device, amp, 0, 0, params)
+        sched = get_linear_schedule_with_warmup(opt, int(0.1 * n_steps), n_steps)
+        losses = []
+        for idx in order:
+            pad_to = None if variant == "eager" else seq
+            batch = D.collate([enc.input_ids[i] for i in idx], tok.pad_token_id, "right", pad_to)
+            y = torch.tensor(enc.labels[idx])
+            if variant == "levers":
+                st.step(batch, y)
+                sched.step()
+                losses.append(float(st.take_loss()[0]))
+                if first_s is None:
+                    first_s = time.perf_counter() - t0
+            else:
+                losses.append(float(train_step(s, opt, sched, {k: v.to(device) for k, v in batch.items()},
+                                               y.to(device), 0.3)))
+        if variant == "levers":
+            st.close()
+        out[variant] = losses
+        del model, opt, sched, params
+        release([], device)
+    e = np.array(out["eager"])
+    rel = lambda v: np.abs(np.array(v) - e) / np.maximum(np.abs(e), 1e-8)  # noqa: E731
+    ks = [k for k in (1, 5, 10, 20, 50, 100, 200) if k <= len(e)]
+    lev = {k: float(rel(out["levers"])[:k].max()) for k in ks}
+    pad = {k: float(rel(out["eager_padded"])[:k].max()) for k in ks}
+    res = {"method": method, "levers": names, "batch_size": bs, "seq_len": seq, "steps": len(order), "lr": lr,
+           "losses": out, "max_rel_diff_first_k": {"levers_vs_eager": lev, "eager_padded_vs_eager": pad},
+           "median_rel_diff": {"levers_vs_eager": float(np.median(rel(out["levers"]))),
+                               "eager_padded_vs_eager": float(np.median(rel(out["eager_padded"])))},
+           "mean_loss_last_20": {k: float(np.mean(v[-20:])) for k, v in out.items()},
+           "within_band": all(lev[k] <= max(2 * pad[k], 0.01) for k in ks), "first_step_s": first_s}
+    print(f"trajectory {method} [{'+'.join(names)}] {len(order)} steps: levers vs eager max rel diff "
+          f"{lev[ks[-1]]:.4f} (median {res['median_rel_diff']['levers_vs_eager']:.4f}); padded eager vs eager "
+          f"{pad[ks[-1]]:.4f}; last-20 mean loss {res['mean_loss_last_20']}; within band: {res['within_band']}",
+          flush=True)
+    return res
+
+
+def levers_part(a, device, save, result: dict) -> None:
+    """Run the plan point by point (saved after each), stopping when ``a.budget_s`` is spent."""
+    from lorastudy.layer_kernels import liger_available, set_compile_cache
+
+    t_start = time.perf_counter()
+    smoke = a.smoke
+    model_name = "tiny" if smoke else "smollm2"
+    liger = device.type == "cuda" and liger_available()
+    cache = set_compile_cache(a.compile_cache)
+    opts = {"compile_mode": a.compile_mode, "compile_backend": a.compile_backend, "cache_dir": cache,
+            "cpu_bf16": smoke}
+    steps = 3 if smoke else a.lever_steps
+    warm = 1 if smoke else a.warmup
+    seq = LENGTHS["sst2"]
+    res = result["levers"] = {"points": [], "trajectory": [], "skipped": [], "liger_available": liger,
+                              "compile_cache_dir": str(cache) if cache else None, "compile_mode": a.compile_mode,
+                              "compile_backend": a.compile_backend, "model": model_name,
+                              "torch": torch.__version__}
+    left = lambda: a.budget_s - (time.perf_counter() - t_start)  # noqa: E731
+    plan = lever_plan(a.methods, liger, smoke)
+    trajectories = [m for m in ("lora", "full") if m in a.methods] if "trajectory" not in a.skip else []
+    n_main = sum(1 for p in plan if p["batch_size"] == PROTOCOL_BATCH[p["method"]] and "dropout" not in p
+                 and p["levers"] != ["compile"] and not p.get("eval"))
+    done: dict[str, dict] = {}  # --resume: points (and trajectories) measured by an earlier call
+    old_traj: dict[str, dict] = {}
+    if a.resume and a.resume.is_file():
+        old = json.loads(a.resume.read_text()).get("levers", {})
+        for q in old.get("points", []):
+            if "error" not in q:
+                keys = ("method", "batch_size", "levers", "dropout", "eval")
+                done[json.dumps({k: q[k] for k in sorted(keys) if k in q})] = q
+        old_traj = {t["method"]: t for t in old.get("trajectory", []) if "error" not in t}
+
+    def run_point(p: dict) -> None:
+        if left() < a.point_reserve_s:
+            res["skipped"].append(p)
+            print(f"skipped (time budget): {p}", flush=True)
+            return
+        key = json.dumps({k: p[k] for k in sorted(p)})
+        if key in done:
+            res["points"].append(done[key])
+            return
+        try:
+            r = (eval_point if p.get("eval") else lever_point)(model_name, p, seq, device, steps, warm, opts)
+        except Exception as e:  # noqa: BLE001 - a failing lever must not cost the other points
+            r = {**p, "error": f"{type(e).__name__}: {e}"}
+            print(f"FAILED {p}: {r['error']}", flush=True)
+        else:
+            print(f"{'eval' if p.get('eval') else r['method']:4s} b={r['batch_size']} {r['label']:58s} "
+                  f"{r['ms_per_step']:8.2f} ms "
+                  f"{r['kernels_per_step']:6d} {'kernels' if device.type == 'cuda' else 'ops'} "
+                  f"first step {r['first_step_s']:6.1f} s", flush=True)
+        res["points"].append(r)
+        save()
+
+    # LoRA first (SST-2's LoRA run is the protocol's longest chain): its points, its trajectory, then full FT
+    for m in sorted(a.methods, key=lambda m: m != "lora"):
+        for p in plan[:n_main]:
+            if p["method"] == m:
+                run_point(p)
+        if m not in trajectories:
+            continue
+        names = [n for n in CUMULATIVE if (n != "lora_fused" or m == "lora") and (n != "fused_kernels" or liger)]
+        if m in old_traj:
+            res["trajectory"].append(old_traj[m])
+            continue
+        if left() < a.point_reserve_s * 3:
+            res["skipped"].append({"trajectory": m})
+            continue
+        try:
+            res["trajectory"].append(lever_trajectory(model_name, m, names, 12 if smoke else a.trajectory_steps,
+                                                      seq, device, a.glue, opts))
+        except Exception as e:  # noqa: BLE001
+            res["trajectory"].append({"method": m, "levers": names, "error": f"{type(e).__name__}: {e}"})
+            print(f"FAILED trajectory {m}: {e}", flush=True)
+        save()
+    for p in plan[n_main:]:
+        run_point(p)
+    res["wall_s"] = time.perf_counter() - t_start
+    save()
+    print_lever_table(result)
+
+
+def print_lever_table(result: dict) -> None:
+    """The levers table (ms, kernels, us per kernel, vs no lever) and the trajectory verdicts, from the JSON."""
+    res = result.get("levers") or {}
+    pts = [p for p in res.get("points", [])]
+    base = {(p["method"], p["batch_size"]): p for p in pts if not p.get("levers") and "error" not in p}
+    print(f"\nstep levers ({res.get('model')}, {pts[0]['seq_len'] if pts and 'seq_len' in pts[0] else '?'} tokens; "
+          f"{pts[0].get('kernel_unit', '') if pts else ''}; compile mode {res.get('compile_mode')}; liger "
+          f"{'yes' if res.get('liger_available') else 'no'})")
+    print("| method | batch | levers | ms/step | vs none | kernels/step | us/kernel | first step s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for p in pts:
+        label = "+".join(p["levers"]) or "none"
+        if p.get("eval"):
+            label = f"eval forward: {label}"
+        if p.get("dropout"):
+            label += f" (dropout {p['dropout']})"
+        if "error" in p:
+            print(f"| {p['method']} | {p['batch_size']} | {label} | failed: {p['error'][:80]} | | | | |")
+            continue
+        b = base.get((p["method"], p["batch_size"]))
+        vs = f"{p['ms_per_step'] / b['ms_per_step']:.2f}x" if b else ""
+        upk = f"{p['us_per_kernel']:.2f}" if p.get("us_per_kernel") else ""
+        print(f"| {p['method']} | {p['batch_size']} | {label} | {p['ms_per_step']:.2f} | {vs} | "
+              f"{p['kernels_per_step'] or ''} | {upk} | {p['first_step_s']:.1f} |")
+    for t in res.get("trajectory", []):
+        if "error" in t:
+            print(f"trajectory {t['method']}: failed: {t['error']}")
+            continue
+        d = t["max_rel_diff_first_k"]
+        ks = list(d["levers_vs_eager"])
+        print(f"trajectory {t['method']} (batch {t['batch_size']}, {t['steps']} real SST-2 steps, "
+              f"{'+'.join(t['levers'])}): max rel diff over first k steps, levers vs eager / padded eager vs "
+              "eager: " + ", ".join(f"k={k} {d['levers_vs_eager'][k]:.4f}/{d['eager_padded_vs_eager'][k]:.4f}"
+                                    for k in ks)
+              + f"; last-20 mean loss {t['mean_loss_last_20']}; within band: {t['within_band']}")
+    if res.get("skipped"):
+        print(f"skipped for time: {res['skipped']}")
 
 
 def main() -> None:
@@ -624,7 +986,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["steps", "trajectory", "workers"],
-                    choices=["steps", "trajectory", "workers", "fused"])
+                    choices=["steps", "trajectory", "workers", "fused", "levers"])
     ap.add_argument("--models", nargs="+", default=["smollm2", "tinyllama"])
     ap.add_argument("--methods", nargs="+", default=["full", "lora"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 16])
@@ -652,12 +1014,27 @@ def main() -> None:
     ap.add_argument("--fused-trajectory-others", type=int, default=7, help="other runs in the trajectory's group")
     ap.add_argument("--noise-ref", type=Path, default=Path("benchmarks/results/train_step_trajectory_lora_h200.json"),
                     help="trajectory JSON whose padded-vs-eager difference is the bf16 noise band")
-    ap.add_argument("--smoke", action="store_true", help="fused part: the tiny random model, 3 steps (CPU check)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="fused and levers parts: the tiny random model, a few steps, every code path (CPU check)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
-    ap.add_argument("--table", type=Path, help="only print the fused table of this JSON (what a cut run measured)")
+    lv = ap.add_argument_group("levers part")
+    lv.add_argument("--lever-steps", type=int, default=200, help="timed steps per point (graph replays)")
+    lv.add_argument("--budget-s", type=float, default=1e9, help="stop starting points after this many seconds")
+    lv.add_argument("--point-reserve-s", type=float, default=20.0, help="start a point only with this much left")
+    lv.add_argument("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs"])
+    lv.add_argument("--compile-backend", default="inductor", help="aot_eager: trace without code generation")
+    lv.add_argument("--compile-cache", type=Path, help="Inductor cache directory (kept between runs)")
+    lv.add_argument("--skip", nargs="*", default=[], choices=["trajectory"])
+    lv.add_argument("--resume", type=Path, help="a JSON of an earlier call: its points are kept, not re-measured")
+    ap.add_argument("--table", type=Path, help="only print the fused and levers tables of this JSON (what a cut run "
+                    "measured)")
     a = ap.parse_args()
     if a.table:
-        fused_table(json.loads(a.table.read_text()).get("fused", {}))
+        d = json.loads(a.table.read_text())
+        if "fused" in d:
+            fused_table(d["fused"])
+        if "levers" in d:
+            print_lever_table(d)
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
@@ -691,6 +1068,10 @@ def main() -> None:
     if "fused" in a.parts:
         result["fused"] = fused_part(a, device, save=lambda f: (result.__setitem__("fused", f), save()))
         save()
+    if "levers" in a.parts:
+        if a.smoke:
+            device = torch.device("cpu")
+        levers_part(a, device, save, result)
     print(f"wrote {a.out}")
 
 

@@ -147,6 +147,26 @@ class TrainConfig(_Strict):
     # run (the reference path), `auto` = on when runs train on a CUDA device with fast_step auto or cuda_graph.
     fuse: Literal["auto", "on", "off"] = "auto"
     fuse_max_runs: int = Field(32, ge=1, le=1024)  # runs (slots) per fused group
+    # Speed levers of the static / CUDA-graph step (step_levers.py; ignored by the eager path): any of
+    # bf16_weights, flat_optimizer, compile, fused_kernels (CUDA + liger-kernel), lora_fused, fused_projections.
+    # Each is tested to compute the same thing; benchmarks/train_step.py --parts levers measures them.
+    step_levers: list[str] = Field(default_factory=list)
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default"  # Inductor mode of ``compile``
+    compile_dynamic: bool = False  # ``compile``: one graph for all padded widths instead of one per width
+    # Inductor's cache (compiled graphs, autotuning) for ``compile``; relative = under output_dir
+    compile_cache_dir: str | None = ".cache/inductor"
+
+    @field_validator("step_levers")
+    @classmethod
+    def _known_levers(cls, v: list[str]) -> list[str]:
+        from lorastudy.step_levers import LEVERS
+
+        unknown = [n for n in v if n not in LEVERS]
+        if unknown:
+            raise ValueError(f"unknown step lever(s) {unknown}; known: {sorted(LEVERS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"step lever listed twice: {v}")
+        return v
 
     @field_validator("fast_step", mode="before")
     @classmethod

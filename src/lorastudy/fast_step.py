@@ -16,20 +16,26 @@ without changing what is computed:
   writes the same tensors and all graphs can share one memory pool.
 
 ``cuda_graph=False`` runs the very same static code path eagerly (how CPU tests compare it with the eager step).
-torch.compile is not used: it would add a compilation per shape bucket to every short tuning trial, and graph
-replay already removes the launch overhead it would remove.
+
+``levers`` (a ``step_levers.StepLevers``, from ``train.step_levers``) switch on further ways to fewer kernels per
+step: bf16 weight copies, flat optimizer buffers, regional torch.compile of the decoder layers, Liger kernels, a
+fused LoRA forward (see step_levers.py). None by default; each is tested against the plain static path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from lorastudy import modeling as M
+from lorastudy.compute_weights import ComputeWeights, linear_weights
 from lorastudy.execution import CAPTURE_LOCK as _CAPTURE_LOCK
+from lorastudy.flat_optim import FlatParams
+from lorastudy.step_levers import StepLevers, prepare_model
 
 DEFAULT_BUCKETS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -74,6 +80,13 @@ def fuse_rms_norms(model, when: Callable[[torch.Tensor, torch.Tensor], bool] | N
             del m.forward
 
     return undo
+
+
+@contextlib.contextmanager
+def _model_context(compute: ComputeWeights | None, model_levers) -> Iterator[None]:
+    """Around a forward: the compute-dtype weights swapped in and the levers' scoped patches entered."""
+    with model_levers.context(), (compute.swapped() if compute is not None else contextlib.nullcontext()):
+        yield
 
 
 class _Replayable:
@@ -135,10 +148,16 @@ def _fill(static: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> in
 
 
 class StaticTrainStep:
-    """The training step over static shapes: ``step(batch, labels)`` accumulates the loss on the device."""
+    """The training step over static shapes: ``step(batch, labels)`` accumulates the loss on the device.
+
+    ``levers``: see step_levers.py. With ``flat_optimizer`` the step runs its own AdamW over flat buffers with
+    ``opt``'s hyperparameters (``opt``'s scheduler still drives the learning rate) and ``close()`` gives the
+    parameters their own storage back. Raises ValueError for an impossible combination (graphs on CPU, graphs with
+    the shared dropout generator, a lever that cannot run here)."""
 
     def __init__(self, model, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, batch_size: int,
-                 max_norm: float, amp: torch.dtype | None, device: torch.device, cuda_graph: bool) -> None:
+                 max_norm: float, amp: torch.dtype | None, device: torch.device, cuda_graph: bool,
+                 levers: StepLevers | None = None) -> None:
         if cuda_graph and device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; use train.fast_step=static or eager on CPU")
         self.model, self.params, self.opt = model, params, opt
@@ -156,14 +175,32 @@ class StaticTrainStep:
         self.weights = torch.zeros(batch_size, dtype=torch.float32, device=device)
         self.inputs: dict[int, dict[str, torch.Tensor]] = {}
         self.fwd_bwd: dict[int, Callable[[], None]] = {}
-        for p in params:  # persistent gradient buffers (see module docstring)
-            p.grad = torch.zeros_like(p)
+        if cuda_graph and not all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups):
+            raise ValueError("CUDA-graph training needs AdamW(capturable=True) with tensor learning rates "
+                             "(make_optimizer(..., graphs=True))")
+        self.levers = levers or StepLevers()
+        self.model_levers = prepare_model(model, self.levers, device)
+        compute_first = [p for _, p in linear_weights(model) if p.requires_grad] \
+            if "bf16_weights" in self.levers else []
+        self.flat: FlatParams | None = None
+        self.step_opt = opt  # the optimizer that steps: opt itself, or its flat twin
+        if "flat_optimizer" in self.levers:
+            self.flat = FlatParams(opt, params, first=compute_first)  # gradient buffers are views of its flat one
+            self.step_opt = self.flat.optimizer()
+        else:
+            for p in params:  # persistent gradient buffers (see module docstring)
+                p.grad = torch.zeros_like(p)
+        self.compute: ComputeWeights | None = None
+        if "bf16_weights" in self.levers:
+            order = self.flat.order if self.flat is not None else compute_first
+            self.compute = ComputeWeights.acquire(model, amp or torch.float32, order)
+            if self.flat is not None:
+                self.compute.relayout()  # the masters now lie in the flat buffer: one-copy refresh
+        copied = {id(p) for p in (self.compute.masters[:self.compute.n_trainable] if self.compute else [])}
+        self.zero_grads = [p for p in params if id(p) not in copied]  # the others are overwritten every step
         self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
         self.opt_step: Callable[[], None] = self._optimizer_step
         if cuda_graph:
-            if not all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups):
-                raise ValueError("CUDA-graph training needs AdamW(capturable=True) with tensor learning rates "
-                                 "(make_optimizer(..., graphs=True))")
             graph = _Replayable(self._optimizer_step, self.pool, warmup=1,
                                 before_warmup=self._zero_lr, after_warmup=self._reset_optimizer)
             graph.capture()  # now, while the gradients are still zero (the warm-up relies on it)
@@ -175,29 +212,39 @@ class StaticTrainStep:
         batch = dict(st, mask4d=M.additive_mask_4d(st["attention_mask"], self.mask_dtype))
         # autocast's weight-cast cache must be off under capture (the cast copies would be freed after it)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
-                            cache_enabled=not self.cuda_graph):
+                            cache_enabled=not self.cuda_graph), _model_context(self.compute, self.model_levers):
             logits = M.classifier_logits(self.model, batch)
         ce = F.cross_entropy(logits.float(), self.labels, reduction="none")
         loss = (ce * self.weights).sum() / self.weights.sum()
         loss.backward()
+        if self.compute is not None:
+            self.compute.collect_grads()
         self.loss_sum.add_(loss.detach())
 
     def _optimizer_step(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
-        self.opt.step()
-        torch._foreach_zero_([p.grad for p in self.params])
+        if self.flat is not None:
+            self.flat.clip_(self.max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm, foreach=True)
+        self.step_opt.step()
+        if self.flat is not None:
+            self.flat.zero_grad_(skip_leading=self.compute is not None)
+        elif self.zero_grads:
+            torch._foreach_zero_([p.grad for p in self.zero_grads])
+        if self.compute is not None:
+            self.compute.refresh()
 
     # -- warm-up bookkeeping for capture ---------------------------------------------------------------------
     def _zero_lr(self) -> list[torch.Tensor]:
         """The optimizer graph is warmed up with zero gradients and lr 0: AdamW then changes no weight (decay is
         multiplied by lr) and leaves its moments at zero; only the step counters move, and they are reset."""
-        saved = [g["lr"].clone() for g in self.opt.param_groups]
-        for g in self.opt.param_groups:
+        saved = [g["lr"].clone() for g in self.step_opt.param_groups]
+        for g in self.step_opt.param_groups:
             g["lr"].zero_()
         return saved
 
     def _reset_optimizer(self, saved_lrs: list[torch.Tensor]) -> None:
-        for g, lr in zip(self.opt.param_groups, saved_lrs, strict=True):
+        for g, lr in zip(self.step_opt.param_groups, saved_lrs, strict=True):
             g["lr"].copy_(lr)
             for p in g["params"]:
                 st = self.opt.state[p]
@@ -229,15 +276,26 @@ class StaticTrainStep:
         self.weights.zero_()
         self.weights[:n] = 1.0
         self.fwd_bwd[width]()
+        if self.flat is not None and not self.cuda_graph:
+            self.flat.sync_lr()  # float learning rates: the scheduler wrote them into ``opt``
         self.opt_step()
         self.n_steps += 1
 
     def close(self) -> None:
-        """Drop the graphs and their memory now (not whenever the garbage collector gets to them)."""
+        """Drop the graphs and their memory now (not whenever the garbage collector gets to them); with
+        ``flat_optimizer`` the parameters get their own storage back (saving needs it)."""
         with _CAPTURE_LOCK:
             self.fwd_bwd.clear()
             self.opt_step = self._optimizer_step
             self.inputs.clear()
+            if self.flat is not None:
+                self.flat.unflatten()
+                self.flat = None
+                if self.compute is not None:
+                    self.compute.relayout()
+            if self.compute is not None:
+                self.compute.release(self.model)
+                self.compute = None
 
     def take_loss(self) -> tuple[torch.Tensor, int]:
         """(sum of step losses since the last call, number of steps); resets the accumulator."""
@@ -248,11 +306,20 @@ class StaticTrainStep:
 
 
 class StaticForward:
-    """Evaluation forward over static shapes (``eval`` mode, no grad): ``logits(batch)`` -> [rows, labels]."""
+    """Evaluation forward over static shapes (``eval`` mode, no grad): ``logits(batch)`` -> [rows, labels].
+
+    ``levers``: as the train step's (the training-only ``flat_optimizer`` does nothing here). With
+    ``bf16_weights`` each forward first refreshes the compute copies from the fp32 weights (one copy: the weights
+    may have changed since, e.g. the best checkpoint restored before the test split)."""
 
     def __init__(self, model, batch_size: int, amp: torch.dtype | None, device: torch.device,
-                 cuda_graph: bool) -> None:
+                 cuda_graph: bool, levers: StepLevers | None = None) -> None:
         self.model, self.batch_size, self.amp, self.device, self.cuda_graph = model, batch_size, amp, device, cuda_graph
+        self.levers = levers or StepLevers()
+        self.model_levers = prepare_model(model, self.levers, device)
+        self.compute = ComputeWeights.acquire(model, amp or torch.float32) if "bf16_weights" in self.levers \
+            else None
+        self.epoch = self.compute.epoch if self.compute is not None else 0
         self.mask_dtype = amp or torch.float32
         self.out = torch.zeros(batch_size, model.config.num_labels, dtype=torch.float32, device=device)
         self.inputs: dict[int, dict[str, torch.Tensor]] = {}
@@ -263,20 +330,29 @@ class StaticForward:
     def _forward(self, width: int) -> None:
         st = self.inputs[width]
         batch = dict(st, mask4d=M.additive_mask_4d(st["attention_mask"], self.mask_dtype))
+        if self.compute is not None:
+            self.compute.refresh()
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
-                            cache_enabled=not self.cuda_graph):
+                            cache_enabled=not self.cuda_graph), _model_context(self.compute, self.model_levers):
             self.out.copy_(M.classifier_logits(self.model, batch).float())
 
     def close(self) -> None:
         with _CAPTURE_LOCK:
             self.runs.clear()
             self.inputs.clear()
+            if self.compute is not None:
+                self.compute.release(self.model)
+                self.compute = None
 
     @torch.no_grad()
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.model.training:
             raise RuntimeError("StaticForward needs the model in eval mode (dropout is baked into a graph)")
         n, width = batch["input_ids"].shape
+        if self.compute is not None and self.compute.epoch != self.epoch:
+            self.runs.clear()  # the fp32 weights moved (flat buffers undone): graphs read the old ones
+            self.inputs.clear()
+            self.epoch = self.compute.epoch
         if width not in self.inputs:
             self.inputs[width] = _static_inputs(self.batch_size, width, self.device)
             fn = lambda w=width: self._forward(w)  # noqa: E731

@@ -38,6 +38,7 @@ from lorastudy import metrics as MT
 from lorastudy import modeling as M
 from lorastudy import store
 from lorastudy.fast_step import StaticForward, StaticTrainStep, default_buckets, fuse_rms_norms
+from lorastudy.step_levers import StepLevers
 
 
 class TrainingError(RuntimeError):
@@ -421,7 +422,7 @@ class RunState:
             "train_tokens": self.tokens,
             # process-wide: with several runs per process (--streams, fused groups) it covers all of them
             "peak_memory_bytes": peak_memory_bytes, "peak_memory_scope": "process", "device": str(device),
-            "precision": "bf16-autocast" if amp else "fp32", "step_mode": mode,
+            "precision": "bf16-autocast" if amp else "fp32", "step_mode": mode, "step_levers": [],
             "trainable_params": trainable, "total_params": total,
             "n_train": len(self.data.train), "n_validation": len(self.data.validation),
         }
@@ -478,6 +479,7 @@ class EagerStepper:
         self.s, self.opt, self.sched, self.data, self.mode = s, opt, sched, data, mode
         self.max_norm, self.eval_batch_size = cfg.train.max_grad_norm, cfg.train.eval_batch_size
         self.loss, self.n = torch.zeros((), device=s.device), 0
+        self.lever_names: list[str] = []  # train.step_levers act on the static path only
 
     def step(self, batch: dict, labels: torch.Tensor) -> None:
         y = labels.to(self.s.device, non_blocking=True)
@@ -508,9 +510,12 @@ class StaticStepper(EagerStepper):
         super().__init__(cfg, s, opt, sched, data, mode)
         graph = mode == "cuda_graph"
         fuse_rms_norms(s.model)  # fewer kernels, same computation (the model is this run's own)
+        levers = StepLevers.from_config(cfg.train, cfg.out)  # train.step_levers (step_levers.py)
         self.fast = StaticTrainStep(s.model, s.params, opt, batch_size, cfg.train.max_grad_norm, s.amp, s.device,
-                                    cuda_graph=graph)
-        self.runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, s.device, cuda_graph=graph)
+                                    cuda_graph=graph, levers=levers)
+        self.runner = StaticForward(s.model, cfg.train.eval_batch_size, s.amp, s.device, cuda_graph=graph,
+                                    levers=levers)
+        self.lever_names = sorted(self.fast.levers.names)
 
     def step(self, batch: dict, labels: torch.Tensor) -> None:
         self.fast.step(batch, labels)
@@ -615,6 +620,7 @@ def train_run(
             stepper.close()
         metrics = state.metrics(train_time=train_time, peak_memory_bytes=peak_memory(device), device=device,
                                 amp=s.amp, mode=mode, trainable=s.trainable, total=s.total)
+    metrics["step_levers"] = stepper.lever_names
     if test is not None:
         metrics.update(test)
     metrics["wall_time_s"] = time.perf_counter() - t_start
