@@ -54,16 +54,15 @@ class HParams:
 
     @classmethod
     def from_config(cls, cfg, method: str, overrides: dict[str, Any] | None = None) -> HParams:
+        from lorastudy.config import ConfigError, validate_hparams
+
         t = cfg.train
         if method not in t.lr:
-            raise ValueError(f"train.lr has no entry for method {method!r}")
+            raise ConfigError(f"train.lr has no entry for method {method!r}")
         hp = cls(t.lr[method], t.batch_size, t.epochs, t.warmup_ratio, t.weight_decay, cfg.lora.alpha,
                  cfg.lora.dropout, t.max_steps)
-        for k, v in (overrides or {}).items():
-            if not hasattr(hp, k):
-                raise ValueError(f"unknown hyperparameter {k!r}; known: {list(asdict(hp))}")
-            setattr(hp, k, type(getattr(hp, k))(v) if getattr(hp, k) is not None and v is not None else v)
-        return hp
+        # validated, not cast: epochs=2.5 stays 2.5, batch_size=2.5 and lr=-1 are refused naming hp.NAME
+        return cls(**validate_hparams({**asdict(hp), **(overrides or {})}))
 
 
 def seed_everything(seed: int) -> None:
@@ -251,7 +250,7 @@ def train_run(
         buckets = cfg.train.shape_buckets or (default_buckets(L) if mode != "eager" else None)
         if mode != "eager":  # every batch must land in a bucket: a graph per stray width would pile up
             buckets = sorted(set(buckets) | {L})
-        enc_train, enc_val = D.encode(tok, train_df, spec, L), D.encode(tok, splits.validation, spec, L)
+        enc_train, enc_val = D.encode(tok, train_df, spec, cfg.data), D.encode(tok, splits.validation, spec, cfg.data)
         if len(enc_train) == 0 or len(enc_val) == 0:
             raise TrainingError(f"{task}: empty train or validation split")
 
@@ -360,9 +359,10 @@ def train_run(
             "precision": "bf16-autocast" if s.amp else "fp32", "step_mode": mode,
             "trainable_params": s.trainable, "total_params": s.total,
             "n_train": len(enc_train), "n_validation": len(enc_val),
+            "inputs": D.input_format(tok, cfg.data, spec),  # normalisation and the resolved pair template
         }
         if evaluate_test:
-            enc_test = D.encode(tok, splits.test, spec, L)
+            enc_test = D.encode(tok, splits.test, spec, cfg.data)
             logits = predict(s.model, enc_test, pad, side, cfg.train.eval_batch_size, device, s.amp, buckets, runner)
             test = scores(logits, enc_test.labels)
             maj = majority_accuracy(enc_train.labels, enc_test.labels)
@@ -404,7 +404,7 @@ def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir:
         if model is not None:
             M.save_model(model.to("cpu"), tmp / ("adapter" if method == "lora" else "model"), method)
         store.atomic_write_json(tmp / "metrics.json", m)
-        store.atomic_write_text(tmp / "config.yaml", dump_yaml(cfg))
+        store.atomic_write_text(tmp / "config.yaml", dump_yaml(D.with_resolved_inputs(cfg, m["inputs"])))
         store.atomic_write_json(tmp / "code_version.json", store.code_version())
     failed.unlink(missing_ok=True)
     return m
