@@ -348,3 +348,31 @@ def test_smollm2_reads_the_last_real_token_of_sst2(smol, glue_dir):
     assert space[0] not in last
     raw = [x[-1] for x in D.encode(tok, test, spec, cfg.data.model_copy(update={"normalize_text": "none"})).input_ids]
     assert set(raw) == {space[0]}
+
+
+def test_runs_and_extraction_record_the_resolved_template(tiny_cfg, tmp_path):
+    """A run's config.yaml holds the resolved template (and reloads), its metrics the layout; the probe record of
+    extraction the same layout: one encoding for every phase."""
+    import json
+
+    import yaml
+
+    from lorastudy import representations as RP
+    from lorastudy.training import HParams, run_and_save
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.source={tiny_cfg.data.source}", "tasks=[rte]",
+                                                       f"output_dir={tmp_path}", "train.save_model=false",
+                                                       "data.pair_template='{a} || {b}'"])
+    run = tmp_path / "run"
+    run_and_save(cfg, "rte", "lora", 1, HParams.from_config(cfg, "lora", {"max_steps": 2}), run)
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["data"]["pair_template"] == "{a} || {b}" and recorded["data"]["normalize_text"] == "strip"
+    inputs = json.loads((run / "metrics.json").read_text())["inputs"]
+    assert inputs["layout"] == "<s>{a} || {b}" and inputs["pair_template"] == "{a} || {b}"
+    auto = load_config(None, ["tasks=[rte]"])
+    assert auto.data.pair_template == "auto"
+    resolved = D.with_resolved_inputs(auto, D.input_format(M.tiny_tokenizer(), auto.data))
+    assert resolved.data.pair_template == "tokenizer"  # the tiny tokenizer puts </s> between the segments
+    assert load_config(None, ["data.pair_template=tokenizer"]).data == resolved.data
+    RP.extract_study(cfg, log=lambda *_: None)
+    assert json.loads((tmp_path / "phase3" / "rte" / "probe.json").read_text())["inputs"] == inputs
