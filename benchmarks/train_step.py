@@ -236,9 +236,9 @@ def trajectory(method: str, n_steps: int, device, glue: str | None) -> dict:
     cfg = load_config(None, ["model.source=smollm2-135m"] + ([f"data.source={glue}"] if glue else []))
     splits = D.splits_for(cfg, "sst2")
     tok = M.load_tokenizer(cfg.model)
-    enc = D.encode(tok, splits.train, cfg.task("sst2"), cfg.data.max_length)
+    enc = D.encode(tok, splits.train, cfg.task("sst2"), cfg.data)
     order = D.length_grouped_order(enc.lengths(), 4, np.random.default_rng(42))[:n_steps]
-    buckets = default_buckets(cfg.data.max_length)
+    buckets = default_buckets(cfg.data)
     lr = 2e-5 if method == "full" else 5e-4
     hp = HParams(lr, 4, 1, 0.1, 0.0, 16, 0.0)
     out = {}
@@ -800,7 +800,7 @@ def lever_trajectory(model_name: str, method: str, names: list[str], n_steps: in
                       + ([f"data.source={glue}"] if glue else []))
     splits = D.splits_for(cfg, "sst2")
     tok = M.load_tokenizer(cfg.model)
-    enc = D.encode(tok, splits.train, cfg.task("sst2"), cfg.data.max_length)
+    enc = D.encode(tok, splits.train, cfg.task("sst2"), cfg.data)
     lengths = enc.lengths()
     order = [idx for idx in D.length_grouped_order(lengths, bs, np.random.default_rng(42))
              if int(lengths[idx].max()) <= seq][:n_steps]

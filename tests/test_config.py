@@ -79,3 +79,146 @@ def test_hash_ignores_output_dir():
     b = StudyConfig(output_dir="y")
     assert a.hash() == b.hash()
     assert StudyConfig(seeds=[1]).hash() != a.hash()
+
+
+# -- values and their ranges ------------------------------------------------------------------------------------------
+def _numeric_leaves(model, prefix=""):
+    """(dotted field, constrained?) for every int/float in the config schema, inside dicts, lists and Optionals."""
+    import typing
+
+    from pydantic import BaseModel
+
+    def constrained(meta) -> bool:
+        return any(type(m).__name__ in ("Gt", "Ge", "Lt", "Le", "Interval", "MultipleOf") for m in meta) or any(
+            constrained(getattr(m, "metadata", [])) for m in meta)
+
+    def walk(tp, meta, name):
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            base, *extra = typing.get_args(tp)
+            yield from walk(base, [*meta, *extra], name)
+        elif origin in (typing.Union, __import__("types").UnionType) or origin in (list, dict):
+            for a in typing.get_args(tp):
+                yield from walk(a, meta, name + ("[]" if origin in (list, dict) else ""))
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            if tp.__name__ not in ("FloatRange", "IntRange"):  # search ranges: bounded per hyperparameter, below
+                for f, info in tp.model_fields.items():
+                    yield from walk(info.annotation, list(info.metadata), f"{name}.{f}")
+        elif tp in (int, float):
+            yield name, constrained(meta)
+
+    for f, info in model.model_fields.items():
+        yield from walk(info.annotation, list(info.metadata), prefix + f)
+
+
+def test_every_numeric_field_has_a_range():
+    leaves = list(_numeric_leaves(StudyConfig))
+    assert len(leaves) > 40
+    assert [name for name, ok in leaves if not ok] == []
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.lr.full=-1", "train.lr.full"),
+    ("sanity.lr.lora=0", "sanity.lr.lora"),
+    ("train.epochs=.nan", "train.epochs"),
+    ("seeds=[1, -2]", "seeds.1"),
+    ("data.train_limit.sst2=0", "data.train_limit.sst2"),
+    ("drift.h1b_min_reduction=1.5", "drift.h1b_min_reduction"),
+    ("serve.batch_sizes=[0]", "serve.batch_sizes.0"),
+    ("search.spaces.full.lr={low: 0, high: 1.0e-3}", "search.spaces.full.lr"),
+    ("search.spaces.lora.lora_dropout.high=1.0", "search.spaces.lora.lora_dropout"),
+    ("search.spaces.full.warmup_ratio.high=1.5", "search.spaces.full.warmup_ratio"),
+    ("search.spaces.full.weight_decay.low=-0.1", "search.spaces.full.weight_decay"),
+    ("search.spaces.full.epochs.low=0", "search.spaces.full.epochs"),
+    ("data.pair_template='{a} and {c}'", "data.pair_template"),
+    ("data.normalize_text=lower", "data.normalize_text"),
+])
+def test_out_of_range_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+    assert f"field {field}:" in str(e.value)
+
+
+def test_defaults_are_validated_and_hparams_not_cast():
+    from lorastudy.config import validate_hparams
+    from lorastudy.training import HParams
+
+    cfg = load_config(None)
+    assert isinstance(cfg.train.epochs, float)
+    assert HParams.from_config(cfg, "full", {"epochs": 2.5}).epochs == 2.5  # was cast to int(2.5) = 2
+    with pytest.raises(ConfigError, match=r"hp\.batch_size"):
+        HParams.from_config(cfg, "full", {"batch_size": 2.5})
+    with pytest.raises(ConfigError, match=r"hp\.lr.*greater than 0"):
+        HParams.from_config(cfg, "lora", {"lr": -1})
+    with pytest.raises(ConfigError, match=r"hp\.lr_max"):
+        HParams.from_config(cfg, "lora", {"lr_max": 1})
+    assert validate_hparams({**vars(HParams.from_config(cfg, "lora")), "lora_dropout": 0.1})["lora_dropout"] == 0.1
+
+
+def test_cli_refuses_out_of_range_values_with_exit_2():
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    r = CliRunner().invoke(app, ["config", "show", str(REPO / "configs" / "tiny.yaml"), "--set", "train.lr.full=-1"])
+    assert r.exit_code == 2 and "train.lr.full" in r.output
+    r = CliRunner().invoke(app, ["train", str(REPO / "configs" / "tiny.yaml"), "--task", "rte", "--method", "lora",
+                                 "--set", "hp.lr=-1"])
+    assert r.exit_code == 2 and "hp.lr" in r.output and "Traceback" not in r.output
+
+
+# -- identity: the data by content ------------------------------------------------------------------------------------
+@pytest.fixture
+def two_copies(tmp_path, glue_dir):
+    """Two directories with the same RTE files, and a third whose validation file differs by one row."""
+    import shutil
+
+    import pandas as pd
+
+    dirs = [tmp_path / n for n in ("a", "b", "c")]
+    for d in dirs:
+        shutil.copytree(glue_dir / "rte", d / "rte")
+    pd.read_parquet(dirs[2] / "rte" / "validation.parquet").iloc[:-1].to_parquet(dirs[2] / "rte" / "validation.parquet")
+    return dirs
+
+
+def test_hash_follows_data_content_not_its_path(two_copies, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+    from lorastudy.data import data_identity
+
+    a, b, c = two_copies
+    tiny, sets = str(REPO / "configs" / "tiny.yaml"), ["--set", "tasks=[rte]"]
+
+    def shown(*args):
+        r = CliRunner().invoke(app, ["config", "show", tiny, *sets, *args])
+        assert r.exit_code == 0, r.output
+        return r.output.split("# config hash: ")[1].split()[0]
+
+    monkeypatch.delenv("LORASTUDY_GLUE_DIR", raising=False)
+    by_dir, by_set = shown("--data-dir", str(a)), shown("--set", f"data.source={a}")
+    monkeypatch.setenv("LORASTUDY_GLUE_DIR", str(a))
+    by_env = shown()
+    assert by_dir == by_set == by_env
+    monkeypatch.chdir(tmp_path)
+    assert shown("--data-dir", "b") == by_dir  # another path (relative) to the same bytes
+    assert shown("--data-dir", str(c)) != by_dir  # other data
+    monkeypatch.delenv("LORASTUDY_GLUE_DIR")
+    assert shown() != by_dir  # hub
+    ident = data_identity(load_config(tiny, ["tasks=[rte]", f"data.source={a}"]))
+    assert ident["rte"]["source"] == "local" and ident["rte"]["files"]["train"]["name"] == "rte/train.parquet"
+    assert len(ident["rte"]["files"]["validation"]["sha256"]) == 64 and str(a) not in str(ident)
+    assert ident["rte"]["rows"] == {"train": 64, "validation": 32, "test": 48, "probe": 40}
+
+
+def test_manifest_records_the_data_identity(tiny_cfg):
+    import json
+
+    from lorastudy import store
+    from lorastudy.data import data_identity
+
+    store.check_manifest(tiny_cfg)
+    man = json.loads((tiny_cfg.out / "manifest.json").read_text())
+    assert man["data"] == json.loads(json.dumps(data_identity(tiny_cfg)))
+    assert set(man["data"]) == set(tiny_cfg.tasks) and man["config_hash"] == tiny_cfg.hash()

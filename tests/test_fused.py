@@ -123,7 +123,7 @@ def test_fused_train_all_writes_what_single_runs_write_and_reloads(tiny_cfg):
             m = json.loads((run / "metrics.json").read_text())
             assert set(m) == set(single) and m["step_mode"] == "fused-static"
             model, tok = M.load_trained(cfg.model, 2, run / ("adapter" if method == "lora" else "model"), method)
-            enc = D.encode(tok, splits.test, cfg.task("rte"), cfg.data.max_length)
+            enc = D.encode(tok, splits.test, cfg.task("rte"), cfg.data)
             with torch.no_grad():
                 logits = M.classifier_logits(model.eval(), D.collate(enc.input_ids, tok.pad_token_id))
             assert logits.argmax(-1).tolist() == m["test_predictions"]

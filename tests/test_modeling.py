@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +135,62 @@ def test_smollm2_classifier_padding_invariant():
         r = M.classifier_logits(model, _batch(tok, TEXTS, "right"))
         left = M.classifier_logits(model, _batch(tok, TEXTS, "left"))
     torch.testing.assert_close(r, left, atol=1e-4, rtol=1e-4)
+
+
+# -- the token the classifier reads: pad = eos and inputs that really end in eos ---------------------------------------
+def _eos_setup():
+    cfg = load_config(None)
+    tok = M.tiny_tokenizer(append_eos=True)  # every input ends in </s>, and pad = </s> (as load_tokenizer sets it)
+    tok.pad_token = tok.eos_token
+    model, tok = M.load_base(cfg.model, 2, seed=3, tokenizer=tok)
+    ids = [tok(t)["input_ids"] for t in TEXTS]
+    assert tok.pad_token_id == tok.eos_token_id == model.config.pad_token_id and all(x[-1] == tok.eos_token_id
+                                                                                      for x in ids)
+    return model.eval(), tok, ids
+
+
+def _read_alone(model, ids: list[int]) -> torch.Tensor:
+    """Reference: one row, no padding, the hidden state at its very last position (its eos) through the head."""
+    with torch.no_grad():
+        h = M.backbone(model)(input_ids=torch.tensor([ids]), use_cache=False).last_hidden_state[0, -1]
+        return M.head_module(model)(h)
+
+
+def test_read_index_is_the_last_mask_position():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]])
+    assert M.read_index(mask).tolist() == [2, 3, 3, 0]
+
+
+def test_pad_eos_inputs_ending_in_eos_classifier_and_extraction_agree():
+    from lorastudy import representations as RP
+
+    model, tok, ids = _eos_setup()
+    want = torch.stack([_read_alone(model, x) for x in ids])
+    with torch.no_grad():
+        for side in ("right", "left"):
+            got = M.classifier_logits(model, D.collate(ids, tok.pad_token_id, side))
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        lora = M.wrap_lora(model, 8, 16, 0.0, ["q_proj", "v_proj"]).eval()  # the PEFT wrapper (modules_to_save)
+        _perturb(lora)
+        batch = D.collate(ids, tok.pad_token_id, "right")
+        merged = M.merge_lora(lora)
+        torch.testing.assert_close(M.classifier_logits(lora, batch),
+                                   torch.stack([_read_alone(merged, x) for x in ids]), atol=1e-5, rtol=1e-5)
+    model, tok, ids = _eos_setup()
+    reps = RP.extract(model, tok, ids, padding_side="right", batch_size=3)
+    head = model.score.weight.detach().numpy()
+    np.testing.assert_allclose(reps["last"][-1] @ head.T, want.numpy(), atol=1e-5)
+
+
+def test_pad_eos_inputs_ending_in_eos_every_serving_engine_agrees():
+    from lorastudy.serving.build import build_engines, synthetic_adapters
+
+    model, tok, ids = _eos_setup()
+    targets = ["q_proj", "v_proj"]
+    adapters = synthetic_adapters(model, 3, rank=8, alpha=16, targets=targets, seed=1)
+    engines = build_engines(model, adapters, targets, ["merged", "peft", "batched"], "cpu", torch.float32)
+    batch = D.collate(ids, tok.pad_token_id, "right")
+    idx = torch.tensor([0, 1, 2])
+    want = torch.stack([_read_alone(engines["merged"].models[int(a)], x) for a, x in zip(idx, ids, strict=True)])
+    for name, engine in engines.items():
+        torch.testing.assert_close(engine(batch, idx), want, atol=1e-5, rtol=1e-5, msg=name)

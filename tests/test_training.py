@@ -51,7 +51,7 @@ def test_restored_checkpoint_is_the_best_one(tiny_cfg):
 
     splits = D.splits_for(tiny_cfg, "mrpc")
     tok = m["_tokenizer"]
-    enc = D.encode(tok, splits.validation, tiny_cfg.task("mrpc"), tiny_cfg.data.max_length)
+    enc = D.encode(tok, splits.validation, tiny_cfg.task("mrpc"), tiny_cfg.data)
     val = scores(predict(m["_model"], enc, tok.pad_token_id, "right", 16, m["_model"].device, None), enc.labels)
     assert val["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
 

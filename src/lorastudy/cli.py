@@ -102,15 +102,22 @@ def config_show(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = N
 @app.command("data-stats")
 @_handle_errors
 def data_stats(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Per task and split: rows, label balance, token-length percentiles, rows truncated by max_length."""
+    """Per task and split: rows, label balance, token-length percentiles, rows truncated by max_length; the input
+    layout; exact text copies between every pair of splits (and GLUE-train rows kept out of validation as copies)."""
     from lorastudy import data as D
     from lorastudy import modeling as M
 
     cfg = _load(config, set_, data_dir)
     tok = M.load_tokenizer(cfg.model)
-    table = Table(title=f"{cfg.name}: data ({cfg.data_source()}, max_length={cfg.data.max_length})")
+    table = Table(title=f"{cfg.name}: data ({cfg.data_source()}, max_length={cfg.data.max_length}, "
+                        f"normalize_text={cfg.data.normalize_text})")
     for col in ["task", "split", "rows", "label balance", "p50", "p90", "p99", "max", "truncated"]:
         table.add_column(col, justify="right" if col not in ("task", "split", "label balance") else "left")
+    copies = Table(title="exact text copies between splits (rows of the second split whose text occurs in another "
+                         "example of the first)")
+    for col in ["task", "input layout", "kept out of validation (repeated in train / in test)",
+                *(p.replace("~", " ~ ") for p in _pairs())]:
+        copies.add_column(col, justify="left" if col in ("task", "input layout") else "right")
     out = {}
     for task in cfg.tasks:
         spec = cfg.task(task)
@@ -118,7 +125,7 @@ def data_stats(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = No
         probe = D.probe_set(splits, cfg.data.probe_size)
         for name, df in [*zip(("train", "validation", "test"), (splits.train, splits.validation, splits.test),
                               strict=True), ("probe", probe)]:
-            enc = D.encode(tok, df, spec, cfg.data.max_length)
+            enc = D.encode(tok, df, spec, cfg.data)
             st = D.length_stats(enc, cfg.data.max_length)
             counts = df["label"].value_counts().sort_index()
             bal = " ".join(f"{spec.label_names[i][:8]}={c / len(df):.1%}" for i, c in counts.items())
@@ -126,10 +133,24 @@ def data_stats(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = No
             out[f"{task}/{name}"] = st
             table.add_row(task, name, str(st["rows"]), bal, f"{st['tokens_p50']:.0f}", f"{st['tokens_p90']:.0f}",
                           f"{st['tokens_p99']:.0f}", f"{st['tokens_max']:.0f}", str(st["truncated"]))
+        ov = D.split_overlaps(splits, probe, spec)
+        inputs = D.input_format(tok, cfg.data, spec)
+        out[task] = {"inputs": inputs, "kept_in_train": dict(splits.kept_in_train),
+                     "overlaps": {k: v["rows"] for k, v in ov.items()}}
+        copies.add_row(task, repr(inputs["layout"]),
+                       f"{splits.kept_in_train['repeated_in_train']} / {splits.kept_in_train['in_test']}",
+                       *(str(ov[p]["rows"]) for p in _pairs()))
     Console(width=200).print(table)
+    Console(width=200).print(copies)
     from lorastudy.store import atomic_write_json
 
     atomic_write_json(cfg.out / "data_stats.json", out)
+
+
+def _pairs() -> list[str]:
+    from lorastudy.data import OVERLAP_SPLITS
+
+    return [f"{a}~{b}" for i, a in enumerate(OVERLAP_SPLITS) for b in OVERLAP_SPLITS[i + 1:]]
 
 
 def _parse_hp(sets: list[str] | None) -> tuple[list[str], dict]:

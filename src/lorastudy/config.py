@@ -10,10 +10,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorastudy.tasks import TaskSpec, builtin_tasks
 
@@ -26,7 +26,14 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # validate_default: defaults pass the same checks (a default of 3 for a float field becomes 3.0, so nothing
+    # downstream casts with type(default)); no inf/nan anywhere
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # numpy and torch both accept it
 
 
 class FloatRange(_Strict):
@@ -54,16 +61,30 @@ class IntRange(_Strict):
         return self
 
 
-class SearchSpace(_Strict):
-    """Optuna search space for one method. ``None`` = not searched (the value from ``train``/``lora`` is used)."""
+def _within(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """A check that a search range lies inside the hyperparameter's own range (e.g. a learning rate > 0)."""
+    def check(r):
+        if r is None:
+            return r
+        if lo is not None and (r.low <= lo if lo_open else r.low < lo):
+            raise ValueError(f"low ({r.low}) must be {'>' if lo_open else '>='} {lo}")
+        if hi is not None and (r.high >= hi if hi_open else r.high > hi):
+            raise ValueError(f"high ({r.high}) must be {'<' if hi_open else '<='} {hi}")
+        return r
+    return AfterValidator(check)
 
-    lr: FloatRange
-    batch_size: list[int] = Field(default_factory=lambda: [1, 2, 4])
-    warmup_ratio: FloatRange = FloatRange(low=0.0, high=0.2)
-    weight_decay: FloatRange = FloatRange(low=0.0, high=0.01)
-    epochs: IntRange = IntRange(low=2, high=4)
-    lora_alpha: IntRange | None = None
-    lora_dropout: FloatRange | None = None
+
+class SearchSpace(_Strict):
+    """Optuna search space for one method. ``None`` = not searched (the value from ``train``/``lora`` is used).
+    Each range lies inside its hyperparameter's valid range (the same as ``HParamValues``)."""
+
+    lr: Annotated[FloatRange, _within(lo=0, lo_open=True)]
+    batch_size: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4])
+    warmup_ratio: Annotated[FloatRange, _within(lo=0, hi=1)] = FloatRange(low=0.0, high=0.2)
+    weight_decay: Annotated[FloatRange, _within(lo=0)] = FloatRange(low=0.0, high=0.01)
+    epochs: Annotated[IntRange, _within(lo=1)] = IntRange(low=2, high=4)
+    lora_alpha: Annotated[IntRange | None, _within(lo=1)] = None
+    lora_dropout: Annotated[FloatRange | None, _within(lo=0, hi=1, hi_open=True)] = None
 
     @field_validator("batch_size")
     @classmethod
@@ -92,23 +113,40 @@ class ModelConfig(_Strict):
     revision: str | None = None
     padding_side: Literal["left", "right"] = "right"
     # tiny-random-llama only: architecture knobs, so tests and CI stay fast
-    tiny_hidden_size: int = Field(64, ge=8)
+    tiny_hidden_size: int = Field(64, ge=8, multiple_of=8)  # 4 heads of an even width (rotary embeddings)
     tiny_layers: int = Field(2, ge=1)
 
 
 class DataConfig(_Strict):
     # "hub" (nyu-mll/glue through `datasets`) or a directory of <task>/{train,validation}.parquet or GLUE TSVs.
     # The environment variable LORASTUDY_GLUE_DIR, when set, replaces "hub" (no network here).
+    # The config hash covers the data's content (file checksums; for "hub" the dataset id and revision), not its path.
     source: str = "hub"
+    hub_revision: str | None = None  # "hub" only: a dataset revision (git tag/commit) to pin
     max_length: int = Field(384, ge=8)
-    split_seed: int = 0
+    split_seed: Seed = 0
     validation_fraction: float = Field(0.1, gt=0, lt=1)
     validation_max: int = Field(2000, ge=4)
     # Optional per-task row caps (a seeded stratified subset), for quick/tiny studies. None = all rows.
-    train_limit: dict[str, int] = Field(default_factory=dict)
-    validation_limit: dict[str, int] = Field(default_factory=dict)
-    test_limit: dict[str, int] = Field(default_factory=dict)
+    train_limit: dict[str, PositiveInt] = Field(default_factory=dict)
+    validation_limit: dict[str, PositiveInt] = Field(default_factory=dict)
+    test_limit: dict[str, PositiveInt] = Field(default_factory=dict)
     probe_size: int = Field(750, ge=4)
+    # Text fields: "strip" removes surrounding whitespace before tokenization (SST-2 sentences end with a space that
+    # SmolLM2 encodes as its own token); "none" keeps them as stored. Applied by data.encode, so in every phase.
+    normalize_text: Literal["strip", "none"] = "strip"
+    # Pair tasks: "auto" = the tokenizer's own pair encoding when it puts a token between the segments, else the
+    # segments joined by a newline ("{a}\n{b}"); "tokenizer"; or a text template with {a} and {b}, e.g.
+    # "Premise: {a}\nHypothesis: {b}". Runs record the resolved template in their config.yaml (data.encode).
+    pair_template: str = "auto"
+
+    @field_validator("pair_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        from lorastudy.data import parse_pair_template
+
+        parse_pair_template(v)
+        return v
 
 
 class LoraSettings(_Strict):
@@ -120,7 +158,7 @@ class LoraSettings(_Strict):
 
 class TrainConfig(_Strict):
     # per method: full FT and LoRA need learning rates two orders of magnitude apart
-    lr: dict[str, float] = Field(default_factory=lambda: {"full": 2e-5, "lora": 5e-4})
+    lr: dict[str, PositiveFloat] = Field(default_factory=lambda: {"full": 2e-5, "lora": 5e-4})
     batch_size: int = Field(4, ge=1)
     epochs: float = Field(3, gt=0)
     warmup_ratio: float = Field(0.1, ge=0, le=1)
@@ -136,7 +174,7 @@ class TrainConfig(_Strict):
     save_model: bool = True  # phase-2 runs keep the adapter / full model (extraction needs them)
     # Pad every batch to the smallest of these widths that fits it (static shapes, the first step towards CUDA
     # graphs / torch.compile on GPU). Same results as dynamic padding: masking and mask-derived position ids.
-    shape_buckets: list[int] | None = None
+    shape_buckets: list[PositiveInt] | None = None
     # The training/evaluation step: ``cuda_graph`` = static shapes (shape_buckets, or a default set) replayed as
     # CUDA graphs; ``static`` = the same static-shape code run eagerly (CPU equivalence tests, debugging);
     # ``eager`` = the plain eager reference path (also ``false``); ``auto`` = cuda_graph on a CUDA device, eager
@@ -185,14 +223,14 @@ class SanityConfig(_Strict):
     n_examples: int = Field(10, ge=2)
     target_loss: float = Field(0.1, gt=0)
     max_steps: int = Field(300, ge=1)
-    lr: dict[str, float] = Field(default_factory=lambda: {"full": 1e-4, "lora": 3e-3})
+    lr: dict[str, PositiveFloat] = Field(default_factory=lambda: {"full": 1e-4, "lora": 3e-3})
 
 
 class SearchConfig(_Strict):
     n_trials: int = Field(15, ge=1)
-    seed: int = 42
+    seed: Seed = 42
     # Training rows used during search, per task (SST-2 on 3,000 by the protocol); absent = full train split.
-    train_subset: dict[str, int] = Field(default_factory=lambda: {"sst2": 3000})
+    train_subset: dict[str, PositiveInt] = Field(default_factory=lambda: {"sst2": 3000})
     storage: str | None = None  # SQLAlchemy URL; default sqlite file in the results dir
     spaces: dict[str, SearchSpace] = Field(default_factory=_default_spaces)
     max_steps: int | None = Field(None, ge=1)  # cap per trial (quick/tiny presets)
@@ -205,9 +243,9 @@ class ExtractConfig(_Strict):
 
 class DriftConfig(_Strict):
     n_resamples: int = Field(10000, ge=100)
-    seed: int = 0
-    h1a_margin_points: float = 3.0
-    h1b_min_reduction: float = 0.20
+    seed: Seed = 0
+    h1a_margin_points: float = Field(3.0, ge=0, le=100)
+    h1b_min_reduction: float = Field(0.20, ge=0, lt=1)
     alpha: float = Field(0.05, gt=0, lt=1)
 
 
@@ -215,9 +253,9 @@ class ServeConfig(_Strict):
     engines: list[Literal["merged", "peft", "batched", "vllm"]] = Field(
         default_factory=lambda: ["merged", "peft", "batched", "vllm"]  # vllm: skipped with a message when absent
     )
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16])
-    max_adapters: int | None = None  # None = every trained adapter (tasks x seeds)
-    seq_len: int | None = 64  # None = the median token length of the study's probe texts
+    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1)
+    max_adapters: int | None = Field(None, ge=1)  # None = every trained adapter (tasks x seeds)
+    seq_len: int | None = Field(64, ge=1)  # None = the median token length of the study's probe texts
     warmup: int = Field(100, ge=0)
     requests: int = Field(1000, ge=1)
     # timed requests (and at most as many warm-up) for rows without CUDA graphs (eager, peft), which take 5-20x
@@ -226,7 +264,7 @@ class ServeConfig(_Strict):
     synthetic_arch: Literal["tinyllama", "smollm2"] | None = None
     cuda_graphs: bool = True
     fuse: bool = True  # fused sibling projections and RMSNorm for merged and batched (serving/fuse.py)
-    h2_max_overhead: float = 0.30
+    h2_max_overhead: float = Field(0.30, ge=0)
     # timed calls of each condition split into this many blocks, interleaved in time; the overhead CI resamples them
     repeats: int = Field(10, ge=2, le=1000)
     vllm_cuda_graphs: bool = True  # vLLM engines with CUDA graphs (False: enforce_eager, faster start)
@@ -242,7 +280,7 @@ class StudyConfig(_Strict):
     tasks: list[str] = Field(default_factory=lambda: ["sst2", "mrpc", "rte"])
     custom_tasks: dict[str, TaskSpec] = Field(default_factory=dict)
     methods: list[Method] = Field(default_factory=lambda: ["full", "lora"])
-    seeds: list[int] = Field(default_factory=lambda: [42, 1337, 2024])
+    seeds: list[Seed] = Field(default_factory=lambda: [42, 1337, 2024])
     lora: LoraSettings = LoraSettings()
     train: TrainConfig = TrainConfig()
     sanity: SanityConfig = SanityConfig()
@@ -287,11 +325,45 @@ class StudyConfig(_Strict):
         return self.model_dump(mode="json")
 
     def hash(self) -> str:
-        """Hash of everything that changes results (not where they are written)."""
+        """Hash of everything that changes results (not where they are written): the data enters by its content
+        (``data.data_fingerprint``: file checksums, or the hub dataset id and revision), not by ``data.source``,
+        so ``--data-dir DIR``, ``--set data.source=DIR`` and ``LORASTUDY_GLUE_DIR=DIR`` hash alike and other data
+        hashes differently. Raises DataError when the data files cannot be read."""
+        from lorastudy.data import data_fingerprint
+
         d = self.resolved()
         d.pop("output_dir", None)
         d.pop("serve", None)  # benchmark knobs do not change trained models
+        d["data"]["source"] = data_fingerprint(self)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class HParamValues(_Strict):
+    """The hyperparameters of one run (``training.HParams``), validated with the same ranges as the config: values
+    from the config, a ``best.yaml`` or ``--set hp.NAME=value`` all pass here."""
+
+    lr: PositiveFloat
+    batch_size: PositiveInt
+    epochs: PositiveFloat
+    warmup_ratio: float = Field(ge=0, le=1)
+    weight_decay: float = Field(ge=0)
+    lora_alpha: PositiveFloat
+    lora_dropout: float = Field(ge=0, lt=1)
+    max_steps: PositiveInt | None = None
+
+
+def validate_hparams(values: dict[str, Any], where: str = "hyperparameters") -> dict[str, Any]:
+    """``values`` checked and converted (e.g. ``epochs`` 3 -> 3.0; ``batch_size`` 2.5 is refused, never cut to 2).
+    Raises ConfigError naming each bad field as ``hp.NAME`` and the value given."""
+    known = list(HParamValues.model_fields)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown hyperparameter(s) {', '.join('hp.' + k for k in unknown)}; "
+                          f"known: {', '.join(known)}")
+    try:
+        return HParamValues.model_validate(values).model_dump()
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, where, prefix="hp.")) from None
 
 
 # -- loading ---------------------------------------------------------------------------------------------------------
@@ -327,10 +399,10 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def _format_validation(err: ValidationError, where: str) -> str:
+def _format_validation(err: ValidationError, where: str, prefix: str = "") -> str:
     lines = [f"{where}: invalid configuration"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = prefix + ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"

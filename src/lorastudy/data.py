@@ -6,11 +6,10 @@ train, identical for every method and seed of a study; train = the rest.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,9 @@ class Splits:
     train: pd.DataFrame
     validation: pd.DataFrame
     test: pd.DataFrame
+    # GLUE-train rows never carved out into validation because their text repeats in GLUE train or occurs in test:
+    # {"repeated_in_train": n, "in_test": m} (they stay in train)
+    kept_in_train: dict = field(default_factory=dict)
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
@@ -80,18 +82,69 @@ def _validate(df: pd.DataFrame, spec: TaskSpec, where: str) -> pd.DataFrame:
 
 
 def _read_tsv(path: Path, spec: TaskSpec) -> pd.DataFrame:
-    """A GLUE-format TSV; headerless files (``spec.tsv_header`` false, e.g. CoLA) by the declared column indices."""
-    df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False, encoding="utf-8-sig",
-                     header=0 if spec.tsv_header else None)
+    """A GLUE-format TSV: one row per line, fields split on tabs, no quoting; a header line first, or, for
+    headerless files (``spec.tsv_header`` false, e.g. CoLA), the columns named by their declared 0-based indices.
+
+    Read line by line rather than with ``pandas.read_csv``: a row with a stray tab inside a sentence must be reported
+    with its file and line (pandas raises a tokenizer error that names neither usefully), and a field count that
+    does not match the header (or the first row) is an error, never a silently shifted column."""
+    rows: list[list[str]] = []
+    header: list[str] | None = None
+    width: int | None = None
+    lineno = 0
+    try:
+        with open(path, "rb") as f:  # bytes, decoded line by line: a decoding error names its line
+            for lineno, raw in enumerate(f, start=1):  # noqa: B007 (lineno names the failing line below)
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                fields = line.split("\t")
+                if width is None:
+                    width = len(fields)
+                    if spec.tsv_header:
+                        header = fields
+                        continue
+                if len(fields) != width:
+                    what = f"the header has {width} ({', '.join(header)})" if header else f"the first row has {width}"
+                    raise DataError(
+                        f"{path}, line {lineno}: {len(fields)} tab-separated fields where {what}; a tab inside a "
+                        "text field? Remove it (GLUE TSVs are not quoted)"
+                    )
+                rows.append(fields)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}, line {lineno}: not UTF-8 text ({e.reason})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if width is None:
+        raise DataError(f"{path}: empty file" + (" (no header line)" if spec.tsv_header else ""))
     if not spec.tsv_header:
         need = [*spec.text_fields, "label"]
-        width = df.shape[1]
         if any(spec.tsv_columns[f] >= width for f in need):
             raise DataError(f"{path}: {width} column(s), but tsv_columns declares "
                             f"{ {f: spec.tsv_columns[f] for f in need} } (0-based)")
-        return pd.DataFrame({f: df.iloc[:, spec.tsv_columns[f]] for f in need})
+        return pd.DataFrame({f: [r[spec.tsv_columns[f]] for r in rows] for f in need}, dtype=object)
+    df = pd.DataFrame(rows, columns=header, dtype=object)
     rename = {v: k for k, v in spec.tsv_columns.items()}
     return df.rename(columns=rename)
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """A parquet file; any failure to read it (empty, truncated, corrupted, not parquet) is a DataError naming the
+    file and pyarrow's reason."""
+    try:
+        return pd.read_parquet(path)
+    except MemoryError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError and others, depending on where the file breaks
+        raise DataError(f"{path}: cannot read this parquet file ({type(e).__name__}: {e}); is it empty, truncated "
+                        "or corrupted? Replace it with a good copy") from None
+
+
+def _read(path: Path, spec: TaskSpec) -> pd.DataFrame:
+    raw = _read_parquet(path) if path.suffix == ".parquet" else _read_tsv(path, spec)
+    if len(raw) == 0:
+        raise DataError(f"{path}: no rows")
+    return raw
 
 
 def _find(dirpath: Path, names: list[str]) -> Path | None:
@@ -102,8 +155,9 @@ def _find(dirpath: Path, names: list[str]) -> Path | None:
     return None
 
 
-def load_raw(task: str | TaskSpec, source: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(GLUE train, GLUE validation) as validated frames with columns text fields, label, idx."""
+def load_raw(task: str | TaskSpec, source: str, revision: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(GLUE train, GLUE validation) as validated frames with columns text fields, label, idx. ``revision``: the hub
+    dataset revision (``source == "hub"`` only). Raises DataError naming the file (and line or row) of bad data."""
     spec = _spec(task)
     if source == "hub":
         try:
@@ -115,7 +169,7 @@ def load_raw(task: str | TaskSpec, source: str) -> tuple[pd.DataFrame, pd.DataFr
             ) from e
         name = f"{spec.hub_dataset}/{spec.hub_config or spec.name}"
         try:
-            ds = datasets.load_dataset(spec.hub_dataset, spec.hub_config or spec.name)
+            ds = datasets.load_dataset(spec.hub_dataset, spec.hub_config or spec.name, revision=revision)
         except Exception as e:  # network, auth, missing dataset: say which and how to go offline
             raise DataError(
                 f"could not load {name} from the hub ({type(e).__name__}: {e}); offline, set data.source to a "
@@ -125,10 +179,20 @@ def load_raw(task: str | TaskSpec, source: str) -> tuple[pd.DataFrame, pd.DataFr
             _validate(ds["train"].to_pandas(), spec, f"hub:{name}/train"),
             _validate(ds["validation"].to_pandas(), spec, f"hub:{name}/validation"),
         )
+    files = data_files(spec, source)
+    train, validation = (_validate(_read(files[s], spec), spec, str(files[s])) for s in ("train", "validation"))
+    return train, validation
+
+
+def data_files(task: str | TaskSpec, source: str) -> dict[str, Path]:
+    """The local files of a task: {"train": GLUE train file, "validation": GLUE validation file} (``source`` a
+    directory of ``<task>/{train,validation}.parquet``, ``.tsv`` or the original GLUE TSVs). Raises DataError when
+    the directory or a file is missing."""
+    spec = _spec(task)
     root = Path(source)
     if not root.is_dir():
         raise DataError(f"data source {source!r} is neither 'hub' nor an existing directory")
-    frames = []
+    out = {}
     for split, tsv_name in (("train", spec.tsv_train), ("validation", spec.tsv_test)):
         candidates = [root / spec.name, root / GLUE_TSV_DIRS.get(spec.name, spec.name), root]
         path = None
@@ -141,13 +205,60 @@ def load_raw(task: str | TaskSpec, source: str) -> tuple[pd.DataFrame, pd.DataFr
                 f"{root}: no {split} file for task {spec.name!r} (looked for {spec.name}/{split}.parquet, "
                 f"{split}.tsv or {tsv_name} under {[str(c) for c in candidates]})"
             )
-        raw = pd.read_parquet(path) if path.suffix == ".parquet" else _read_tsv(path, spec)
-        frames.append(_validate(raw, spec, str(path)))
-    return frames[0], frames[1]
+        out[split] = path
+    return out
 
 
 def _text_key(df: pd.DataFrame, spec: TaskSpec) -> pd.Series:
-    return df[spec.text_fields].astype(str).apply(lambda r: "\x1f".join(s.strip() for s in r), axis=1)
+    """One string per row: its text fields, stripped, joined by a unit separator (exact-duplicate detection)."""
+    key = df[spec.text_fields[0]].astype(str).str.strip()
+    for f in spec.text_fields[1:]:
+        key = key + "\x1f" + df[f].astype(str).str.strip()
+    return key
+
+
+def _source_rows(df: pd.DataFrame, split: str) -> list[tuple[str, int]]:
+    """The identity of each row as (GLUE file, row number): train and validation rows come from the GLUE train
+    file, test rows from the GLUE validation file; probe rows say which in their ``probe_id``."""
+    if "probe_id" in df.columns:
+        return [("validation" if p.startswith("test:") else "train", int(p.split(":", 1)[1]))
+                for p in df["probe_id"]]
+    return [("validation" if split == "test" else "train", int(i)) for i in df["idx"]]
+
+
+OVERLAP_SPLITS = ("train", "validation", "test", "probe")
+
+
+def overlaps(frames: dict[str, pd.DataFrame], spec: TaskSpec) -> dict[str, dict]:
+    """Exact text duplicates between every pair of splits (``frames``: split name -> frame, e.g. train,
+    validation, test, probe). For a pair "a~b": ``rows`` = rows of b whose text (fields stripped) also occurs in a
+    *different* example of a (the probe set is drawn from test and validation, so a probe row never counts against
+    its own source row), and the first few of them (``examples``, as "b-split:idx"). Pure: no logging."""
+    keys = {n: _text_key(df, spec).tolist() for n, df in frames.items()}
+    ids = {n: _source_rows(df, n) for n, df in frames.items()}
+    names = [n for n in OVERLAP_SPLITS if n in frames] + [n for n in frames if n not in OVERLAP_SPLITS]
+    out = {}
+    for i, a in enumerate(names):
+        where: dict[str, set] = {}
+        for k, rid in zip(keys[a], ids[a], strict=True):
+            where.setdefault(k, set()).add(rid)
+        for b in names[i + 1:]:
+            hits = [j for j, (k, rid) in enumerate(zip(keys[b], ids[b], strict=True))
+                    if k in where and where[k] - {rid}]
+            out[f"{a}~{b}"] = {"rows": len(hits), "examples": [f"{b}:{frames[b]['idx'].iloc[j]}" for j in hits[:5]]}
+    return out
+
+
+def split_overlaps(splits: Splits, probe: pd.DataFrame, spec: TaskSpec) -> dict[str, dict]:
+    """:func:`overlaps` of a task's train, validation, test and probe splits; logs a warning naming each pair that
+    shares text (the validation carve-out is free of copies by construction, see ``load_splits``)."""
+    out = overlaps({"train": splits.train, "validation": splits.validation, "test": splits.test, "probe": probe},
+                   spec)
+    for pair, v in out.items():
+        if v["rows"]:
+            log.warning("%s: %d %s row(s) copy the text of a %s row (e.g. %s)", splits.task, v["rows"],
+                        pair.split("~")[1], pair.split("~")[0], ", ".join(v["examples"]))
+    return out
 
 
 def check_overlap(train: pd.DataFrame, test: pd.DataFrame, spec: TaskSpec, where: str) -> list[int]:
@@ -155,8 +266,8 @@ def check_overlap(train: pd.DataFrame, test: pd.DataFrame, spec: TaskSpec, where
     tk = set(_text_key(train, spec))
     dup = [i for i, k in enumerate(_text_key(test, spec)) if k in tk]
     if dup:
-        log.warning("%s: %d test example(s) also occur in train (test rows %s%s)", where, len(dup),
-                    dup[:10], " ..." if len(dup) > 10 else "")
+        log.warning("%s: %d test example(s) also occur in train (test rows %s%s); kept: test is the official GLUE "
+                    "split", where, len(dup), dup[:10], " ..." if len(dup) > 10 else "")
     return dup
 
 
@@ -165,17 +276,22 @@ def _rng(seed: int, *salt: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(s.encode()) for s in salt)])
 
 
-def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Row indices (sorted) of a stratified sample of size n: each class keeps its share (largest remainder)."""
+def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator,
+                      eligible: np.ndarray | None = None) -> np.ndarray:
+    """Row indices (sorted) of a stratified sample of size n: each class keeps its share (largest remainder).
+    ``eligible`` (bool per row): draw only among these rows, with the shares of all rows (a class short of eligible
+    rows gives what it has)."""
     labels = np.asarray(labels)
-    if n >= len(labels):
+    if n >= len(labels) and eligible is None:
         return np.arange(len(labels))
+    n = min(n, len(labels))
+    ok = np.ones(len(labels), dtype=bool) if eligible is None else np.asarray(eligible, dtype=bool)
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n / len(labels)
     take = np.floor(exact).astype(int)
     for j in np.argsort(-(exact - take))[: n - take.sum()]:
         take[j] += 1
-    chosen = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
+    chosen = [rng.permutation(np.flatnonzero((labels == c) & ok))[:k] for c, k in zip(classes, take, strict=True)]
     return np.sort(np.concatenate(chosen))
 
 
@@ -198,34 +314,46 @@ def load_splits(
     train_limit: int | None = None,
     validation_limit: int | None = None,
     test_limit: int | None = None,
+    hub_revision: str | None = None,
 ) -> Splits:
-    """Leak-free splits: test = GLUE validation; validation = stratified seeded carve-out of GLUE train.
+    """Leak-free splits: test = GLUE validation; validation = stratified seeded carve-out of GLUE train drawn from
+    rows whose text occurs once in GLUE train and not in test (``Splits.kept_in_train`` counts the others).
 
     Cached per process (same arguments, same frames): the phases ask for the same splits many times."""
     spec = _spec(task)
     key = "|".join(map(str, (spec.model_dump_json(), source, split_seed, validation_fraction, validation_max,
-                             train_limit, validation_limit, test_limit)))
+                             train_limit, validation_limit, test_limit, hub_revision)))
     if key not in _SPLITS_CACHE:
         _SPLITS_CACHE[key] = _load_splits(spec, source, split_seed, validation_fraction, validation_max,
-                                          train_limit, validation_limit, test_limit)
+                                          train_limit, validation_limit, test_limit, hub_revision)
     return _SPLITS_CACHE[key]
 
 
 def _load_splits(spec, source, split_seed, validation_fraction, validation_max, train_limit, validation_limit,
-                 test_limit) -> Splits:
-    train_all, test = load_raw(spec, source)
+                 test_limit, hub_revision=None) -> Splits:
+    train_all, test = load_raw(spec, source, hub_revision)
     check_overlap(train_all, test, spec, f"{source}:{spec.name}")
     n_val = min(int(round(validation_fraction * len(train_all))), validation_max)
-    val_rows = stratified_sample(train_all["label"].to_numpy(), n_val, _rng(split_seed, spec.name, "validation"))
+    # A GLUE-train row whose text occurs again in GLUE train (SST-2 and RTE repeat sentences: a plain carve-out put
+    # 20 and 2 copies of train rows into validation) or in test is never carved out: validation would score
+    # memorisation, or the test set, in HPO and early stopping. Those rows stay in train (harmless there: the same
+    # for every method); the official test split is unchanged.
+    key = _text_key(train_all, spec)
+    repeated = key.duplicated(keep=False).to_numpy()
+    in_test = key.isin(set(_text_key(test, spec))).to_numpy()
+    val_rows = stratified_sample(train_all["label"].to_numpy(), n_val, _rng(split_seed, spec.name, "validation"),
+                                 eligible=~(repeated | in_test))
     mask = np.zeros(len(train_all), dtype=bool)
     mask[val_rows] = True
     validation = train_all[mask].reset_index(drop=True)
     train = train_all[~mask].reset_index(drop=True)
+    kept = {"repeated_in_train": int(repeated.sum()), "in_test": int(in_test.sum())}
     return Splits(
         task=spec.name,
         train=_limit(train, train_limit, split_seed, spec.name, "train"),
         validation=_limit(validation, validation_limit, split_seed, spec.name, "vlimit"),
         test=_limit(test, test_limit, split_seed, spec.name, "test"),
+        kept_in_train=kept,
     )
 
 
@@ -240,7 +368,71 @@ def splits_for(cfg, task: str) -> Splits:  # cfg: StudyConfig (not imported: avo
         train_limit=d.train_limit.get(task),
         validation_limit=d.validation_limit.get(task),
         test_limit=d.test_limit.get(task),
+        hub_revision=d.hub_revision,
     )
+
+
+# -- data identity ---------------------------------------------------------------------------------------------------
+_SHA256: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached per process by (path, size, mtime, inode): the config hash asks for it
+    often, and SST-2's training file is a few MB. Raises DataError when the file cannot be read."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+        if key not in _SHA256:
+            with open(path, "rb") as f:
+                _SHA256[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return _SHA256[key]
+
+
+def data_fingerprint(cfg) -> dict[str, dict]:
+    """What identifies the study's data, by content: per task, the sha256 of its train and validation files, or,
+    for ``hub``, the dataset id and revision. Paths do not enter, so the three ways to name a directory agree.
+    ``cfg``: a StudyConfig. Raises DataError when a file is missing or unreadable."""
+    source = cfg.data_source()
+    out = {}
+    for task in cfg.tasks:
+        spec = cfg.task(task)
+        if source == "hub":
+            out[task] = {"hub": f"{spec.hub_dataset}/{spec.hub_config or spec.name}",
+                         "revision": cfg.data.hub_revision}
+        else:
+            out[task] = {split: file_sha256(p) for split, p in data_files(spec, source).items()}
+    return out
+
+
+def data_identity(cfg) -> dict[str, dict]:
+    """The study's data by identity (recorded in ``results/<study>/manifest.json`` under ``"data"``), per task:
+    ``source`` ("local" or "hub"); ``files`` (split -> name relative to the data directory, sha256, bytes) or
+    ``dataset`` and ``revision``; ``rows`` per split (GLUE's files, then train / validation / test / probe as the
+    study uses them); ``kept_in_train`` (GLUE-train rows never carved out into validation: their text repeats in
+    train or occurs in test); ``overlaps`` (see :func:`overlaps`). ``cfg``: a StudyConfig. Loads the splits (cached
+    per process). Raises DataError."""
+    source = cfg.data_source()
+    fp = data_fingerprint(cfg)
+    out = {}
+    for task in cfg.tasks:
+        spec = cfg.task(task)
+        if source == "hub":
+            ident: dict = {"source": "hub", "dataset": fp[task]["hub"], "revision": cfg.data.hub_revision}
+        else:
+            root = Path(source)
+            ident = {"source": "local", "files": {
+                split: {"name": p.relative_to(root).as_posix(), "sha256": fp[task][split], "bytes": p.stat().st_size}
+                for split, p in data_files(spec, source).items()}}
+        s = splits_for(cfg, task)
+        probe = probe_set(s, cfg.data.probe_size)
+        ident["rows"] = {**s.sizes(), "probe": len(probe)}
+        ident["kept_in_train"] = dict(s.kept_in_train)
+        ident["overlaps"] = {k: v["rows"] for k, v in split_overlaps(s, probe, spec).items()}
+        out[task] = ident
+    return out
 
 
 def subset(df: pd.DataFrame, n: int | None, seed: int, salt: str) -> pd.DataFrame:
@@ -279,13 +471,180 @@ class Encoded:
         return np.array([len(x) for x in self.input_ids])
 
 
-def encode(tokenizer, df: pd.DataFrame, spec: TaskSpec, max_length: int) -> Encoded:
-    """Single sentences or the tokenizer's pair encoding, truncated to ``max_length`` (longest-first for pairs)."""
-    texts = [df[f].tolist() for f in spec.text_fields]
-    full = tokenizer(*texts, truncation=False, add_special_tokens=True)["input_ids"]
-    enc = tokenizer(*texts, truncation="longest_first" if spec.is_pair else True, max_length=max_length)
-    n_trunc = sum(len(a) > max_length for a in full)
-    return Encoded(list(enc["input_ids"]), df["label"].to_numpy(dtype=np.int64), n_trunc)
+# Pair tasks on a tokenizer whose pair encoding puts nothing between the segments (SmolLM2, most byte-level BPE
+# decoder tokenizers: ("He left.", "She stayed.") -> "He left.She stayed.") are joined with this template instead: a
+# newline is one token in such tokenizers, separates the segments as a line break does in pretraining text, and the
+# second segment then starts like the first (no glued word).
+PAIR_SEPARATOR_TEMPLATE = "{a}\n{b}"
+NORMALIZE_TEXT = ("strip", "none")
+_PROBE_A, _PROBE_B = "first", "second"  # detection texts: one token each in common tokenizers, any work
+
+
+def parse_pair_template(template: str) -> tuple[str, str, str] | None:
+    """``"auto"`` / ``"tokenizer"`` -> None; a text template with one ``{a}`` followed by one ``{b}`` and a
+    non-empty separator between them -> (before, between, after). Raises ValueError otherwise."""
+    if template in ("auto", "tokenizer"):
+        return None
+    if template.count("{a}") != 1 or template.count("{b}") != 1 or template.index("{a}") > template.index("{b}"):
+        raise ValueError(f"pair template {template!r}: needs 'auto', 'tokenizer' or text with one {{a}} (first "
+                         "segment) followed by one {b} (second segment)")
+    before, rest = template.split("{a}")
+    between, after = rest.split("{b}")
+    if not between:
+        raise ValueError(f"pair template {template!r}: nothing between {{a}} and {{b}}; the model could not see "
+                         "where the first segment ends (e.g. '{a}\\n{b}')")
+    return before, between, after
+
+
+def _locate(full: list[int], *parts: list[int]) -> list[list[int]] | None:
+    """Split ``full`` into [before, part1, between, part2, ..., after] where the parts occur in order."""
+    out, pos = [], 0
+    for part in parts:
+        hit = next((i for i in range(pos, len(full) - len(part) + 1) if full[i:i + len(part)] == part), None)
+        if hit is None:
+            return None
+        out.append(full[pos:hit])
+        pos = hit + len(part)
+    out.append(full[pos:])
+    return out
+
+
+def _special_layout(tokenizer, pair: bool) -> list[list[int]]:
+    """The token ids the tokenizer itself adds around (and, for pairs, between) segments: [prefix, suffix] or
+    [prefix, middle, suffix]. Found by encoding two probe texts with and without special tokens (transformers 5 has
+    no public call that returns a tokenizer's template for ids)."""
+    a = tokenizer(_PROBE_A, add_special_tokens=False)["input_ids"]
+    b = tokenizer(_PROBE_B, add_special_tokens=False)["input_ids"]
+    full = tokenizer(_PROBE_A, _PROBE_B)["input_ids"] if pair else tokenizer(_PROBE_A)["input_ids"]
+    found = _locate(full, a, b) if pair else _locate(full, a)
+    if found is None:
+        raise DataError(f"cannot tell how {type(tokenizer).__name__} frames a {'pair' if pair else 'text'}: its "
+                        "encoding does not contain the segments' own tokens; set data.pair_template to a text "
+                        "template such as '{a}\\n{b}'")
+    return found
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How segments become one input: ``prefix + seg1 (+ middle + seg2) + suffix``; ``template`` is the resolved
+    ``data.pair_template`` ("tokenizer" or a text template; "" for single-segment tasks), ``shown`` the same thing
+    readable, special tokens included (e.g. ``<s>{a}</s>{b}``)."""
+
+    prefix: list[int]
+    middle: list[int]
+    suffix: list[int]
+    template: str
+    shown: str
+
+
+def resolve_pair_template(tokenizer, template: str = "auto") -> str:
+    """``auto`` -> ``tokenizer`` when the tokenizer's own pair encoding puts at least one token between the
+    segments (Llama/TinyLlama: BOS), else :data:`PAIR_SEPARATOR_TEMPLATE`; other values are returned as given."""
+    if template != "auto":
+        return template
+    _, middle, _ = _special_layout(tokenizer, pair=True)
+    return "tokenizer" if middle else PAIR_SEPARATOR_TEMPLATE
+
+
+def layout(tokenizer, pair: bool, template: str = "auto") -> Layout:
+    """The :class:`Layout` of single-segment (``pair=False``) or pair inputs for ``tokenizer`` and
+    ``data.pair_template``. Template text is tokenized on its own, like each segment, so truncation works on
+    segment tokens and never cuts the separator."""
+    def text(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False) if ids else ""
+
+    prefix, suffix = _special_layout(tokenizer, pair=False)
+    if not pair:
+        return Layout(prefix, [], suffix, "", text(prefix) + "{a}" + text(suffix))
+    resolved = resolve_pair_template(tokenizer, template)
+    if resolved == "tokenizer":
+        prefix, middle, suffix = _special_layout(tokenizer, pair=True)
+    else:
+        before, between, after = parse_pair_template(resolved)
+
+        def ids(t: str) -> list[int]:
+            return tokenizer(t, add_special_tokens=False)["input_ids"] if t else []
+
+        prefix, middle, suffix = prefix + ids(before), ids(between), ids(after) + suffix
+    return Layout(prefix, middle, suffix, resolved, text(prefix) + "{a}" + text(middle) + "{b}" + text(suffix))
+
+
+def normalize_texts(texts: list[str], mode: str) -> list[str]:
+    """``data.normalize_text``: ``strip`` removes surrounding whitespace (every SST-2 sentence ends with a space that
+    byte-level BPE tokenizers encode as a token of its own, so the classifier would read that same token for every
+    example); ``none`` keeps the text as stored."""
+    if mode == "strip":
+        return [t.strip() for t in texts]
+    if mode == "none":
+        return list(texts)
+    raise ValueError(f"normalize_text must be one of {NORMALIZE_TEXT}, got {mode!r}")
+
+
+def input_format(tokenizer, data, spec: TaskSpec | None = None) -> dict[str, str]:
+    """What :func:`encode` does with text, for the record (a run's metrics and config, representations metadata):
+    normalisation, the resolved pair template and the layouts with the tokenizer's special tokens shown.
+    ``data``: the study's DataConfig."""
+    out = {"normalize_text": data.normalize_text, "single_layout": layout(tokenizer, False).shown}
+    pair = layout(tokenizer, True, data.pair_template)
+    out.update(pair_template=pair.template, pair_layout=pair.shown)
+    if spec is not None:
+        out["layout"] = out["pair_layout"] if spec.is_pair else out["single_layout"]
+    return out
+
+
+def with_resolved_inputs(cfg, inputs: dict[str, str]):
+    """``cfg`` (a StudyConfig) with ``data.pair_template`` replaced by the resolved template in ``inputs`` (from
+    :func:`input_format`): what a run records as its config, so that it says how its inputs were built."""
+    data = cfg.data.model_copy(update={"pair_template": inputs["pair_template"]})
+    return cfg.model_copy(update={"data": data})
+
+
+def _longest_first(la: int, lb: int, budget: int) -> tuple[int, int]:
+    """Segment lengths kept when la + lb tokens must fit ``budget``: tokens are cut from the end of the longer
+    segment first (as the tokenizers' ``longest_first`` strategy), so the shorter keeps all of its tokens or half
+    of the budget."""
+    if la + lb <= budget:
+        return la, lb
+    if la >= lb:
+        kb = min(lb, budget // 2)
+        return budget - kb, kb
+    ka = min(la, budget // 2)
+    return ka, budget - ka
+
+
+def encode(tokenizer, df: pd.DataFrame, spec: TaskSpec, data) -> Encoded:
+    """Token ids of every row of ``df``, the one encoding used by training, evaluation, extraction and serving.
+
+    ``data``: the study's DataConfig (``cfg.data``): ``max_length``, ``normalize_text`` (applied to every text field
+    first) and ``pair_template`` (see :func:`layout`). A single text: ``prefix + text + suffix`` (the tokenizer's own
+    special tokens), truncated from the end. A pair: ``prefix + first + middle + second + suffix`` with
+    longest-first truncation of the two segments only: the separator is never cut. Raises DataError when
+    ``max_length`` leaves no room for text."""
+    if not hasattr(data, "max_length"):
+        raise TypeError("encode() takes the study's data config (cfg.data), not a bare max_length: the text "
+                        "normalisation and pair template must be the same in every phase")
+    L = data.max_length
+    labels = df["label"].to_numpy(dtype=np.int64)
+    lay = layout(tokenizer, spec.is_pair, data.pair_template)
+    budget = L - len(lay.prefix) - len(lay.middle) - len(lay.suffix)
+    if budget < len(spec.text_fields):
+        raise DataError(f"data.max_length={L} leaves no room for text: the input template "
+                        f"{lay.shown!r} takes {L - budget} tokens")
+    if len(df) == 0:
+        return Encoded([], labels, 0)
+    segs = [tokenizer(normalize_texts(df[f].astype(str).tolist(), data.normalize_text),
+                      add_special_tokens=False)["input_ids"] for f in spec.text_fields]
+    out, n_trunc = [], 0
+    if spec.is_pair:
+        for a, b in zip(segs[0], segs[1], strict=True):
+            ka, kb = _longest_first(len(a), len(b), budget)
+            n_trunc += ka + kb < len(a) + len(b)
+            out.append(lay.prefix + a[:ka] + lay.middle + b[:kb] + lay.suffix)
+    else:
+        for a in segs[0]:
+            n_trunc += len(a) > budget
+            out.append(lay.prefix + a[:budget] + lay.suffix)
+    return Encoded(out, labels, n_trunc)
 
 
 def collate(seqs: list[list[int]], pad_id: int, padding_side: str = "right", pad_to: int | None = None) -> dict:

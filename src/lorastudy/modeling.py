@@ -1,8 +1,9 @@
 """Models: load a base classifier (hub id | local dir | .gguf | smollm2-135m | tiny-random-llama), wrap with LoRA,
 save / reload / merge.
 
-Every classifier has ``config.pad_token_id`` set (pad = eos when the tokenizer has none) and reads the last non-pad
-token. The LoRA adapter saves the trained ``score`` head (PEFT ``modules_to_save``).
+Every classifier has ``config.pad_token_id`` set (pad = eos when the tokenizer has none) and reads the token at
+``read_index``: the last position of the attention mask, never found from token ids (with pad = eos an input may
+really end in eos). The LoRA adapter saves the trained ``score`` head (PEFT ``modules_to_save``).
 """
 
 from __future__ import annotations
@@ -117,8 +118,9 @@ def resolve_source(source: str) -> str:
 
 
 # -- tiny random llama (tests, CI) -----------------------------------------------------------------------------------
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level tokenizer built in code (no hub): 256 byte tokens + <s>, </s>; BOS prepended like Llama."""
+def tiny_tokenizer(append_eos: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer built in code (no hub): 256 byte tokens + <s>, </s>; BOS prepended like Llama;
+    ``append_eos``: </s> also ends every input (as some tokenizers do; with pad = eos it tests the read token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
     byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
@@ -129,7 +131,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     tk.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A </s> $B:1", special_tokens=[("<s>", 1), ("</s>", 2)]
+        single="<s> $A" + (" </s>" if append_eos else ""), pair="<s> $A </s> $B:1" + (" </s>:1" if append_eos else ""),
+        special_tokens=[("<s>", 1), ("</s>", 2)],
     )
     return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
@@ -291,13 +294,45 @@ def additive_mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.
     return out.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def classifier_logits(model, batch: dict) -> torch.Tensor:
-    """Logits for a collated batch, with explicit position ids (padding-side invariant). A prepared 4-D mask under
-    ``mask4d`` is used instead of the 2-D one (see ``additive_mask_4d``)."""
-    return model(
-        input_ids=batch["input_ids"], attention_mask=batch.get("mask4d", batch["attention_mask"]),
-        position_ids=batch["position_ids"], use_cache=False,
-    ).logits
+def read_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the token the classifier reads in a [B, S] attention mask: the last position with mask 1 (left
+    or right padding). The one rule of training, evaluation, extraction (``representations.pool``) and every
+    serving engine. From the mask, not the ids: HF's sequence classifiers take the last token that is not
+    ``pad_token_id``, which is the wrong token when pad = eos and an input really ends in eos. No host sync (CUDA
+    graphs)."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (pos * attention_mask).argmax(-1)
+
+
+def head_module(model) -> torch.nn.Module:
+    """The classification head (``score``) of a plain or PEFT classifier; under PEFT the ``modules_to_save``
+    wrapper, which applies the active adapter's trained copy."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return m.score
+
+
+def classifier_logits(model, batch: dict, adapter_names: list[str] | None = None) -> torch.Tensor:
+    """[B, C] logits for a collated batch: the backbone's last hidden state at ``read_index(attention_mask)``
+    through the ``score`` head, with explicit position ids (padding-side invariant). A prepared 4-D mask under
+    ``mask4d`` is used instead of the 2-D one (see ``additive_mask_4d``); capturable in a CUDA graph.
+
+    ``adapter_names`` (PEFT mixed-adapter batches, one name per row): the PEFT model's own forward routes every
+    row to its adapter, and its head's per-position logits [B, S, C] are read at the same index."""
+    mask = batch["attention_mask"]
+    idx = read_index(mask)
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch.get("mask4d", mask),
+              position_ids=batch["position_ids"], use_cache=False)
+    if adapter_names is not None:
+        seen: list[torch.Tensor] = []
+        hook = head_module(model).register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            model(**kw, adapter_names=adapter_names)
+        finally:
+            hook.remove()
+        return seen[-1][rows, idx]
+    hidden = backbone(model)(**kw).last_hidden_state
+    return head_module(model)(hidden[rows, idx])
 
 
 def backbone(model):

@@ -1,7 +1,8 @@
 """Layer-wise representations on the fixed probe set (phase 3).
 
 Per layer — embeddings, every decoder layer, final norm — two poolings:
-- ``last``: the hidden state of the last non-pad token (primary: what the classifier reads);
+- ``last``: the hidden state of the token the classifier reads (``modeling.read_index``: the last position of the
+  attention mask, also when pad = eos and an input ends in eos; primary);
 - ``mean``: the mean over non-pad tokens excluding BOS (secondary).
 Both are masked from the attention mask, so left and right padding give the same vectors. Saved as safetensors
 (float32 or float16) with metadata: model, run, probe hash, pooling, layer names.
@@ -35,10 +36,9 @@ def layer_modules(model) -> tuple[list[str], list[torch.nn.Module]]:
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, input_ids: torch.Tensor, bos_id: int | None
          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(last non-pad token, mean over non-pad tokens except a leading BOS) for a [b, s, d] batch."""
-    pos = torch.arange(mask.shape[1], device=mask.device)
-    last_idx = (pos * mask).argmax(-1)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_idx]
+    """(last token, mean over non-pad tokens except a leading BOS) for a [b, s, d] batch; "last" is the token the
+    classifier reads (``modeling.read_index``: the last position of the attention mask)."""
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), M.read_index(mask)]
     m = mask.clone()
     if bos_id is not None:
         first_idx = mask.argmax(-1)  # first real token, for left or right padding
@@ -156,7 +156,7 @@ def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, 
     plans, todo_rows = [], 0
     for task in cfg.tasks:
         probe = D.probe_set(D.splits_for(cfg, task), cfg.data.probe_size)
-        phash, enc = D.probe_hash(probe), D.encode(tok, probe, cfg.task(task), cfg.data.max_length)
+        phash, enc = D.probe_hash(probe), D.encode(tok, probe, cfg.task(task), cfg.data)
         decided = []
         for name, method, seed in units:
             out = store.rep_dir(cfg.out, task, method, seed) / FILE
@@ -175,9 +175,10 @@ def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, 
     for task, probe, phash, enc, decided in plans:
         spec = cfg.task(task)
         pdir = cfg.out / "phase3" / task
+        inputs = D.input_format(tok, cfg.data, spec)
         store.atomic_write_json(pdir / "probe.json", {"probe_hash": phash, "probe_ids": probe["probe_id"].tolist(),
                                                      "labels": probe["label"].tolist(),
-                                                     "max_length": cfg.data.max_length})
+                                                     "max_length": cfg.data.max_length, "inputs": inputs})
         for name, method, seed, out, rd, sub, state in decided:
             if stop is not None and stop():
                 log("extract: time budget exhausted; rerun to continue")
@@ -198,8 +199,9 @@ def extract_study(cfg, batch_size: int | None = None, progress=None, log=print, 
                            device=device, amp=amp, progress=progress)
             save(out, reps, {"model": cfg.model.source, "run": run, "task": task, "method": method or "base",
                              "seed": "" if seed is None else str(seed), "probe_hash": phash,
-                             "n": str(len(enc)), "pooling": "last=last non-pad token; mean=non-pad tokens "
-                                                            "excluding BOS"}, cfg.extract.dtype)
+                             "n": str(len(enc)), "inputs": inputs,
+                             "pooling": "last=the token the classifier reads (last position of the attention "
+                                        "mask); mean=non-pad tokens excluding BOS"}, cfg.extract.dtype)
             done.append(f"{task}/{name}")
             del model
     if missing:

@@ -18,7 +18,7 @@ def sanity_one(cfg, task: str, method: str, seed: int = 42, splits: D.Splits | N
     hp = HParams.from_config(cfg, method, {"lr": cfg.sanity.lr[method], "lora_dropout": 0.0, "weight_decay": 0.0})
     device = pick_device(cfg.train.device)
     s = build_model(cfg, task, method, seed, hp, device)
-    enc = D.encode(s.tokenizer, df, spec, cfg.data.max_length)
+    enc = D.encode(s.tokenizer, df, spec, cfg.data)
     batch = to_device(D.collate(enc.input_ids, s.tokenizer.pad_token_id, cfg.model.padding_side), device)
     import torch
 

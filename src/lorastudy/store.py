@@ -262,7 +262,9 @@ def rep_dir(out: Path, task: str, method: str | None = None, seed: int | None = 
 
 
 def check_manifest(cfg, force: bool = False) -> None:
-    """Refuse to mix results of different configs in one directory (unless ``force``)."""
+    """Refuse to mix results of different configs in one directory (unless ``force``). The manifest records the
+    config hash (which covers the data by content) and, under ``"data"``, ``data.data_identity(cfg)``: per task the
+    files with their sha256, the rows per split, rows kept out of validation as copies, split overlaps."""
     out = cfg.out
     man = out / "manifest.json"
     if man.is_file():
@@ -274,8 +276,10 @@ def check_manifest(cfg, force: bool = False) -> None:
                 "their own recorded config differs)"
             )
     from lorastudy.config import dump_yaml
+    from lorastudy.data import data_identity
 
-    atomic_write_json(man, {"config_hash": cfg.hash(), "name": cfg.name, "code": code_version()})
+    atomic_write_json(man, {"config_hash": cfg.hash(), "name": cfg.name, "code": code_version(),
+                            "data": data_identity(cfg)})
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
 
 

@@ -58,16 +58,15 @@ class HParams:
 
     @classmethod
     def from_config(cls, cfg, method: str, overrides: dict[str, Any] | None = None) -> HParams:
+        from lorastudy.config import ConfigError, validate_hparams
+
         t = cfg.train
         if method not in t.lr:
-            raise ValueError(f"train.lr has no entry for method {method!r}")
+            raise ConfigError(f"train.lr has no entry for method {method!r}")
         hp = cls(t.lr[method], t.batch_size, t.epochs, t.warmup_ratio, t.weight_decay, cfg.lora.alpha,
                  cfg.lora.dropout, t.max_steps)
-        for k, v in (overrides or {}).items():
-            if not hasattr(hp, k):
-                raise ValueError(f"unknown hyperparameter {k!r}; known: {list(asdict(hp))}")
-            setattr(hp, k, type(getattr(hp, k))(v) if getattr(hp, k) is not None and v is not None else v)
-        return hp
+        # validated, not cast: epochs=2.5 stays 2.5, batch_size=2.5 and lr=-1 are refused naming hp.NAME
+        return cls(**validate_hparams({**asdict(hp), **(overrides or {})}))
 
 
 def seed_everything(seed: int) -> None:
@@ -246,6 +245,7 @@ class RunData:
     pad_id: int
     padding_side: str
     buckets: list[int] | None
+    inputs: dict  # text normalisation and the resolved pair template (data.input_format), recorded per run
 
     def collate(self, enc: D.Encoded, idx: np.ndarray, pad_to: int | None = None) -> dict:
         """A CPU batch of rows ``idx`` of ``enc``, padded to its bucket width (or ``pad_to``)."""
@@ -263,13 +263,14 @@ def prepare_data(cfg, task: str, tokenizer, *, splits: D.Splits | None = None, t
     splits = splits or D.splits_for(cfg, task)
     train_df = D.subset(splits.train, train_subset, cfg.data.split_seed, f"{task}-hpo") if train_subset \
         else splits.train
-    L = cfg.data.max_length
-    enc_train, enc_val = D.encode(tokenizer, train_df, spec, L), D.encode(tokenizer, splits.validation, spec, L)
+    enc_train = D.encode(tokenizer, train_df, spec, cfg.data)
+    enc_val = D.encode(tokenizer, splits.validation, spec, cfg.data)
     if len(enc_train) == 0 or len(enc_val) == 0:
         raise TrainingError(f"{task}: empty train or validation split")
-    enc_test = D.encode(tokenizer, splits.test, spec, L) if evaluate_test else None
+    enc_test = D.encode(tokenizer, splits.test, spec, cfg.data) if evaluate_test else None
     return RunData(task, enc_train, enc_val, enc_test, splits.test["idx"].tolist() if evaluate_test else None,
-                   tokenizer.pad_token_id, cfg.model.padding_side, buckets)
+                   tokenizer.pad_token_id, cfg.model.padding_side, buckets,
+                   D.input_format(tokenizer, cfg.data, spec))
 
 
 class DataOrder:
@@ -425,6 +426,7 @@ class RunState:
             "precision": "bf16-autocast" if amp else "fp32", "step_mode": mode, "step_levers": [],
             "trainable_params": trainable, "total_params": total,
             "n_train": len(self.data.train), "n_validation": len(self.data.validation),
+            "inputs": self.data.inputs,
         }
 
     def score(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -647,7 +649,7 @@ def save_run(cfg, method: str, metrics: dict[str, Any], model, final_dir: Path) 
         if model is not None:
             M.save_model(model.to("cpu"), tmp / ("adapter" if method == "lora" else "model"), method)
         store.atomic_write_json(tmp / "metrics.json", metrics)
-        store.atomic_write_text(tmp / "config.yaml", dump_yaml(cfg))
+        store.atomic_write_text(tmp / "config.yaml", dump_yaml(D.with_resolved_inputs(cfg, metrics["inputs"])))
         store.atomic_write_json(tmp / "code_version.json", store.code_version())
     (final_dir.parent / f"{final_dir.name}.{store.FAILED}").unlink(missing_ok=True)
 

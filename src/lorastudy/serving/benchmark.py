@@ -476,7 +476,7 @@ def probe_median_length(cfg) -> int:
     lengths = []
     for task in cfg.tasks:
         probe = D.probe_set(D.splits_for(cfg, task), cfg.data.probe_size)
-        lengths += D.encode(tok, probe, cfg.task(task), cfg.data.max_length).lengths().tolist()
+        lengths += D.encode(tok, probe, cfg.task(task), cfg.data).lengths().tolist()
     return int(np.median(lengths))
 
 

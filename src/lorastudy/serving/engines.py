@@ -58,9 +58,8 @@ def adapter_from_peft(peft_model, name: str, task: str, adapter_name: str = "def
 
 
 def pooled_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last non-pad token per row (left or right padding)."""
-    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (pos * attention_mask).argmax(-1)
+    """Index of the token the classifier reads per row: the shared rule ``modeling.read_index``."""
+    return M.read_index(attention_mask)
 
 
 class MergedEngine(nn.Module):
@@ -121,8 +120,7 @@ class PeftEngine(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict, adapter_idx: torch.Tensor, present: list[int] | None = None) -> torch.Tensor:
         names = [self.adapter_names[i] for i in adapter_idx.tolist()]
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("mask4d", batch["attention_mask"]),
-                          position_ids=batch["position_ids"], use_cache=False, adapter_names=names).logits.float()
+        return M.classifier_logits(self.model, batch, adapter_names=names).float()
 
 
 class _Router:
