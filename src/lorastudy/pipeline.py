@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lorastudy import store
+from lorastudy import store, tracking
 
 PHASES = ("sanity", "baselines", "tune", "train", "extract", "drift", "serve", "report")
 
@@ -34,7 +34,10 @@ def _train_unit(arg, device):
     cfg, task, method, seed, hp_over = arg
     del device  # the pool exported it as LORASTUDY_DEVICE, which training.pick_device reads
     hp = HParams.from_config(cfg, method, hp_over)
-    m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed))
+    try:
+        m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed))
+    finally:  # the run directory (or FAILED.json) is written first: tracking never costs a result
+        tracking.log_run_dir(cfg, task, method, seed)
     return {"test_accuracy": m["test"]["accuracy"], "collapsed": m["collapsed"]}
 
 
@@ -89,6 +92,7 @@ def run(cfg, *, only: str | None = None, from_: str | None = None, time_budget: 
             summary["stopped"] = f"time budget exhausted after phase {ph}; rerun to continue"
             break
     store.atomic_write_json(cfg.out / "run_summary.json", summary)
+    tracking.log_study_artifacts(cfg)  # drift, serving, report: artifacts of the study run (never raises)
     return summary
 
 

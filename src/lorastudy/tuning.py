@@ -28,7 +28,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from lorastudy import store
+from lorastudy import store, tracking
 from lorastudy.training import HParams, train_run
 
 PRUNING = "none"
@@ -237,6 +237,7 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         except Exception as e:  # a failed trial (diverged, OOM) is recorded and replaced
             trial.set_user_attr("error", f"{type(e).__name__}: {e}")
             study.tell(trial, state=TrialState.FAIL)
+            tracking.log_trial(cfg, task, method, trial.number, hparams=hp_over, error=f"{type(e).__name__}: {e}")
             continue
         val = m["validation"]
         for k in ("loss", "accuracy", "f1"):
@@ -247,6 +248,7 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
         trial.set_user_attr("peak_memory_bytes", m["peak_memory_bytes"])
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         study.tell(trial, val["accuracy"])
+        tracking.log_trial(cfg, task, method, trial.number, m)  # after the trial is stored; never raises
         done_here += 1
         if on_trial is not None:
             on_trial(task, method, trial.number, val["accuracy"])
