@@ -399,10 +399,12 @@ def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir:
                                          "type": type(e).__name__, "hparams": asdict(hp)})
         raise
     model = m.pop("_model", None)
-    m.pop("_tokenizer", None)
+    tok = m.pop("_tokenizer", None)
     with store.staging_dir(final_dir) as tmp:
         if model is not None:
-            M.save_model(model.to("cpu"), tmp / ("adapter" if method == "lora" else "model"), method)
+            sub = "adapter" if method == "lora" else "model"
+            M.save_model(model.to("cpu"), tmp / sub, method, tok, cfg=cfg, task=task, seed=seed,
+                         final_path=final_dir / sub)
         store.atomic_write_json(tmp / "metrics.json", m)
         store.atomic_write_text(tmp / "config.yaml", dump_yaml(cfg))
         store.atomic_write_json(tmp / "code_version.json", store.code_version())
