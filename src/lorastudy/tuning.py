@@ -50,11 +50,23 @@ def _storage(cfg) -> optuna.storages.RDBStorage:
     kw: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kw["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat is "experimental"
-        # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat thread); a trial
-        # silent for grace_period seconds belongs to a dead worker, on any machine, and is failed and replaced
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
+    import sqlalchemy.exc
+
+    # Machines started together on an empty database all create Optuna's tables at once and all but one fail
+    # (PostgreSQL: a duplicate enum type; SQLite: a duplicate alembic_version row; optuna/optuna#1092 says to run
+    # the migration first). Once the first has committed the schema a retry finds it: retry instead.
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
+                # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat
+                # thread); a trial silent for grace_period seconds belongs to a dead worker, on any machine, and
+                # is failed and replaced
+                return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+            if attempt == 5:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def study_name(cfg, task: str, method: str) -> str:
