@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 import yaml
@@ -12,6 +13,39 @@ from optuna.trial import TrialState
 from lorastudy import tuning
 from lorastudy.config import load_config
 from tests.conftest import REPO
+
+# A PostgreSQL server for the multi-machine path (.ci/run starts a throw-away one on loopback and exports this URL;
+# locally, start one the same way to run those cases)
+POSTGRES_URL = os.environ.get("LORASTUDY_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage(request):
+    """The Optuna storage URL of a test: None (the default SQLite file in the results dir), or a fresh database on
+    the PostgreSQL server named by LORASTUDY_TEST_POSTGRES_URL (dropped afterwards; skipped without a server)."""
+    if request.param == "sqlite":
+        yield None
+    else:
+        yield request.getfixturevalue("postgres_storage")
+
+
+@pytest.fixture
+def postgres_storage():
+    """A fresh database on the PostgreSQL server named by LORASTUDY_TEST_POSTGRES_URL, dropped afterwards."""
+    if not POSTGRES_URL:
+        pytest.skip("no PostgreSQL server: LORASTUDY_TEST_POSTGRES_URL is unset (.ci/run starts one)")
+    import sqlalchemy as sa
+
+    name = f"lorastudy_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _tiny(tiny_cfg, *sets):
@@ -72,9 +106,13 @@ def test_tune_outputs_and_best_roundtrip_into_train(tiny_cfg, monkeypatch):
 
 
 @pytest.mark.parametrize("workers,streams", [(2, 1), (1, 3)], ids=["2-processes", "3-threads-one-process"])
-def test_concurrent_workers_one_sqlite_exact_trial_count(tiny_cfg, workers, streams):
-    """Processes, or threads of one process (the --streams path), share one study without over-counting."""
-    cfg = _tiny(tiny_cfg, "methods=[lora]", "search.n_trials=4", "search.max_steps=4")
+def test_concurrent_workers_one_sqlite_exact_trial_count(tiny_cfg, workers, streams, storage):
+    """Processes, or threads of one process (the --streams path), share one study without over-counting, on SQLite
+    and on PostgreSQL; no two of them propose the same point."""
+    if storage and streams > 1:
+        pytest.skip("threads of one process: PostgreSQL adds nothing to the 2-processes case")
+    cfg = _tiny(tiny_cfg, "methods=[lora]", "search.n_trials=4", "search.max_steps=4",
+                *([f"search.storage={storage}"] if storage else []))
     res = tuning.tune(cfg, workers=workers, streams=streams)
     assert not res["failures"], res["failures"]
     states, st = _states(cfg)
@@ -85,11 +123,64 @@ def test_concurrent_workers_one_sqlite_exact_trial_count(tiny_cfg, workers, stre
     for t in st.get_trials(deepcopy=False):
         if t.state != TrialState.COMPLETE:
             assert t.user_attrs.get("surplus") or t.user_attrs.get("interrupted") or t.user_attrs.get("error")
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4  # four distinct points
 
 
-def _long_tune(tiny_cfg, n_trials: int, extra: list[str] | None = None):
+def test_machines_starting_together_on_an_empty_storage_all_connect(tiny_cfg, storage):
+    """Workers started at once on an empty database all create Optuna's schema (optuna/optuna#1092: on PostgreSQL
+    all but one failed with a duplicate-key error): each gets a working storage."""
+    import threading
+
+    cfg = _tiny(tiny_cfg, *([f"search.storage={storage}"] if storage else []))
+    barrier, errors = threading.Barrier(4), []
+
+    def connect():
+        barrier.wait()
+        try:
+            tuning._storage(cfg)
+        except Exception as e:  # noqa: BLE001 - collected for the assertion
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=connect) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors[0]
+    assert tuning.get_study(cfg, "rte", "lora").get_trials() == []
+
+
+def test_two_machines_share_one_postgresql_study(tiny_cfg, postgres_storage, tmp_path):
+    """The README's multi-machine recipe: two `lorastudy tune` processes started together, each with its own
+    results dir (two machines), on one PostgreSQL database: exactly n_trials complete, no point proposed twice, and
+    both export the same best trial."""
+    url = postgres_storage
+    # trials long enough that both processes ask for their first one before either has finished one
+    sets = ["tasks=[rte]", "methods=[lora]", "search.n_trials=4", "data.train_limit.rte=300", "search.max_steps=24",
+            f"data.source={tiny_cfg.data.source}"]
+    cmds = [[sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), "--storage", url,
+             "--set", f"output_dir={tmp_path / f'machine{k}'}"] + [a for kv in sets for a in ("--set", kv)]
+            for k in (1, 2)]
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in cmds]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [*sets, f"search.storage={url}",
+                                                        f"output_dir={tmp_path / 'machine1'}"])
+    _, st = _states(cfg, "rte", "lora")
+    complete = [t for t in st.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    assert len(complete) == 4 and len({t.number for t in complete}) == 4
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4, "two workers proposed the same point"
+    best = [yaml.safe_load((tmp_path / f"machine{k}" / "phase1" / "rte_lora" / "best.yaml").read_text())
+            for k in (1, 2)]
+    assert best[0] == best[1]
+
+
+def _long_tune(tiny_cfg, n_trials: int, extra: list[str] | None = None, storage: str | None = None):
     """A config and `lorastudy tune` command for full-FT RTE trials of a few seconds each (time to interrupt)."""
     long = [f"search.n_trials={n_trials}", "data.train_limit.rte=1500", "search.max_steps=300"]
+    if storage:
+        long.append(f"search.storage={storage}")
     cfg = _tiny(tiny_cfg, "methods=[full]", *long)
     cmd = [sys.executable, "-m", "lorastudy.cli", "tune", str(REPO / "configs" / "tiny.yaml"), *(extra or []),
            "--set", f"data.source={cfg.data.source}", "--set", f"output_dir={cfg.out}", "--set", "tasks=[rte]",
@@ -111,8 +202,8 @@ def _wait_for(p, cfg, ready, poll: float, timeout: float = 240) -> None:
         assert p.poll() is None, "tune finished before it could be interrupted"
 
 
-def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg):
-    cfg, cmd = _long_tune(tiny_cfg, n_trials=3)
+def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg, storage):
+    cfg, cmd = _long_tune(tiny_cfg, n_trials=3, storage=storage)
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # wait until one trial is complete and the next is running, then kill
     _wait_for(p, cfg, lambda states: states.count(TrialState.COMPLETE) >= 1 and TrialState.RUNNING in states,

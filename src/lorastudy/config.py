@@ -272,6 +272,27 @@ class ServeConfig(_Strict):
     vllm_gpu_memory_utilization: float = Field(0.25, gt=0, lt=1)  # vLLM's start check; KV cache is sized exactly
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking (tracking.py): tuning trials and phase-2 runs as tracked runs. Off by default."""
+
+    # a name in tracking.BACKENDS: none | mlflow | wandb (the last two: pip install 'lorastudy[tracking]')
+    backend: str = "none"
+    log_full_models: bool = False  # full fine-tuned models as artifacts too (GBs each); LoRA adapters always
+    experiment: str | None = Field(None, min_length=1)  # MLflow experiment / W&B project; None: the study name
+    # MLflow tracking URI; None: a SQLite store under the results dir (<output_dir>/tracking/mlflow.db)
+    mlflow_uri: str | None = Field(None, pattern=r"^([A-Za-z][A-Za-z0-9+.-]*:.+|databricks)$")
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: runs under <output_dir>/tracking, `wandb sync`
+    wandb_entity: str | None = Field(None, min_length=1)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from lorastudy.tracking import check_backend
+
+        check_backend(v)  # ValueError naming the known backends, or the package to install
+        return v
+
+
 class StudyConfig(_Strict):
     name: str = "study"
     output_dir: str = "results/{name}"
@@ -288,6 +309,7 @@ class StudyConfig(_Strict):
     extract: ExtractConfig = ExtractConfig()
     drift: DriftConfig = DriftConfig()
     serve: ServeConfig = ServeConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _known_tasks(self) -> StudyConfig:
@@ -335,6 +357,7 @@ class StudyConfig(_Strict):
         d.pop("output_dir", None)
         d.pop("serve", None)  # benchmark knobs do not change trained models
         d["data"]["source"] = data_fingerprint(self)
+        d.pop("tracking", None)  # nor does where runs are also logged
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # -- locks and the runs of this process --------------------------------------------------------------------------
-INIT_LOCK = threading.Lock()  # seeding + building a model (and counting the runs of this process)
+INIT_LOCK = threading.RLock()  # seeding + building a model (and counting the runs of this process)
 CAPTURE_LOCK = threading.Lock()  # CUDA-graph captures are serialised; each captures in "thread_local" mode
 _ACTIVE = {"runs": 0}  # runs training in this process now (guarded by INIT_LOCK)
 
@@ -378,15 +378,15 @@ def _phase2_jobs(cfg, group: list[PlannedRun], progress, results: list) -> list:
 
         def done(m, r=r, final=final, t0=t0):
             model = m.pop("_model", None)
-            m.pop("_tokenizer", None)
-            save_run(cfg, r.method, m, model, final)
+            tok = m.pop("_tokenizer", None)
+            save_run(cfg, r.method, m, model, final, tok)
             results.append(UnitResult(r.name, True, {"test": m["test"][m["primary_metric"]],
                                                      "collapsed": m["collapsed"]}, seconds=time.perf_counter() - t0))
             if progress is not None:
                 progress.finish(r.name, True)
 
         def fail(e, r=r, final=final, t0=t0):
-            write_failed(final, r.task, r.method, r.seed, r.hp, e)
+            write_failed(cfg, final, r.task, r.method, r.seed, r.hp, e)
             results.append(UnitResult(r.name, False, error=f"{type(e).__name__}: {e}",
                                       seconds=time.perf_counter() - t0))
             if progress is not None:

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorastudy import modeling as M
-from lorastudy.execution import INIT_LOCK
 from lorastudy.fast_step import _Replayable, fuse_rms_norms
 
 # The stacked weights are views into flat [N, P] buffers (so per-run operations are one kernel per buffer); their
@@ -333,8 +332,7 @@ class FusedModel:
         self.method, self.n, self.device, self.amp = method, n, device, amp
         self.compute_dtype = amp or torch.float32
         self.slots = _Slots(n)
-        with INIT_LOCK:  # the tiny model's "pretrained" weights come from the global RNG (seed 0): no other thread
-            model, self.tokenizer = M.load_base(cfg.model, num_labels, seed=0)  # may draw meanwhile
+        model, self.tokenizer = M.load_base(cfg.model, num_labels, seed=0)
         model.requires_grad_(False)
         kinds = {"linear": FusedLinear, "embedding": FusedEmbedding, "rms_norm": FusedRMSNorm}
         stacked: dict[str, nn.Module] = {}

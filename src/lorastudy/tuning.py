@@ -30,7 +30,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from lorastudy import store
+from lorastudy import store, tracking
 from lorastudy.execution import sigterm_as_interrupt
 from lorastudy.training import HParams, train_run
 
@@ -55,18 +55,19 @@ def _storage(cfg) -> optuna.storages.RDBStorage:
         kw["engine_kwargs"] = {"connect_args": {"timeout": 120}}
     import sqlalchemy.exc
 
-    for attempt in range(5):
+    # Machines started together on an empty database all create Optuna's tables at once and all but one fail
+    # (PostgreSQL: a duplicate enum type; SQLite: a duplicate alembic_version row; optuna/optuna#1092 says to run
+    # the migration first). Once the first has committed the schema a retry finds it: retry instead.
+    for attempt in range(6):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat: "experimental"
                 # heartbeats are recorded by run_worker at every validation pass (ask/tell has no heartbeat
-                # thread); a trial silent for grace_period seconds belongs to a dead worker, on any machine, and is
-                # failed and replaced
+                # thread); a trial silent for grace_period seconds belongs to a dead worker, on any machine, and
+                # is failed and replaced
                 return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=1800, **kw)
-        except sqlalchemy.exc.IntegrityError:
-            # several workers started at once on a new storage race to create its schema (seen: "UNIQUE constraint
-            # failed: alembic_version.version_num"); the loser finds it created when it tries again
-            if attempt == 4:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+            if attempt == 5:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
@@ -314,9 +315,11 @@ def _heartbeat(study: optuna.Study, trial) -> functools.partial:
     return beat
 
 
-def _tell_trial(study: optuna.Study, trial, m: dict, t0: float, objective: str) -> float:
-    """Record a finished trial (validation loss and metrics, steps, times, memory as user attributes) and tell
-    Optuna its validation score on ``objective`` (the task's primary metric, maximized); returns it."""
+def _tell_trial(cfg, task: str, method: str, study: optuna.Study, trial, m: dict, t0: float) -> float:
+    """Record a finished trial (validation loss and metrics, steps, times, memory as user attributes), tell Optuna
+    its validation score on the task's primary metric (maximized) and track it (``tracking.backend``); returns the
+    score."""
+    objective = cfg.task(task).primary
     val = m["validation"]
     for k, v in val.items():  # loss and the task's declared metrics
         trial.set_user_attr(f"val_{k}", v)
@@ -327,13 +330,15 @@ def _tell_trial(study: optuna.Study, trial, m: dict, t0: float, objective: str) 
     trial.set_user_attr("step_mode", m["step_mode"])  # fused-* when the trial trained in a fused group
     trial.set_user_attr("seconds", time.perf_counter() - t0)
     study.tell(trial, val[objective])
+    tracking.log_trial(cfg, task, method, trial.number, m)  # after the trial is stored; never raises
     return val[objective]
 
 
-def _fail_trial(study: optuna.Study, trial, e: BaseException) -> None:
-    """A failed trial (diverged, OOM) is recorded with its error and replaced."""
+def _fail_trial(cfg, task: str, method: str, study: optuna.Study, trial, e: BaseException) -> None:
+    """A failed trial (diverged, OOM) is recorded with its error (and tracked) and replaced."""
     trial.set_user_attr("error", f"{type(e).__name__}: {e}")
     study.tell(trial, state=TrialState.FAIL)
+    tracking.log_trial(cfg, task, method, trial.number, hparams=trial.params, error=f"{type(e).__name__}: {e}")
 
 
 def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop=None, wait: bool = True,
@@ -365,9 +370,9 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
             m = train_run(cfg, task, method, cfg.search.seed, hp, train_subset=cfg.search.train_subset.get(task),
                           evaluate_test=False, on_eval=lambda *_, beat=beat: beat(), ctx=ctx)
         except Exception as e:  # a failed trial (diverged, OOM) is recorded and replaced
-            _fail_trial(study, trial, e)
+            _fail_trial(cfg, task, method, study, trial, e)
             continue
-        acc = _tell_trial(study, trial, m, t0, cfg.task(task).primary)
+        acc = _tell_trial(cfg, task, method, study, trial, m, t0)
         done_here += 1
         if on_trial is not None:
             on_trial(task, method, trial.number, acc)
@@ -410,18 +415,19 @@ class TrialSource:
             try:
                 hp = HParams.from_config(self.cfg, method, hp_over)
             except ValueError as e:
-                _fail_trial(study, trial, e)
+                _fail_trial(self.cfg, task, method, study, trial, e)
                 continue
 
             def done(m, study=study, trial=trial, t0=t0, task=task, method=method):
-                acc = _tell_trial(study, trial, m, t0, self.cfg.task(task).primary)
+                acc = _tell_trial(self.cfg, task, method, study, trial, m, t0)
                 if self.on_trial is not None:
                     self.on_trial(task, method, trial.number, acc)
 
             return RunJob(f"{task}/{method} trial {trial.number}", task, method, self.cfg.search.seed, hp,
                           train_subset=self.cfg.search.train_subset.get(task), evaluate_test=False,
                           on_eval=lambda *_, beat=beat: beat(), on_done=done,
-                          on_fail=lambda e, study=study, trial=trial: _fail_trial(study, trial, e))
+                          on_fail=lambda e, study=study, trial=trial, task=task, method=method:
+                          _fail_trial(self.cfg, task, method, study, trial, e))
         self.idle_until = time.monotonic() + self.RECHECK_S
         return None
 
