@@ -582,7 +582,7 @@ def fused_table(out: dict) -> None:
         peak = r.get("peak_memory_bytes")
         print(f"{r['kind']:8s} {r['method']:6s} {r['n']:3d} {r['batch_size']:5d} {str(r.get('seq_len', 'real')):>4s} "
               f"{r.get('lora_dropout', 0.0):5.2f} "
-              + (f"{ms:9.2f} {rate:11.0f} " if rate else f"{'-':>9s} {'-':>11s} ")
+              + (f"{ms:9.2f} " if ms else f"{'-':>9s} ") + (f"{rate:11.0f} " if rate else f"{'-':>11s} ")
               + (f"{rate / base:7.1f} " if rate and base else f"{'-':>7s} ")
               + (f"{peak / 2**30:8.1f}" if peak else f"{'-':>8s}")
               + (f" {r['optimizer_ms']:7.2f} {r['n'] * r['params_per_run'] / r['optimizer_ms'] / 1e6:12.2f}"

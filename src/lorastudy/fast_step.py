@@ -247,7 +247,7 @@ class StaticTrainStep:
         for g, lr in zip(self.step_opt.param_groups, saved_lrs, strict=True):
             g["lr"].copy_(lr)
             for p in g["params"]:
-                st = self.opt.state[p]
+                st = self.step_opt.state[p]  # the optimizer that steps (with flat_optimizer: its flat twin)
                 for k in ("exp_avg", "exp_avg_sq", "step"):
                     st[k].zero_()
 

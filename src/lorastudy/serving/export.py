@@ -103,17 +103,36 @@ def strip_head(adapter_dir: Path, out_dir: Path) -> dict[str, torch.Tensor]:
     return head
 
 
+def id_tokenizer(vocab_size: int):
+    """A tokenizer whose vocabulary is the ids 0..vocab_size-1 (token ``<i>`` = id i), built in code.
+
+    Why: vLLM's pooling entry points need a tokenizer in the model directory (``skip_tokenizer_init`` is refused
+    there, vLLM 0.26) and check prompt ids against its vocabulary, while every engine here is given token ids, never
+    text; this one accepts any id the model's embedding has, whatever tokenizer made them."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(vocab_size)}, unk_token="<0>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<0>", pad_token="<0>")
+
+
+def _save_tokenizer(model, out_dir: Path) -> None:
+    id_tokenizer(int(model.config.vocab_size)).save_pretrained(out_dir)
+
+
 def export_backbone(base, out_dir: Path) -> Path:
-    """The classifier's decoder stack (no head) as a ``LlamaModel``-style checkpoint (HF ``save_pretrained``)."""
+    """The classifier's decoder stack (no head) as a ``LlamaModel``-style checkpoint (HF ``save_pretrained``), with
+    an id tokenizer (``id_tokenizer``)."""
     out_dir = Path(out_dir)
     M.backbone(base).save_pretrained(out_dir, safe_serialization=True)
+    _save_tokenizer(base, out_dir)
     return out_dir
 
 
 def export_classifier(model, out_dir: Path, num_labels: int | None = None) -> Path:
     """A plain sequence classifier (e.g. a merged model) as saved by HF ``save_pretrained``; with ``num_labels``
     different from the model's, a copy with an untrained zero head of that size (the base that vLLM >= 0.31 puts
-    each adapter's saved head on)."""
+    each adapter's saved head on). An id tokenizer is saved beside (``id_tokenizer``)."""
     out_dir = Path(out_dir)
     if num_labels is not None and num_labels != model.config.num_labels:
         w = model.score.weight
@@ -122,6 +141,7 @@ def export_classifier(model, out_dir: Path, num_labels: int | None = None) -> Pa
         torch.nn.init.zeros_(model.score.weight)
         model.config.num_labels = num_labels
     model.save_pretrained(out_dir, safe_serialization=True)
+    _save_tokenizer(model, out_dir)
     return out_dir
 
 

@@ -73,7 +73,7 @@ class VllmEngine:
         self.llm = LLM(
             model=spec["model_dir"], runner="pooling", convert=self.task, dtype=spec["dtype"],
             pooler_config=PoolerConfig(seq_pooling_type="LAST", use_activation=False),
-            enforce_eager=not spec["cuda_graphs"], enable_prefix_caching=False, skip_tokenizer_init=True,
+            enforce_eager=not spec["cuda_graphs"], enable_prefix_caching=False,
             max_model_len=length, max_num_seqs=seqs, max_num_batched_tokens=seqs * length,
             kv_cache_memory_bytes=int(spec["kv_cache_bytes"]),
             gpu_memory_utilization=float(spec["gpu_memory_utilization"]), seed=0, **graphs, **lora)
