@@ -61,8 +61,8 @@ def _layer_ticks(ax, names: list[str], axis: str = "x") -> None:
     """Tick labels = layer names, at most ~12 of them (embeddings, layerN, final_norm)."""
     step = max(1, len(names) // 12)
     idx = list(range(0, len(names), step))
-    if idx[-1] != len(names) - 1:
-        idx.append(len(names) - 1)
+    if idx[-1] != len(names) - 1:  # always label the last layer, in place of the grid tick beside it (no overlap)
+        idx[-1:] = [len(names) - 1] if len(idx) > 1 else [idx[-1], len(names) - 1]
     if axis == "x":
         ax.set_xticks(idx, [names[i] for i in idx], rotation=45, ha="right")
     else:
