@@ -15,12 +15,14 @@ from rich.table import Table
 
 from lorastudy.config import ConfigError, StudyConfig, dump_yaml, load_config
 from lorastudy.execution import default_streams, exit_if_threads_alive
+from lorastudy.pipeline import PHASES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
 config_app = typer.Typer(no_args_is_help=True, help="Inspect study configs.")
 app.add_typer(config_app, name="config")
 console = Console(stderr=True, soft_wrap=True)
 
+PHASES_HELP = " | ".join(PHASES)
 ConfigArg = Annotated[Path, typer.Argument(help="Study config (YAML), e.g. configs/quick.yaml")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override: dotted.key=value (YAML value)")]
 DataDirOpt = Annotated[
@@ -379,16 +381,31 @@ def serve_bench(
 @app.command()
 @_handle_errors
 def report(
-    config: ConfigArg,
-    check: Annotated[bool, typer.Option("--check", help="Fail if any number in the report disagrees with the "
-                                                        "artifacts")] = False,
+    config: Annotated[Path, typer.Argument(help="Study config (YAML) whose results to report, e.g. "
+                                                "configs/quick.yaml, or the results directory itself")],
+    check: Annotated[bool, typer.Option("--check", help="Fail if any line of ANALYSIS_REPORT.md or .html disagrees "
+                                                        "with the artifacts")] = False,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Write ANALYSIS_REPORT.md (+ .html with figures embedded) from the artifacts; --check verifies it."""
-    from lorastudy.report.build import build_report, check_report
+    """Write ANALYSIS_REPORT.md (+ .html with figures embedded) from the artifacts; --check verifies both.
 
-    cfg = _load(config, set_, data_dir)
+    The report uses the configuration recorded with the results (config.yaml in the results directory), so the
+    config, --set and --data-dir only locate the results; differences from the recorded config are listed."""
+    from lorastudy.report.build import build_report, check_report, config_differences, recorded_config
+
+    if config.is_dir():
+        if set_ or data_dir:
+            raise ConfigError("report RESULTS_DIR: --set and --data-dir do not apply (the recorded config is used)")
+        cfg = recorded_config(config)
+    else:
+        given = _load(config, set_, data_dir)
+        cfg = recorded_config(given.out, fallback=given)
+        diff = config_differences(given, cfg)
+        if diff:
+            console.print(f"note: reporting with the config recorded in {cfg.out / 'config.yaml'}; the config "
+                          f"given differs in {len(diff)} field(s): " + "; ".join(diff[:5])
+                          + ("; …" if len(diff) > 5 else ""), markup=False, highlight=False)
     if check:
         bad = check_report(cfg)
         if bad:
@@ -396,7 +413,7 @@ def report(
             for line in bad[:20]:
                 console.print("  " + line, markup=False, highlight=False)
             raise typer.Exit(1)
-        console.print("report check passed: every line matches the artifacts")
+        console.print("report check passed: every line of the Markdown and HTML reports matches the artifacts")
         return
     path = build_report(cfg)
     console.print(f"wrote {path} and {path.with_suffix('.html')}")
@@ -406,8 +423,8 @@ def report(
 @_handle_errors
 def run(
     config: ConfigArg,
-    only: Annotated[str | None, typer.Option("--only", help="Run just this phase")] = None,
-    from_: Annotated[str | None, typer.Option("--from", help="Start at this phase")] = None,
+    only: Annotated[str | None, typer.Option("--only", help=f"Run just this phase: {PHASES_HELP}")] = None,
+    from_: Annotated[str | None, typer.Option("--from", help=f"Start at this phase: {PHASES_HELP}")] = None,
     time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop cleanly between units after "
                                                                             "this many seconds")] = None,
     workers: WorkersOpt = 1,
@@ -417,7 +434,6 @@ def run(
     data_dir: DataDirOpt = None,
 ) -> None:
     """The whole study: sanity, baselines, tune, train, extract, drift, serve, report. Resumable."""
-    from lorastudy.pipeline import PHASES
     from lorastudy.pipeline import run as run_pipeline
 
     for name, ph in (("--only", only), ("--from", from_)):

@@ -429,7 +429,12 @@ def _format_validation(err: ValidationError, where: str, prefix: str = "") -> st
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"  field {loc}: {msg}" + (f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""))
+        if not e["loc"]:  # a whole-config check: its message names the field; the input is the whole config
+            lines.append(f"  field {msg.removeprefix('Value error, ')}")
+            continue
+        # a section's input is the whole section: too long to help
+        got = "" if e["type"] == "extra_forbidden" or isinstance(e["input"], dict) else f" (got {e['input']!r})"
+        lines.append(f"  field {loc}: {msg}{got}")
     return "\n".join(lines)
 
 

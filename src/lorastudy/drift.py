@@ -12,6 +12,7 @@ Units and tests (the design is written into the output, too):
 - example-level test: paired sign-flip permutation test on per-example standardized-cosine drift (full - LoRA).
 - H1a (accuracy non-inferiority, margin 3 points): bootstrap over test examples and seeds.
 - H1b (drift reduction >= 20%): one-sided jackknife t-test per task and overall (stratified by task).
+  Decided only when full-FT drift is above its seed-vs-seed noise floor (else: within seed noise).
 - corrections: Holm over the per-task family of each hypothesis (Bonferroni reported beside).
 
 ``analyze_task`` and ``hypotheses`` are pure (arrays in, dicts out); ``run_drift`` does the I/O.
@@ -299,6 +300,44 @@ def h1a(correct: dict[str, dict[tuple[str, int], np.ndarray]], margin_points: fl
     }
 
 
+WITHIN_NOISE = "not supported (within seed noise)"
+
+
+def noise_check(summary: dict) -> dict:
+    """Whole-model drift of each method against its seed-vs-seed noise floor, from one task's ``summarize_task``.
+
+    Returns ``{method: {"drift", "floor", "within_floor"}}`` (drift: mean over seeds of 1 - debiased CKA to base,
+    averaged over layers; floor: the same between two seeds of the method, averaged over seed pairs; within_floor:
+    drift <= floor, None without a floor, i.e. with one seed). A drift no larger than the floor is
+    indistinguishable from seed noise: two seeds of the method disagree with each other at least as much as each
+    disagrees with the base model (docs/PROTOCOL.md, H1b)."""
+    out = {}
+    for m, prof in summary["profiles"].items():
+        drift = prof["whole_model_drift"]["mean"]
+        fl = summary["noise_floor"].get(m, {}).get("whole_model_drift")
+        ok = fl is not None and math.isfinite(fl) and math.isfinite(drift)
+        out[m] = {"drift": drift, "floor": fl if ok else None, "within_floor": bool(drift <= fl) if ok else None}
+    return out
+
+
+def _overall_noise(per_task: list[dict]) -> dict:
+    """The same check on drift and floor averaged over tasks (the quantities the overall reduction is made of)."""
+    out = {}
+    for m in ("full", "lora"):
+        rows = [n[m] for n in per_task if m in n]
+        drift = float(np.mean([r["drift"] for r in rows])) if rows else math.nan
+        fls = [r["floor"] for r in rows]
+        fl = float(np.mean(fls)) if rows and all(f is not None for f in fls) else None
+        out[m] = {"drift": drift, "floor": fl, "within_floor": bool(drift <= fl) if fl is not None else None}
+    return out
+
+
+def _floor_decision(rule_decision: str, noise: dict) -> str:
+    """H1b's decision given its test's and the noise floor: a reduction of a full-FT drift that is within seed
+    noise is a ratio of noise, so neither support nor contradiction is drawn from it."""
+    return WITHIN_NOISE if noise.get("full", {}).get("within_floor") else rule_decision
+
+
 def h1b(summaries: dict[str, dict], min_reduction: float, alpha: float) -> dict:
     not_estimable = {t: s["comparison_undefined"] for t, s in summaries.items() if "comparison_undefined" in s}
     tasks = [t for t in summaries if "comparison" in summaries[t]]
@@ -317,7 +356,9 @@ def h1b(summaries: dict[str, dict], min_reduction: float, alpha: float) -> dict:
     for i, t in enumerate(tasks):
         d = per_task[t]
         d["p_holm"], d["p_bonferroni"] = holm["adjusted"][i], bonf["adjusted"][i]
-        d["decision"] = _decide(d["p_holm"], d["ci95"], min_reduction, alpha, higher_is_better=True)
+        d["rule_decision"] = _decide(d["p_holm"], d["ci95"], min_reduction, alpha, higher_is_better=True)
+        d["noise"] = noise_check(summaries[t])
+        d["decision"] = _floor_decision(d["rule_decision"], d["noise"])
     overall = None
     if tasks:
         # overall: reduction of the task-averaged drift; stratified jackknife (examples deleted within their task)
@@ -339,8 +380,11 @@ def h1b(summaries: dict[str, dict], min_reduction: float, alpha: float) -> dict:
         tt = (red - min_reduction) / se if se > 0 else math.copysign(math.inf, red - min_reduction)
         p = float(ss.t.sf(tt, dfree))
         ci = [float(red - tcrit * se), float(red + tcrit * se)]
+        noise = _overall_noise([per_task[t]["noise"] for t in tasks])
+        rule = _decide(p, ci, min_reduction, alpha, True)
         overall = {"estimate": float(red), "ci95": ci, "se": se, "t": float(tt), "p_one_sided": p,
-                   "decision": _decide(p, ci, min_reduction, alpha, True),
+                   "rule_decision": rule, "noise": noise, "decision": _floor_decision(rule, noise),
+                   "tasks_within_noise": [t for t in tasks if per_task[t]["noise"]["full"]["within_floor"]],
                    "method": "stratified delete-one jackknife (examples deleted within their task)"}
     return {
         "hypothesis": f"H1b: LoRA shows at least {min_reduction:.0%} less representation drift than full FT",
@@ -350,7 +394,8 @@ def h1b(summaries: dict[str, dict], min_reduction: float, alpha: float) -> dict:
         "correction": "Holm over the per-task family (Bonferroni also given); the overall test is a separate "
                       "single test",
         "decision_rule": f"supported if the Holm-adjusted one-sided p < {alpha}; contradicted if the whole 95% CI "
-                         f"lies below {min_reduction}; otherwise not supported (inconclusive)",
+                         f"lies below {min_reduction}; otherwise not supported (inconclusive); in every case "
+                         f"'{WITHIN_NOISE}' when full-FT drift is not above its seed-vs-seed noise floor",
         "per_task": per_task, "overall": overall,
         "not_estimable": not_estimable,  # tasks left out of the family, with the reason
     }

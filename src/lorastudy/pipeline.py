@@ -90,21 +90,76 @@ def _run_locked(cfg, only, from_, time_budget, workers, force, console, streams)
     budget = Budget(time_budget)
     phases = [only] if only else list(PHASES[PHASES.index(from_):] if from_ else PHASES)
     log = console.print if console is not None else print
-    summary: dict = {"phases": {}, "out": str(cfg.out)}
+    earlier = _earlier_phases(cfg)
+    summary: dict = {"phases": {}, "out": str(cfg.out), "config_hash": cfg.hash()}
+    recorded: dict = {}  # what run_summary.json keeps per phase: the time of the pass that did the work
     for ph in phases:
         if budget.exhausted():
             summary["stopped"] = f"time budget exhausted before phase {ph}; rerun to continue"
             break
         t0 = time.monotonic()
+        up_to_date = _up_to_date(cfg, ph)
         with Progress(f"phase {ph}", console=console) as prog:
             summary["phases"][ph] = _run_phase(cfg, ph, prog, budget, workers, log, streams)
-        summary["phases"][ph]["seconds"] = round(time.monotonic() - t0, 1)
+        seconds = round(time.monotonic() - t0, 1)
+        if ph == "extract":
+            up_to_date = not summary["phases"][ph].get("extracted")
+        summary["phases"][ph]["seconds"] = seconds
+        recorded[ph] = {**summary["phases"][ph], **_phase_seconds(earlier.get(ph), seconds, up_to_date)}
         if budget.exhausted() and ph != phases[-1]:
+            recorded[ph]["budget_stopped"] = True  # may have work left: the next pass adds its time
             summary["stopped"] = f"time budget exhausted after phase {ph}; rerun to continue"
             break
-    store.atomic_write_json(cfg.out / "run_summary.json", summary)
+    # phases this pass did not run keep their earlier record, so the file describes the whole study
+    phases_all = {ph: recorded.get(ph, earlier.get(ph)) for ph in PHASES if ph in recorded or ph in earlier}
+    store.atomic_write_json(cfg.out / "run_summary.json", {**summary, "phases": phases_all})
     tracking.log_study_artifacts(cfg)  # drift, serving, report: artifacts of the study run (never raises)
     return summary
+
+
+def _earlier_phases(cfg) -> dict:
+    """Phase records of earlier passes over this results directory with this config ({} when none)."""
+    path = cfg.out / "run_summary.json"
+    try:
+        old = store.read_json(path) if path.is_file() else {}
+    except store.StoreError:
+        return {}
+    if not isinstance(old, dict) or old.get("config_hash") != cfg.hash():
+        return {}
+    return {k: v for k, v in (old.get("phases") or {}).items() if isinstance(v, dict)}
+
+
+def _up_to_date(cfg, ph: str) -> bool:
+    """Whether phase ``ph`` finds all its work done before it starts (it will only skip). Drift and the report are
+    recomputed on every pass; extraction is judged from its result (see ``run``)."""
+    if ph in ("sanity", "baselines"):
+        return store.read_current(cfg.out / "phase0" / f"{ph}.json", cfg) is not None
+    if ph == "tune":
+        from lorastudy.tuning import is_done
+
+        return all(is_done(cfg, t, m) for t in cfg.tasks for m in cfg.methods)
+    if ph == "train":
+        return all(store.is_complete(store.run_dir(cfg.out, t, m, s)) for t, m, s in production_units(cfg))
+    if ph == "serve":
+        path = cfg.out / "phase4" / "deployment" / "benchmark_results.json"
+        if not path.is_file():
+            return False
+        old = store.read_json(path)
+        return old.get("config_hash") == cfg.hash() and old.get("synthetic_arch") == cfg.serve.synthetic_arch
+    return False
+
+
+def _phase_seconds(earlier: dict | None, seconds: float, up_to_date: bool) -> dict:
+    """The wall time to record for a phase: that of the pass that did its work. A pass that found the phase done
+    keeps the earlier pass's time (not its own near-zero skip time); a pass that continued a phase an earlier pass
+    left unfinished (time budget) adds its time to the earlier one."""
+    if earlier is None or "seconds" not in earlier:
+        return {"seconds": seconds, **({"skipped_this_pass": True} if up_to_date else {})}
+    if up_to_date:
+        return {"seconds": earlier["seconds"], "this_pass_seconds": seconds, "skipped_this_pass": True}
+    if earlier.get("budget_stopped"):
+        return {"seconds": round(earlier["seconds"] + seconds, 1), "this_pass_seconds": seconds}
+    return {"seconds": seconds}
 
 
 def _run_phase(cfg, ph: str, prog, budget: Budget, workers: int, log, streams: int = 1) -> dict:

@@ -1,8 +1,10 @@
 """ANALYSIS_REPORT.md (and .html with the figures embedded), generated from the artifacts only.
 
 Every number in the report comes from a JSON artifact through ``collect`` and the template; nothing is typed by
-hand. ``check_report`` re-reads the artifacts, renders again and fails on any line that differs (a tampered or stale
-number)."""
+hand. The configuration is the one recorded with the results (``config.yaml``, hash from ``manifest.json``), not one
+re-resolved from the command line, and the data is shown by its identity (``manifest.json`` "data"), never by a
+path, so the report reads the same wherever the results directory lies. ``check_report`` re-reads the artifacts,
+renders both files again and fails on any line of either that differs (a tampered or stale number)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import jinja2
 import numpy as np
 
 from lorastudy import store
+from lorastudy.config import StudyConfig, load_config
+from lorastudy.report import evidence
 
 REPORT = "ANALYSIS_REPORT.md"
 
@@ -34,12 +38,80 @@ def _ms(values) -> dict:
         else None
 
 
+def recorded_config(out: Path, fallback: StudyConfig | None = None) -> StudyConfig:
+    """The configuration recorded with the results in ``out`` (``out/config.yaml``, written by ``run`` and every
+    phase command), with ``output_dir`` pointing at ``out`` (the directory may have moved). Without a recorded
+    config: ``fallback`` (a results directory no phase has written to yet).
+
+    Raises ``StoreError`` when there is neither, ``ConfigError`` when the recorded file is not a valid config."""
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        if fallback is not None:
+            return fallback
+        raise store.StoreError(f"{out}: no config.yaml; not a results directory (run `lorastudy run` first)")
+    rec = load_config(path)
+    return rec.model_copy(update={"output_dir": str(out).replace("{", "{{").replace("}", "}}")})
+
+
+def config_differences(given: StudyConfig, recorded: StudyConfig) -> list[str]:
+    """Dotted keys whose values differ between two configs (``output_dir`` excluded), as 'key: given X, recorded
+    Y' lines."""
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(given.resolved())), dict(flat(recorded.resolved()))
+    return [f"{k}: given {a.get(k)!r}, recorded {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k != "output_dir" and a.get(k) != b.get(k)]
+
+
+def data_identity(man: dict, cfg: StudyConfig, runs: list[dict]) -> dict:
+    """Per task: where the data came from (kind, not path), rows per split, file checksums.
+
+    From ``manifest.json`` "data" (``lorastudy.data.data_identity``: per task the source kind, the files with
+    their sha256 and the rows per split) when the results recorded it; otherwise the kind from the recorded config
+    and the split sizes the phase-2 runs recorded, with ``recorded: False``."""
+    rec = man.get("data") if isinstance(man.get("data"), dict) else None
+    tasks = {}
+    for t in cfg.tasks:
+        d = (rec or {}).get(t) if isinstance((rec or {}).get(t), dict) else None
+        if d is not None:
+            files = d.get("files") or []
+            if isinstance(files, dict):
+                files = [{"name": (v or {}).get("name", k) if isinstance(v, dict) else k,
+                          "sha256": v if isinstance(v, str) else (v or {}).get("sha256")}
+                         for k, v in files.items()]
+            named = []
+            for f in files:
+                if isinstance(f, dict):
+                    name = f.get("name") or f.get("file") or f.get("path") or "?"
+                    named.append({"name": Path(str(name)).name, "sha256": f.get("sha256")})
+            rows = d.get("rows") or d.get("row_counts") or {}
+            kind = d.get("source") or d.get("kind") or d.get("source_kind")
+            tasks[t] = {"kind": str(kind) if kind is not None else "n/a", "files": named,
+                        "rows": {k: v for k, v in rows.items()} if isinstance(rows, dict) else {}}
+        else:
+            mt = next((r for r in runs if r["task"] == t and not r.get("failed")), None)
+            rows = {} if mt is None else {k: mt[f"n_{k}"] for k in ("train", "validation", "test")
+                                          if mt.get(f"n_{k}") is not None}
+            tasks[t] = {"kind": _source_kind(cfg.data.source), "files": [], "rows": rows}
+    return {"recorded": rec is not None, "tasks": tasks}
+
+
+def _source_kind(source: str) -> str:
+    return "Hugging Face hub (nyu-mll/glue)" if source == "hub" else "a local GLUE directory"
+
+
 def collect(cfg) -> dict:
-    """Everything the report shows, read from the artifacts."""
+    """Everything the report shows, read from the artifacts in ``cfg.out`` with the config recorded there."""
+    cfg = recorded_config(cfg.out, fallback=cfg)
     out = cfg.out
-    ctx: dict = {"cfg": cfg.resolved(), "name": cfg.name, "config_hash": cfg.hash(), "out": str(out),
-                 "tasks": cfg.tasks, "methods": cfg.methods, "seeds": cfg.seeds}
     man = _read(out / "manifest.json") or {}
+    ctx: dict = {"cfg": cfg.resolved(), "name": cfg.name, "config_hash": man.get("config_hash", cfg.hash()),
+                 "tasks": cfg.tasks, "methods": cfg.methods, "seeds": cfg.seeds}
     ctx["code"] = man.get("code", store.code_version())
     ctx["sanity"] = (_read(out / "phase0" / "sanity.json") or {}).get("results")
     ctx["baselines"] = (_read(out / "phase0" / "baselines.json") or {}).get("results")
@@ -60,6 +132,7 @@ def collect(cfg) -> dict:
                                  "test_metrics": test, "primary": prim, "test_primary": test.get(prim),
                                  "val_primary": mt["validation"].get(prim),
                                  "collapsed": mt["collapsed"],
+                                 **{f"n_{k}": mt.get(f"n_{k}") for k in ("train", "validation", "test")},
                                  "majority": mt.get("majority_baseline", {}).get(prim, mt["majority_accuracy"]),
                                  "best_step": mt["best_step"], "steps": mt["steps"],
                                  "train_time_s": mt["train_time_s"], "trainable_params": mt["trainable_params"],
@@ -83,9 +156,10 @@ def collect(cfg) -> dict:
     ctx["figures"] = {p.stem: str(p.relative_to(out)) for p in sorted(out.glob("phase4/*/*.png"))}
     ctx["real_model"] = cfg.model.source
     ctx["paper_model"] = "TinyLlama/TinyLlama_v1.1"
-    ctx["data_source"] = cfg.data_source()
+    ctx["data"] = data_identity(man, cfg, runs)
     ctx["limits"] = {"train": cfg.data.train_limit, "test": cfg.data.test_limit}
     ctx["serve_best"] = _serve_summary(ctx["serve"], ctx["overhead"])
+    ctx["ev"] = evidence.assess(cfg, runs, ctx["drift"], ctx["hyp"], ctx["overhead"])
     return ctx
 
 
@@ -148,12 +222,15 @@ def _html(md_text: str, root: Path) -> str:
     body = re.sub(r'src="([^"]+\.png)"', embed, body)
     style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}"
              "table{border-collapse:collapse;font-size:0.9em}td,th{border:1px solid #ccc;padding:3px 7px}"
-             "img{max-width:100%}code{background:#f4f4f4}")
+             "img{max-width:100%}code{background:#f4f4f4}"
+             "blockquote{border-left:4px solid #c0392b;background:#fdf2f2;margin:1em 0;padding:0.2em 1em}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>lorastudy report</title><style>{style}</style>" \
            f"</head><body>{body}</body></html>\n"
 
 
 def build_report(cfg) -> Path:
+    """Write ``ANALYSIS_REPORT.md`` and ``ANALYSIS_REPORT.html`` (figures embedded) into ``cfg.out``; returns the
+    Markdown path."""
     text = render(cfg)
     path = cfg.out / REPORT
     store.atomic_write_text(path, text)
@@ -161,15 +238,26 @@ def build_report(cfg) -> Path:
     return path
 
 
+def _clip(line: str, width: int = 160) -> str:
+    # HTML lines carry whole base64 figures: show where they differ, not megabytes
+    return line if len(line) <= width else f"{line[:width]}… ({len(line)} characters)"
+
+
 def check_report(cfg) -> list[str]:
-    """Lines of the report on disk that disagree with the artifacts (empty list: consistent)."""
+    """Lines of the report files on disk (Markdown and HTML) that disagree with a fresh rendering from the
+    artifacts, each prefixed with its file's name; an empty list means both are consistent.
+
+    Raises ``ReportCheckError`` when a report file is missing."""
     path = cfg.out / REPORT
-    if not path.is_file():
-        raise ReportCheckError(f"{path} does not exist; run `lorastudy report` first")
-    have = path.read_text().splitlines()
-    want = render(cfg).splitlines()
+    html = path.with_suffix(".html")
+    for p in (path, html):
+        if not p.is_file():
+            raise ReportCheckError(f"{p} does not exist; run `lorastudy report` first")
+    want_md = render(cfg)
     bad = []
-    for line in difflib.unified_diff(want, have, "from artifacts", str(path), lineterm="", n=0):
-        if line.startswith(("+", "-")) and not line.startswith(("+++", "---")):
-            bad.append(line)
+    for p, want in ((path, want_md), (html, _html(want_md, cfg.out))):
+        have = p.read_text().splitlines()
+        for line in difflib.unified_diff(want.splitlines(), have, "from artifacts", p.name, lineterm="", n=0):
+            if line.startswith(("+", "-")) and not line.startswith(("+++", "---")):
+                bad.append(f"{p.name}: {_clip(line)}")
     return bad

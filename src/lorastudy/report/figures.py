@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import matplotlib
 
@@ -10,8 +13,28 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+P = ParamSpec("P")
+R = TypeVar("R")
 COLORS = {"full": "#c0392b", "lora": "#2874a6", "merged": "#7f8c8d", "peft": "#d68910", "batched": "#1e8449",
           "vllm": "#8e44ad"}
+
+
+# Our figures draw under an explicit style: matplotlib's defaults plus these. Without it they inherit whatever the
+# process set globally: Optuna's plotting calls plt.style.use("ggplot") (grey panels, white grid lines across the
+# heatmap) when `run` tunes before it draws.
+STYLE = {"axes.grid": False, "figure.facecolor": "white", "axes.facecolor": "white", "savefig.facecolor": "white",
+         "font.size": 9, "axes.titlesize": 10, "figure.titlesize": 11, "legend.fontsize": 7}
+
+
+def styled(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run a figure function under ``plt.style.context(["default", STYLE])`` (restored afterwards)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a: P.args, **kw: P.kwargs) -> R:
+        with plt.style.context(["default", STYLE]):
+            return fn(*a, **kw)
+
+    return wrapper
 
 
 def save(fig, path: Path) -> list[str]:
@@ -29,81 +52,119 @@ def _stars(p: float | None) -> str:
     return "***" if p < 0.001 else "**" if p < 0.01 else "*" if p < 0.05 else "n.s."
 
 
+def _signed_pct(x: float) -> str:
+    """'+56%' / '−118%' (a true minus sign; never a sign typed in front of a formatted negative number)."""
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:+.0%}".replace("-", "\u2212")
+
+
+def _layer_ticks(ax, names: list[str], axis: str = "x") -> None:
+    """Tick labels = layer names, at most ~12 of them (embeddings, layerN, final_norm)."""
+    step = max(1, len(names) // 12)
+    idx = list(range(0, len(names), step))
+    if idx[-1] != len(names) - 1:  # always label the last layer, in place of the grid tick beside it (no overlap)
+        idx[-1:] = [len(names) - 1] if len(idx) > 1 else [idx[-1], len(names) - 1]
+    if axis == "x":
+        ax.set_xticks(idx, [names[i] for i in idx], rotation=45, ha="right")
+    else:
+        ax.set_yticks(idx, [names[i] for i in idx])
+
+
+@styled
 def drift_figures(results: dict, hyp: dict, outdir: Path) -> list[str]:
+    """The RQ1 figures from drift_analysis_results.json and hypothesis_test_results.json, one panel per task with
+    its own scale (a task whose drift is 100x another's would otherwise be a flat line on a shared axis):
+    drift_heatmap, drift_profiles, cka_vs_cosine, lora_vs_full (PNG + PDF in ``outdir``); returns the paths."""
     tasks = list(results["tasks"])
     files = []
-    # 1. heatmap: drift by layer x (task, method)
-    rows, labels = [], []
-    for t in tasks:
-        for m, prof in results["tasks"][t]["profiles"].items():
-            rows.append(prof["drift"]["mean"])
-            labels.append(f"{t} / {m}")
+    per = hyp.get("H1b", {}).get("per_task", {})
+    # 1. heatmap: drift by layer x method, one row of panels per task, each with its own colour scale
     names = results["tasks"][tasks[0]]["layer_names"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names) + 2), 0.45 * len(rows) + 1.5))
-    im = ax.imshow(np.array(rows), aspect="auto", cmap="magma_r", vmin=0)
-    ax.set_yticks(range(len(labels)), labels)
-    step = max(1, len(names) // 12)
-    ax.set_xticks(range(0, len(names), step), [names[i] for i in range(0, len(names), step)], rotation=45,
-                  ha="right")
-    fig.colorbar(im, ax=ax, label="drift = 1 − debiased CKA to base")
-    ax.set_title("Representation drift by layer (mean over seeds, last-token pooling)")
+    fig, axes = plt.subplots(len(tasks), 1, figsize=(max(6, 0.28 * len(names) + 2.5), 1.3 * len(tasks) + 1.2),
+                             squeeze=False, layout="constrained")
+    for j, t in enumerate(tasks):
+        ax = axes[j, 0]
+        r = results["tasks"][t]
+        methods = list(r["profiles"])
+        data = np.array([r["profiles"][m]["drift"]["mean"] for m in methods], dtype=float)
+        finite = data[np.isfinite(data)]
+        im = ax.imshow(data, aspect="auto", cmap="magma_r", vmin=min(0.0, float(finite.min()) if finite.size else 0),
+                       vmax=float(finite.max()) if finite.size and finite.max() > 0 else None, interpolation="nearest")
+        ax.set_yticks(range(len(methods)), [f"{t} / {m}" for m in methods])
+        if j == len(tasks) - 1:
+            _layer_ticks(ax, r["layer_names"])
+        else:
+            ax.set_xticks([])
+        fig.colorbar(im, ax=ax, label="1 − debiased CKA", fraction=0.04, pad=0.01)
+    fig.suptitle("Representation drift by layer (mean over seeds, last-token pooling; colour scale per task)")
     files += save(fig, outdir / "drift_heatmap")
 
     # 2. profiles with seed bands and the noise floor; 4. cosine beside CKA
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False, sharey=True)
-    fig2, axes2 = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.9), squeeze=False, layout="constrained")
+    fig2, axes2 = plt.subplots(1, len(tasks), figsize=(4.6 * len(tasks), 3.9), squeeze=False, layout="constrained")
     for j, t in enumerate(tasks):
         r = results["tasks"][t]
         x = np.arange(len(r["layer_names"]))
         ax, ax2 = axes[0, j], axes2[0, j]
         for m, prof in r["profiles"].items():
-            mu, sd = np.array(prof["drift"]["mean"]), np.array(prof["drift"]["std"])
-            ax.plot(x, mu, color=COLORS.get(m), label=f"{m} vs base")
+            mu, sd = np.array(prof["drift"]["mean"], float), np.array(prof["drift"]["std"], float)
+            ax.plot(x, mu, color=COLORS.get(m), marker=".", label=f"{m} vs base")
             ax.fill_between(x, mu - sd, mu + sd, color=COLORS.get(m), alpha=0.2)
             if m in r["noise_floor"]:
                 ax.plot(x, r["noise_floor"][m]["drift_mean"], color=COLORS.get(m), ls="--", lw=1,
                         label=f"{m} seed vs seed")
             ax2.plot(x, mu, color=COLORS.get(m), label=f"{m}: 1 − CKA (debiased)")
-            ax2.plot(x, 1 - np.array(prof["cos_std"]["mean"]), color=COLORS.get(m), ls=":",
+            ax2.plot(x, 1 - np.array(prof["cos_std"]["mean"], float), color=COLORS.get(m), ls=":",
                      label=f"{m}: 1 − cosine (standardized)")
-            ax2.plot(x, 1 - np.array(prof["cos_raw"]["mean"]), color=COLORS.get(m), ls="-.", lw=0.8,
+            ax2.plot(x, 1 - np.array(prof["cos_raw"]["mean"], float), color=COLORS.get(m), ls="-.", lw=0.8,
                      label=f"{m}: 1 − cosine (raw)")
         for a_ in (ax, ax2):
             a_.set_title(t)
-            a_.set_xlabel("layer (0 = embeddings, last = final norm)")
-        ax.set_ylabel("drift")
-    axes[0, 0].legend(fontsize=7)
+            _layer_ticks(a_, r["layer_names"])
+        ax.set_ylabel("drift (1 − debiased CKA to base)")
+        ax2.set_ylabel("1 − similarity to base")
+    axes[0, 0].legend()
     axes2[0, 0].legend(fontsize=6)
-    fig.suptitle("Drift profile: mean ± std over seeds; dashed = seed-vs-seed noise floor")
-    fig2.suptitle("CKA drift beside cosine drift")
+    fig.suptitle("Drift profile: mean ± std over seeds; dashed = seed-vs-seed noise floor (y scale per task)")
+    fig2.suptitle("CKA drift beside cosine drift (y scale per task)")
     files += save(fig, outdir / "drift_profiles")
     files += save(fig2, outdir / "cka_vs_cosine")
 
-    # 3. LoRA vs full FT, whole-model drift with significance markers
-    per = hyp.get("H1b", {}).get("per_task", {})
-    fig, ax = plt.subplots(figsize=(1.8 * len(tasks) + 2, 3.6))
-    w = 0.38
+    # 3. LoRA vs full FT, whole-model drift per seed, the noise floors and the H1b decision, one panel per task
+    fig, axes = plt.subplots(1, len(tasks), figsize=(2.6 * len(tasks) + 1.2, 3.6), squeeze=False,
+                             layout="constrained")
     for j, t in enumerate(tasks):
+        ax = axes[0, j]
+        r = results["tasks"][t]
         for k, m in enumerate(("full", "lora")):
-            prof = results["tasks"][t]["profiles"].get(m)
+            prof = r["profiles"].get(m)
             if prof is None:
                 continue
             wm = prof["whole_model_drift"]
-            ax.bar(j + (k - 0.5) * w, wm["mean"], w, yerr=wm["std"], color=COLORS[m], capsize=3,
-                   label=m if j == 0 else None)
-            ax.scatter([j + (k - 0.5) * w] * len(wm["per_seed"]), wm["per_seed"], color="k", s=8, zorder=3)
+            ax.bar(k, wm["mean"], 0.6, yerr=wm["std"], color=COLORS[m], capsize=3, label=m)
+            ax.scatter([k] * len(wm["per_seed"]), wm["per_seed"], color="k", s=8, zorder=3,
+                       label="per seed" if k == 0 else None)
+            if m in r["noise_floor"]:
+                ax.hlines(r["noise_floor"][m]["whole_model_drift"], k - 0.4, k + 0.4, color=COLORS[m], ls="--",
+                          lw=1.2, label="seed-vs-seed floor" if k == 0 else None)
+        ax.set_xticks(range(2), ["full", "lora"])
+        ax.set_xlim(-0.6, 1.6)
+        ax.margins(y=0.25)
         if t in per:
-            top = max(results["tasks"][t]["profiles"][m]["whole_model_drift"]["mean"] for m in ("full", "lora"))
-            ax.text(j, top * 1.08 + 1e-3, f"−{per[t]['estimate']:.0%} {_stars(per[t]['p_holm'])}", ha="center",
-                    fontsize=8)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set_ylabel("whole-model drift (1 − debiased CKA)")
-    ax.set_title("LoRA vs full FT (reduction; H1b Holm-adjusted one-sided p vs 20%)", fontsize=9)
-    ax.legend()
+            d = per[t]
+            ax.set_title(f"{t}: reduction {_signed_pct(d['estimate'])} {_stars(d.get('p_holm'))}\n"
+                         f"H1b: {d.get('decision', 'n/a')}", fontsize=8)
+        else:
+            ax.set_title(t, fontsize=8)
+        if j == 0:
+            ax.set_ylabel("whole-model drift (1 − debiased CKA)")
+    axes[0, 0].legend(fontsize=6, loc="upper right")
+    fig.suptitle("LoRA vs full FT: bars = mean ± std over seeds, dots = seeds, dashed = noise floor; "
+                 "stars: H1b Holm-adjusted one-sided p vs the 20% bound (seeds fixed)", fontsize=8)
     files += save(fig, outdir / "lora_vs_full")
     return files
 
 
+@styled
 def serving_figures(res: dict, ov: dict, outdir: Path) -> list[str]:
     recs = res["records"]
     files = []
