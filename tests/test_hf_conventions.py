@@ -65,7 +65,7 @@ def _as_a_user(cfg, methods, tmp_path) -> dict:
 
     task = cfg.tasks[0]
     spec, splits, tok = cfg.task(task), D.splits_for(cfg, task), load_tokenizer(cfg.model)
-    enc = D.encode(tok, splits.test, spec, cfg.data.max_length)
+    enc = D.encode(tok, splits.test, spec, cfg.data)
     texts = splits.test[spec.text_fields[0]].tolist()[:5]
     job = {"runs": [{"method": m, "dir": str(store.run_dir(cfg.out, task, m, 42)), "input_ids": enc.input_ids,
                      "texts": texts} for m in methods]}

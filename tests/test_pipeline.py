@@ -48,13 +48,13 @@ def study_glue(out: Path) -> str:
 #   .venv/bin/python -m pytest -q tests/test_pipeline.py -k tiny_end_to_end --regen-expected
 # which prints the new dict (the test then fails, so nothing passes unreviewed); paste it here.
 EXPECTED = {
-    "phase2/rte/lora/seed42 test accuracy": 0.5625,
-    "phase2/rte/lora/seed42 best validation loss": 0.7087371349334717,
+    "phase2/rte/lora/seed42 test accuracy": 0.5208333333333334,
+    "phase2/rte/lora/seed42 best validation loss": 0.7053002715110779,
     "phase2/mrpc/full/seed1337 test accuracy": 0.6875,
     "phase2/mrpc/full/seed1337 best validation loss": 0.6389468908309937,
-    "phase1/sst2_lora best value": 0.4375,
+    "phase1/sst2_lora best value": 0.59375,
     "phase0 sst2 majority accuracy": 0.5,
-    "phase4 rte lora whole-model drift": 0.00017117977924077654,
+    "phase4 rte lora whole-model drift": 0.0004949486599584718,
 }
 
 

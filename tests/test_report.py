@@ -15,6 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from lorastudy import store
 from lorastudy.cli import app
 from lorastudy.config import load_config
 from lorastudy.report import build, figures
@@ -125,11 +126,19 @@ def _protocol_size(monkeypatch):
     monkeypatch.setattr(evidence, "protocol_shortfalls", lambda cfg: [])
 
 
+def _rewrite_metrics(f: Path, **changes) -> None:
+    """Edit a finished run's metrics.json and re-list it in the unit's COMPLETE marker (as a finished run with
+    these metrics would have it; otherwise the report rightly refuses the unit as damaged)."""
+    m = json.loads(f.read_text())
+    m.update(changes)
+    f.write_text(json.dumps(m))
+    marker = f.parent / store.COMPLETE
+    (marker).write_text(json.dumps({**json.loads(marker.read_text()), "files": store._inventory(f.parent)}))
+
+
 def _set_collapsed(out: Path, collapsed: bool) -> None:
     for f in out.glob("phase2/rte/*/seed*/metrics.json"):
-        m = json.loads(f.read_text())
-        m["collapsed"] = collapsed
-        f.write_text(json.dumps(m))
+        _rewrite_metrics(f, collapsed=collapsed)
 
 
 def _html_items(md_section: str) -> int:
@@ -140,9 +149,7 @@ def _html_items(md_section: str) -> int:
 
 def test_collapsed_task_is_named_and_no_recommendation_rests_on_it(copy, monkeypatch):
     _protocol_size(monkeypatch)
-    m = json.loads((copy / "phase2/rte/lora/seed42/metrics.json").read_text())
-    m["collapsed"] = True
-    (copy / "phase2/rte/lora/seed42/metrics.json").write_text(json.dumps(m))
+    _rewrite_metrics(copy / "phase2/rte/lora/seed42/metrics.json", collapsed=True)
     text = build.render(build.recorded_config(copy))
     summary = _section(text, "Executive summary")
     assert "Smoke-size" not in summary

@@ -185,7 +185,7 @@ def test_static_train_run_with_levers_equals_without(tiny_cfg):
     cfg = load_config(REPO / "configs" / "tiny.yaml", base)
     cfg_levers = load_config(REPO / "configs" / "tiny.yaml",
                              base + ["train.step_levers=[bf16_weights,flat_optimizer,lora_fused,fused_projections]"])
-    hp = HParams.from_config(cfg, "lora", {"epochs": 2, "lr": 2e-2, "batch_size": 6, "lora_dropout": 0.1})
+    hp = HParams.from_config(cfg, "lora", {"epochs": 3, "lr": 2e-2, "batch_size": 6, "lora_dropout": 0.1})
     plain, fast = train_run(cfg, "rte", "lora", 0, hp), train_run(cfg_levers, "rte", "lora", 0, hp)
     assert plain["best_step"] < plain["steps"]  # the best weights are restored before the test split
     assert fast["step_levers"] == ["bf16_weights", "flat_optimizer", "fused_projections", "lora_fused"]

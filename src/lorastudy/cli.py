@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import rich.markup
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -44,7 +45,8 @@ def _handle_errors(fn):
         try:
             return fn(*a, **kw)
         except (ConfigError, DataError, ModelError, StoreError) as e:
-            console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+            # the message is text, not markup: "[errno 28]" or a path with brackets must print as written
+            console.print(f"[bold red]error:[/] {rich.markup.escape(str(e))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM where a command turns it into one (tune)
             _exit_interrupted()

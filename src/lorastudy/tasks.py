@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
 
 
 class TaskSpec(BaseModel):
@@ -20,7 +20,8 @@ class TaskSpec(BaseModel):
     # GLUE TSV layout: file names and the columns holding text and label (header names)
     tsv_train: str = "train.tsv"
     tsv_test: str = "dev.tsv"
-    tsv_columns: dict[str, str | int] = Field(default_factory=dict)  # our field -> TSV header; identity when absent
+    # our field -> TSV header; identity when absent
+    tsv_columns: dict[str, str | NonNegativeInt] = Field(default_factory=dict)
     # headerless TSVs (e.g. CoLA's): tsv_header false, and tsv_columns maps every text field and "label" to a
     # 0-based column index
     tsv_header: bool = True
