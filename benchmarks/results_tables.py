@@ -172,6 +172,32 @@ def study_time() -> list[str]:
                 f"against the 25-minute target for everything ({t['seconds_at_tuning_run_rate'] / 1500:.1f}x over); "
                 f"even at the best measured concurrency without evaluation it takes "
                 f"{t['seconds_fast_best_concurrency'] / 60:.0f} min."]
+    f = d.get("fused")
+    if f:
+        sh = f["shape"]
+        out += ["", f"With fused training (`{f['rates_from']}`, all runs assumed at batch {sh['batch_size']} x "
+                f"{sh['seq_len']} tokens; phase 2 planned with the phase-1 best of `{f['best_hparams_from']}`): each "
+                "group's time is the larger of its throughput bound and its critical path (longest chain of "
+                "sequential steps x the group's step time).", "",
+                "| phase | group | slots | run-steps | run-steps/s | throughput min | longest chain (steps) | chain min |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in f["rows"]:
+            out.append(f"| {r['phase']} | {r['group']} | {r['slots']} | {r['run_steps']:,.0f} | "
+                       f"{r['run_steps_per_s']:.0f} | {r['throughput_s'] / 60:.1f} | {r['longest_trial_steps']:,} | "
+                       f"{r['critical_path_s'] / 60:.1f} |")
+        out += ["", f"Phase 1 ~ {f['tune_s'] / 60:.1f} min, phase 2 ~ {f['train_s'] / 60:.1f} min: "
+                f"{f['total_training_s'] / 60:.1f} min of training (not included: early stopping, evaluation passes, "
+                "graph captures, model set-up, phases 0 and 3-4)."]
+    cp = d.get("critical_path")
+    if cp:
+        out += ["", f"Critical path per task and method (longest tuning trial + one phase-2 run, sequential steps at "
+                f"a lone run's latency from `{d.get('levers_from')}`, without and with all step levers):", "",
+                "| task | method | tuning chain steps | phase-2 steps | phase-2 batch | ms/step none | ms/step all | "
+                "min none | min all |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in cp["rows"]:
+            out.append(f"| {r['task']} | {r['method']} | {r['tune_chain_steps']:,} | {r['phase2_steps']:,} | "
+                       f"{r['phase2_batch']} | {r['ms_per_step_none']:.2f} | {r['ms_per_step_all']:.2f} | "
+                       f"{r['chain_min_none']:.1f} | {r['chain_min_all']:.1f} |")
     return out + [""]
 
 
@@ -252,6 +278,12 @@ def tuning_partial() -> list[str]:
 # (file stem, what, command); the newest first. v3's code is commit 204de1f (the device copy's git metadata lagged a
 # commit, so the JSON's code_version says 0a71e5c + uncommitted changes).
 SERVE_RUNS = [
+    ("serve_tinyllama_vllm_h200", "v3 + vLLM 0.26.0: (merged-vllm, and base + 3 adapters in vLLM), three adapters",
+     "source /tmp/lorastudy/env.sh && source /tmp/vllm/env.sh && ARCHS=\"smollm2 tinyllama\" T_ARCH=245 bash "
+     "benchmarks/gpu/vllm.sh"),
+    ("serve_smollm2_vllm_h200", "v3 + vLLM 0.26.0: (merged-vllm, and base + 3 adapters in vLLM), three adapters",
+     "source /tmp/lorastudy/env.sh && source /tmp/vllm/env.sh && ARCHS=\"smollm2 tinyllama\" T_ARCH=245 bash "
+     "benchmarks/gpu/vllm.sh"),
     ("serve_tinyllama_h200", "v3 (current): fused q/k/v and gate/up projections and fused RMSNorm for merged and "
      "batched alike; LoRA as one shrink bmm and one in-place expand per projection group",
      "PARTS=bench ARCHS=tinyllama EAGER_REQUESTS=50 bash benchmarks/gpu/serve.sh"),
@@ -353,6 +385,22 @@ def serving_run(stem: str, what: str, cmd: str) -> list[str]:
             out.append(f"| {r['engine']} | {r['reference']} | {r['n_adapters']} | {r['batch_size']} | "
                        f"{100 * r['overhead']:.1f}% | [{100 * r['ci95'][0]:.1f}%, {100 * r['ci95'][1]:.1f}%] |")
         out += ["", f"H2 ({o['H2']['hypothesis']}): {o['H2']['decision']} — {o['H2']['decision_rule']}."]
+        if o.get("H2_vllm"):
+            h = o["H2_vllm"]
+            out += ["", f"H2 in vLLM ({h['engine']} vs {h['reference']}, {h['n_adapters']} adapters): "
+                    f"{h['decision']}; per batch size: " + ", ".join(
+                        f"b={r['batch_size']} {100 * r['overhead']:.1f}% [{100 * r['ci95'][0]:.1f}%, "
+                        f"{100 * r['ci95'][1]:.1f}%] {r['decision']}" for r in h["per_batch_size"]) + "."]
+        for r in o.get("vllm_vs_batched", []):
+            out.append(f"\nvLLM vs our batched engine, b={r['batch_size']}: {r['vllm_ms']:.2f} vs "
+                       f"{r['batched_ms']:.2f} ms ({r['vllm_over_batched']:.2f}x slower, 95% CI "
+                       f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]).")
+    if d.get("vllm_parity"):
+        p, v = d["vllm_parity"], d.get("vllm", {})
+        out += ["", f"vLLM {v.get('version', '')} ({v.get('heads_reason', '')}): parity against {p['reference']} on "
+                f"{p['rows']} rows: max |probability difference| vllm {p['max_abs_prob_diff']:.2e}, merged-vllm "
+                f"{p['merged_vllm_max_abs_prob_diff']:.2e}; tolerance {p['tolerance']:.2e} ({p['rule']}): "
+                f"{'PASS' if p['pass'] else 'FAIL'}."]
     if d.get("mixed_traffic"):
         graphs = d["mixed_traffic"][0].get("cuda_graphs", False)
         out += ["", "Mixed traffic (random stream over the tasks; "
@@ -402,7 +450,7 @@ def fused() -> list[str]:
         peak, opt = r.get("peak_memory_bytes"), r.get("optimizer_ms")
         cells = [r["kind"], r["method"], r["n"], r["batch_size"], r.get("seq_len", "real"),
                  f"{r.get('lora_dropout', 0.0):g}", f"{ms:.2f}" if ms else "-",
-                 f"{rate:.0f}" if rate else r.get("error", "-"), f"{rate / base:.1f}x" if rate and base else "-",
+                 f"{rate:.0f}" if rate else r.get("error", "-").split(". GPU ")[0], f"{rate / base:.1f}x" if rate and base else "-",
                  f"{opt:.2f}" if opt else "-", r.get("kernels_per_step", "-"), f"{peak / 2**30:.1f}" if peak else "-"]
         out.append("| " + " | ".join(map(str, cells)) + " |")
     for t in f.get("trajectory", []):

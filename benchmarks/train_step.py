@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import math
 import os
@@ -444,6 +445,7 @@ def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, ste
     res = {"kind": "stepper", "method": method, "n": n, "batch_size": bs, "seq_len": seq, "lora_dropout": dropout}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    fm = st = None
     try:
         fm = FusedModel(cfg, method, 2, n, device, amp)
         st = FusedStepper(fm, bs, 0.3, 32, cuda_graph=device.type == "cuda", dropout=dropout > 0)
@@ -463,11 +465,13 @@ def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, ste
             math.prod(shape) for _, _, shape in fm.bank.offsets.values()))
         if device.type == "cuda" and profile:
             res["kernels_per_step"] = fused_kernels(st, host, labels, weights, lrs, decays, device)
-        st.close()
     except torch.cuda.OutOfMemoryError as e:
         res["error"] = f"out of memory: {str(e)[:200]}"
     finally:
+        if st is not None:
+            st.close()  # on the error path too: captured graphs keep their memory pools until closed
         fm = st = None  # noqa: F841
+        gc.collect()  # the OOM's traceback frames held the half-built bank: the next point ran out of memory
         release([], device)
     res["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     print(f"fused  {method:4s} N={n:<3d} b={bs} s={seq:<3d} dropout={dropout:.2f} "
@@ -622,7 +626,14 @@ def fused_part(a, device, save) -> dict:
                                                          dropout=0.1))
                 save(out)
         for n in a.fused_group_n:
-            out["group"].append(fused_group_point(cfg, method, n, a.fused_batch_sizes[0], device, steps, warm, init))
+            try:
+                point = fused_group_point(cfg, method, n, a.fused_batch_sizes[0], device, steps, warm, init)
+            except torch.cuda.OutOfMemoryError as e:  # recorded; the later points still run
+                point = {"kind": "group", "method": method, "n": n, "batch_size": a.fused_batch_sizes[0],
+                         "error": f"out of memory: {str(e)[:200]}"}
+                gc.collect()
+                release([], device)
+            out["group"].append(point)
             save(out)
         if a.fused_streams and device.type == "cuda":
             w = worker_scaling([a.fused_streams], method, a.worker_seconds, modes=("streams",), eager=False)

@@ -200,6 +200,8 @@ def _wait_for(p, cfg, ready, poll: float, timeout: float = 240) -> None:
         if ready(states):
             return
         assert p.poll() is None, "tune finished before it could be interrupted"
+    # a silent return here made the later assertions fail with a misleading message on a slow machine
+    pytest.fail(f"the tune process did not reach the state to interrupt within {timeout:.0f} s")
 
 
 def test_sigkill_mid_tune_then_rerun_finishes_only_missing_trials(tiny_cfg, storage):
