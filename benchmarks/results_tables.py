@@ -179,7 +179,8 @@ def study_time() -> list[str]:
                 f"{sh['seq_len']} tokens; phase 2 planned with the phase-1 best of `{f['best_hparams_from']}`): each "
                 "group's time is the larger of its throughput bound and its critical path (longest chain of "
                 "sequential steps x the group's step time).", "",
-                "| phase | group | slots | run-steps | run-steps/s | throughput min | longest chain (steps) | chain min |",
+                "| phase | group | slots | run-steps | run-steps/s | throughput min | longest chain (steps) | "
+                "chain min |",
                 "|---|---|---|---|---|---|---|---|"]
         for r in f["rows"]:
             out.append(f"| {r['phase']} | {r['group']} | {r['slots']} | {r['run_steps']:,.0f} | "
@@ -450,7 +451,8 @@ def fused() -> list[str]:
         peak, opt = r.get("peak_memory_bytes"), r.get("optimizer_ms")
         cells = [r["kind"], r["method"], r["n"], r["batch_size"], r.get("seq_len", "real"),
                  f"{r.get('lora_dropout', 0.0):g}", f"{ms:.2f}" if ms else "-",
-                 f"{rate:.0f}" if rate else r.get("error", "-").split(". GPU ")[0], f"{rate / base:.1f}x" if rate and base else "-",
+                 f"{rate:.0f}" if rate else r.get("error", "-").split(". GPU ")[0],
+                 f"{rate / base:.1f}x" if rate and base else "-",
                  f"{opt:.2f}" if opt else "-", r.get("kernels_per_step", "-"), f"{peak / 2**30:.1f}" if peak else "-"]
         out.append("| " + " | ".join(map(str, cells)) + " |")
     for t in f.get("trajectory", []):
