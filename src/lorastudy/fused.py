@@ -21,6 +21,11 @@ drawn once per step for all of its dropout modules, at the group's padded width,
 same distribution, other values (so runs with dropout > 0 match a lone run in distribution, not number for number).
 Everything else is the same computation up to floating-point summation order (CPU tests: 1e-5).
 
+A run's slot state (weights, best copy, AdamW moments, dropout generator, schedule, loss window, RunState) is
+checkpointed at step boundaries (periodically, on SIGTERM/SIGINT, at the time budget) when its job names a
+checkpoint directory, and a job whose checkpoint matches continues from it (checkpoint.py; exact on CPU when the
+group holds the same runs).
+
 On CUDA the step and the evaluation forward are captured as CUDA graphs (fast_step's ``_Replayable``); on CPU the
 same static code runs without capture. Evaluation of the runs due at a step runs only their slots (their weights
 gathered), so runs whose evaluation points differ do not pay for each other.

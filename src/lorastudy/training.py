@@ -9,7 +9,9 @@
 * validate: restore the best weights, evaluate the test split once, build the metrics.
 
 The per-run objects (``RunState``, ``DataOrder``, ``EarlyStopping``) are explicit and shared with fused groups
-(fused.py), where one loop advances many runs at once; their state is plain data, for checkpoints.
+(fused.py), where one loop advances many runs at once; their state is plain data, for checkpoints: a run given a
+checkpoint directory (``run_and_save``: ``<run dir>.ckpt``) writes one at step boundaries (``LoneCheckpoint``) and
+continues from a matching one (checkpoint.py).
 
 No host sync inside the step: the running loss stays on the device and is read at evaluation points only; a NaN/inf
 anywhere in the window makes that sum non-finite, so divergence is still caught. On CUDA the step and the evaluation
