@@ -176,6 +176,10 @@ def test_train_all_pauses_at_the_budget_and_resumes_exactly(tiny_cfg, tmp_path, 
         _same(json.loads((run / "metrics.json").read_text()),
               json.loads((store.run_dir(ref.out, "rte", "lora", seed) / "metrics.json").read_text()))
         assert not CK.path_for(run).exists()
+    # a checkpoint left beside a complete run (killed between saving and removing it) is cleaned up, not resumed
+    stale = CK.path_for(store.run_dir(cfg.out, "rte", "lora", 42))
+    CK.save(stale, {}, {})
+    assert train_all(cfg, log=lambda s: None)["skipped_complete"] and not stale.exists()
 
 
 def test_sigterm_checkpoints_exits_130_and_the_rerun_resumes(tiny_cfg, tmp_path):

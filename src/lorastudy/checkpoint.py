@@ -165,9 +165,14 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    """Restore ``rng_state``. The CUDA generator is set under the capture lock: setting it while another thread of
+    the process captures a CUDA graph would fail."""
+    from lorastudy.execution import CAPTURE_LOCK
+
     torch.set_rng_state(st["torch_cpu"])
     if device.type == "cuda" and "torch_cuda" in st:
-        torch.cuda.set_rng_state(st["torch_cuda"], device)
+        with CAPTURE_LOCK:
+            torch.cuda.set_rng_state(st["torch_cuda"], device)
 
 
 @torch.no_grad()

@@ -50,13 +50,14 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
     writes its checkpoint (``paused`` in the summary) and the next invocation resumes it."""
     import functools
 
-    from lorastudy import execution
+    from lorastudy import checkpoint, execution
     from lorastudy.tuning import best_hparams
 
     units, skipped = [], []
     for t, m, s in production_units(cfg):
         if store.is_complete(store.run_dir(cfg.out, t, m, s)):
             skipped.append(f"{t}/{m}/seed{s}")
+            checkpoint.remove(checkpoint.path_for(store.run_dir(cfg.out, t, m, s)))  # left by a kill after saving
             continue
         hp = best_hparams(cfg, t, m)
         if hp is None:
