@@ -129,8 +129,9 @@ def test_half_written_checkpoint_is_never_loaded(tiny_cfg, tmp_path):
     assert CK.load(path, ident, warn=said.append) is None and "incomplete or corrupted" in said[0]
 
 
-def _fused(cfg, method, out, stop=None, device=torch.device("cpu")):
-    """Two runs of different seeds, learning rates, batch sizes and lengths in one fused group of 2 slots."""
+def _fused(cfg, method, out, stop=None, device=torch.device("cpu"), runs=(0, 1), log=None):
+    """Two runs of different seeds, learning rates, batch sizes and lengths in one fused group of 2 slots (or
+    only ``runs`` of them, one slot each)."""
     hps = [HParams.from_config(cfg, method),
            HParams.from_config(cfg, method, {"lr": 2e-3 if method == "lora" else 5e-4, "batch_size": 4,
                                              "epochs": 1.5})]
@@ -138,8 +139,8 @@ def _fused(cfg, method, out, stop=None, device=torch.device("cpu")):
     jobs = [fused.RunJob(f"r{i}", "rte", method, seed, hp, on_done=lambda m, i=i: res.__setitem__(i, m),
                          on_fail=lambda e, i=i: res.__setitem__(i, e), checkpoint=out / f"r{i}.ckpt",
                          on_pause=lambda p, i=i: res.__setitem__(i, "paused"))
-            for i, (seed, hp) in enumerate(zip((42, 1337), hps, strict=True))]
-    g = fused.FusedGroup(cfg, method, 2, 2, 8, device=device, dropout=True)
+            for i, (seed, hp) in enumerate(zip((42, 1337), hps, strict=True)) if i in runs]
+    g = fused.FusedGroup(cfg, method, 2, len(jobs), 8, device=device, dropout=True, log=log)
     g.run(fused.ListSource(jobs), stop)
     return res
 
@@ -157,6 +158,22 @@ def test_fused_group_paused_twice_and_resumed_is_exact(tiny_cfg, tmp_path, metho
         _same(res[i], ref[i])
         assert not (out / f"r{i}.ckpt").exists()
     assert res[1]["steps"] == 24 and res[0]["steps"] == 16
+
+
+def test_fused_run_resumes_in_a_smaller_group(tiny_cfg, tmp_path):
+    # phase 2 after an interruption regroups the unfinished runs only: run 0 (16 steps) finished before the pause,
+    # run 1 (24 steps) continues alone in a group of one slot
+    cfg = _cfg(tiny_cfg, "train.fuse=on")
+    ref = _fused(cfg, "lora", tmp_path / "ref")
+    out = tmp_path / "run"
+    first = _fused(cfg, "lora", out, stop_at(20))
+    assert first[0]["steps"] == 16 and first[1] == "paused"
+    said = []
+    res = _fused(cfg, "lora", out, runs=(1,), log=said.append)[1]
+    assert any("resuming from checkpoint" in s for s in said)  # (from scratch it would give the same numbers)
+    assert res["best_step"] == ref[1]["best_step"] and res["test_predictions"] == ref[1]["test_predictions"]
+    assert [c["val_loss"] for c in res["curve"]] == pytest.approx([c["val_loss"] for c in ref[1]["curve"]],
+                                                                  rel=1e-5)
 
 
 @pytest.mark.parametrize("fuse", ["on", "off"])
