@@ -110,7 +110,7 @@ def remove(path: Path | None) -> None:
 
 def _to_cpu(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().cpu()  # no copy of CPU tensors: torch.save writes their values now (full FT: GBs)
     if isinstance(obj, dict):
         return {k: _to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
