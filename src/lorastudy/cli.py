@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lorastudy.config import ConfigError, StudyConfig, dump_yaml, load_config
-from lorastudy.execution import default_streams, exit_if_threads_alive
+from lorastudy.execution import checkpoint_on_signal, default_streams, exit_if_threads_alive
 from lorastudy.pipeline import PHASES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
@@ -209,7 +209,8 @@ def train(
         return
     console.print(f"training {task}/{method}/seed{seed} with {hp}")
     try:
-        m = run_and_save(cfg, task, method, seed, hp, run)
+        with checkpoint_on_signal():  # SIGTERM/SIGINT: checkpoint at the next step, exit 130; rerun resumes
+            m = run_and_save(cfg, task, method, seed, hp, run)
     except TrainingError as e:
         console.print(f"[bold red]run failed:[/] {e}")
         raise typer.Exit(1) from None
@@ -337,7 +338,7 @@ def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOp
     cfg = _load(config, set_, data_dir)
     with store.results_lock(cfg.out):
         store.check_manifest(cfg)
-        with Progress("train-all (runs)", console=console) as prog:
+        with Progress("train-all (runs)", console=console) as prog, checkpoint_on_signal():
             res = train_all(cfg, workers, progress=prog, log=console.print,
                             streams=default_streams(streams, cfg.train.device))
     console.print(f"trained {len(res['trained'])}, skipped {len(res['skipped_complete'])} complete, "
@@ -427,8 +428,11 @@ def run(
     config: ConfigArg,
     only: Annotated[str | None, typer.Option("--only", help=f"Run just this phase: {PHASES_HELP}")] = None,
     from_: Annotated[str | None, typer.Option("--from", help=f"Start at this phase: {PHASES_HELP}")] = None,
-    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop cleanly between units after "
-                                                                            "this many seconds")] = None,
+    time_budget: Annotated[float | None, typer.Option("--time-budget", help="Stop cleanly after this many "
+                                                                            "seconds: between units, and inside "
+                                                                            "phase-2 runs at a step boundary with "
+                                                                            "a checkpoint (the next run resumes)")
+                           ] = None,
     workers: WorkersOpt = 1,
     streams: StreamsOpt = None,
     force: Annotated[bool, typer.Option(help="Reuse a results dir made by a different config")] = False,
@@ -442,8 +446,9 @@ def run(
         if ph is not None and ph not in PHASES:
             raise ConfigError(f"{name} {ph!r}: phases are {', '.join(PHASES)}")
     cfg = _load(config, set_, data_dir)
-    res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,
-                       console=console, streams=default_streams(streams, cfg.train.device))
+    with checkpoint_on_signal():  # runs training at a signal checkpoint first (the next invocation resumes them)
+        res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,
+                           console=console, streams=default_streams(streams, cfg.train.device))
     tbl = Table(title=f"study {cfg.name}: {cfg.out}")
     tbl.add_column("phase")
     tbl.add_column("seconds", justify="right")

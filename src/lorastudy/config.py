@@ -185,6 +185,9 @@ class TrainConfig(_Strict):
     # run (the reference path), `auto` = on when runs train on a CUDA device with fast_step auto or cuda_graph.
     fuse: Literal["auto", "on", "off"] = "auto"
     fuse_max_runs: int = Field(32, ge=1, le=1024)  # runs (slots) per fused group
+    # Minutes between a run's mid-run checkpoints (checkpoint.py; 0 = none: runs still checkpoint on SIGTERM/SIGINT
+    # and at --time-budget). Not in the config hash: it does not change results.
+    checkpoint_every_min: float = Field(10.0, ge=0, le=1440)
     # Speed levers of the static / CUDA-graph step (step_levers.py; ignored by the eager path): any of
     # bf16_weights, flat_optimizer, compile, fused_kernels (CUDA + liger-kernel), lora_fused, fused_projections.
     # Each is tested to compute the same thing; benchmarks/train_step.py --parts levers measures them.
@@ -358,6 +361,7 @@ class StudyConfig(_Strict):
         d.pop("serve", None)  # benchmark knobs do not change trained models
         d["data"]["source"] = data_fingerprint(self)
         d.pop("tracking", None)  # nor does where runs are also logged
+        d["train"].pop("checkpoint_every_min", None)  # nor how often runs checkpoint
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

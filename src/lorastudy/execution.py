@@ -13,8 +13,9 @@ down explicitly as a ``Context`` (never through environment variables):
   several streams of one process do overlap (benchmarks/train_step.py, part ``workers``);
 * fused groups (fused.py): phase 2's runs planned into groups by the critical path (``plan_groups``), phase 1's
   trials fed to one group per method (``tune_fused``), each group a thread on its own CUDA stream;
-* signals: SIGTERM handled like Ctrl-C (``sigterm_as_interrupt``), and leaving at once when run threads are still
-  inside torch calls (``exit_if_threads_alive``).
+* signals: SIGTERM handled like Ctrl-C (``sigterm_as_interrupt``); while runs train, SIGTERM/SIGINT ask them to
+  write their checkpoints at the next step boundary first (``checkpoint_on_signal``, checkpoint.py); and leaving at
+  once when run threads are still inside torch calls (``exit_if_threads_alive``).
 """
 
 from __future__ import annotations
@@ -96,6 +97,55 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, old)
 
 
+# A checkpoint request: SIGTERM/SIGINT while runs are training asks them to write their checkpoints at the next
+# step boundary and stop (checkpoint.Policy reads it); the process then exits as on Ctrl-C (130).
+_INTERRUPT = threading.Event()
+
+
+def interrupt_requested() -> bool:
+    """Whether SIGTERM/SIGINT asked the runs of this process to checkpoint and stop (see ``checkpoint_on_signal``)."""
+    return _INTERRUPT.is_set()
+
+
+def request_interrupt() -> None:
+    """Ask every run of this process to write its checkpoint at its next step boundary and stop."""
+    _INTERRUPT.set()
+
+
+def clear_interrupt() -> None:
+    _INTERRUPT.clear()
+
+
+@contextlib.contextmanager
+def checkpoint_on_signal():
+    """SIGTERM and SIGINT (Ctrl-C, ``timeout``, a scheduler's or a preemptible VM's notice) while runs train: each
+    run writes its checkpoint at its next step boundary and stops, then the process exits 130 as today
+    (``KeyboardInterrupt`` raised where the runs stop). With no run training, or on a second signal, the
+    interrupt is raised at once. Main thread only (elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        with INIT_LOCK:
+            training = _ACTIVE["runs"] > 0
+        if training and not _INTERRUPT.is_set():
+            _INTERRUPT.set()
+            print(f"signal {signum}: writing checkpoints at the next step boundary, then stopping (signal again to "
+                  "stop at once)", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    _INTERRUPT.clear()
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _INTERRUPT.clear()
+
+
 def exit_if_threads_alive(code: int) -> None:
     """After an interrupt: runs in threads (``--streams``, fused groups) are daemon threads that cannot be stopped
     from outside; what they did is already safe (finished work on disk, their trials marked failed by ``tune``), so
@@ -154,7 +204,9 @@ def _child(conn, fn, arg, ctx: Context, threads: int) -> None:
 
     torch.set_num_threads(threads)  # share the CPU cores between workers instead of oversubscribing them
     try:
-        conn.send(("ok", fn(arg, ctx)))
+        with checkpoint_on_signal():  # the parent's terminate() (SIGTERM): checkpoint at a step boundary, stop
+            value = fn(arg, ctx)
+        conn.send(("ok", value))
     except BaseException as e:  # report, never hang the parent
         conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
     finally:
@@ -191,6 +243,8 @@ def run_threads(chunk: list[tuple[str, Any]], ctx: Context | None, fn: Callable[
     for t in threads:
         while t.is_alive():
             t.join(timeout=0.5)
+    if interrupt_requested():  # the runs wrote their checkpoints and stopped: now stop the process (exit 130)
+        raise KeyboardInterrupt("checkpointed after a signal")
     return [r for r in results if r is not None]
 
 
@@ -224,6 +278,8 @@ def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, Context], Any], w
         for name, arg in units:
             if stop is not None and stop():
                 break
+            if interrupt_requested():
+                raise KeyboardInterrupt("checkpointed after a signal")
             if progress:
                 progress.start(name)
             t0 = time.perf_counter()
@@ -367,7 +423,7 @@ def _lone_fallback(cfg, method: str) -> str | None:
 
 
 def _phase2_jobs(cfg, group: list[PlannedRun], progress, results: list) -> list:
-    from lorastudy import store
+    from lorastudy import checkpoint, store
     from lorastudy.fused import RunJob
     from lorastudy.training import save_run, write_failed
 
@@ -392,14 +448,20 @@ def _phase2_jobs(cfg, group: list[PlannedRun], progress, results: list) -> list:
             if progress is not None:
                 progress.finish(r.name, False)
 
+        def pause(path, r=r, t0=t0):  # the time budget stopped it mid-run: the next invocation resumes it
+            results.append(UnitResult(r.name, True, {"paused": str(path)}, seconds=time.perf_counter() - t0))
+            if progress is not None:
+                progress.finish(r.name, True)
+
         jobs.append(RunJob(r.name, r.task, r.method, r.seed, r.hp, keep_model=cfg.train.save_model, on_done=done,
-                           on_fail=fail))
+                           on_fail=fail, checkpoint=checkpoint.path_for(final), on_pause=pause))
     return jobs
 
 
 def _phase2_group(arg, ctx: Context) -> list[UnitResult]:
     """One fused group of phase-2 runs (in the thread and on the stream the pool gave it)."""
     from lorastudy import fused
+    from lorastudy.checkpoint import RunPaused
     from lorastudy.store import run_dir
     from lorastudy.training import run_and_save
 
@@ -417,10 +479,12 @@ def _phase2_group(arg, ctx: Context) -> list[UnitResult]:
             t0 = time.perf_counter()
             try:
                 m = run_and_save(cfg, job.task, job.method, job.seed, job.hp, run_dir(cfg.out, job.task, job.method,
-                                                                                       job.seed), ctx=ctx)
+                                                                                       job.seed), ctx=ctx, stop=stop)
                 results.append(UnitResult(job.name, True, {"test": m["test"][m["primary_metric"]],
                                                            "collapsed": m["collapsed"]},
                                           seconds=time.perf_counter() - t0))
+            except RunPaused as e:  # the time budget stopped it mid-run (checkpoint written)
+                results.append(UnitResult(job.name, True, {"paused": str(e.path)}, seconds=time.perf_counter() - t0))
             except Exception as e:  # noqa: BLE001 - reported per run
                 results.append(UnitResult(job.name, False, error=f"{type(e).__name__}: {e}"))
         return results
@@ -432,7 +496,7 @@ def _phase2_group(arg, ctx: Context) -> list[UnitResult]:
             g = fused.FusedGroup(cfg, group[0].method, cfg.task(group[0].task).num_labels, len(group),
                                  max(r.hp.batch_size for r in group), device=device,
                                  dropout=any(r.hp.lora_dropout > 0 for r in group), log=log)
-            g.run(source)  # a failure of the whole group fails its running runs (on_fail) and is raised
+            g.run(source, stop)  # a failure of the whole group fails its running runs (on_fail) and is raised
     except Exception as e:  # noqa: BLE001 - the runs it never started fail with it (no FAILED.json: never ran)
         for job in source.jobs:
             results.append(UnitResult(job.name, False, error=f"not started, its fused group failed: "

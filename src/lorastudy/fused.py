@@ -21,6 +21,11 @@ drawn once per step for all of its dropout modules, at the group's padded width,
 same distribution, other values (so runs with dropout > 0 match a lone run in distribution, not number for number).
 Everything else is the same computation up to floating-point summation order (CPU tests: 1e-5).
 
+A run's slot state (weights, best copy, AdamW moments, dropout generator, schedule, loss window, RunState) is
+checkpointed at step boundaries (periodically, on SIGTERM/SIGINT, at the time budget) when its job names a
+checkpoint directory, and a job whose checkpoint matches continues from it (checkpoint.py; exact on CPU when the
+group holds the same runs).
+
 On CUDA the step and the evaluation forward are captured as CUDA graphs (fast_step's ``_Replayable``); on CPU the
 same static code runs without capture. Evaluation of the runs due at a step runs only their slots (their weights
 gathered), so runs whose evaluation points differ do not pay for each other.
@@ -31,12 +36,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+from lorastudy import checkpoint as CK
 from lorastudy import data as D
 from lorastudy.fused_step import (  # noqa: F401 - re-exported: the fused API lives here
     FusedModel,
@@ -66,7 +73,10 @@ class RunJob:
 
     ``on_done(metrics)`` gets the run's metrics (with ``"_model"`` and ``"_tokenizer"``, a lone model holding the
     trained weights, when ``keep_model``); ``on_fail(error)`` the exception that ended it (TrainingError when it
-    diverged). ``on_eval(step, val)`` is called at each evaluation (it may raise: the run then fails)."""
+    diverged). ``on_eval(step, val)`` is called at each evaluation (it may raise: the run then fails).
+    ``checkpoint``: the run's checkpoint directory (checkpoint.py; None: no checkpoints): resumed from when it holds
+    one of this run, written when the group checkpoints, removed after ``on_done``; ``on_pause(path)`` is called
+    when the group stops the run at the time budget with its checkpoint written."""
 
     name: str
     task: str
@@ -79,6 +89,8 @@ class RunJob:
     on_eval: Callable[[int, dict], None] | None = None
     on_done: Callable[[dict], None] = lambda m: None
     on_fail: Callable[[BaseException], None] = lambda e: None
+    checkpoint: Path | None = None
+    on_pause: Callable[[Path], None] = lambda p: None
 
 
 class ListSource:
@@ -105,6 +117,8 @@ class _SlotRun:
     total: int
     n_window: int = 0  # optimizer steps since the run's last evaluation
     train_loss: float = 0.0  # the mean training loss of the last evaluation window
+    ident: dict | None = None  # checkpoint identity (checkpoint.identity) when the job checkpoints
+    prior_train_s: float = 0.0  # training time of the earlier sessions of a resumed run
 
 
 def padded_matrix(seqs: list[list[int]], pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +217,43 @@ class FusedGroup:
         stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=hp.lr)
         sched = get_linear_schedule_with_warmup(stand_in, state.warmup_steps, state.total_steps)
         stand_in.step()  # (no gradient: changes nothing) so that the scheduler does not warn about the call order
-        self.runs[slot] = _SlotRun(job, state, sched, t0, time.perf_counter(), trainable, total)
+        run = _SlotRun(job, state, sched, t0, time.perf_counter(), trainable, total)
+        if job.checkpoint is not None:
+            run.ident = CK.identity(self.cfg, job.task, job.method, job.seed, hp, path=self.stepper.mode,
+                                    train_subset=job.train_subset, evaluate_test=job.evaluate_test)
+            ck = CK.load(job.checkpoint, run.ident)
+            if ck is not None:
+                self._restore(slot, run, ck)
+        self.runs[slot] = run
+
+    # -- checkpoints of the runs in the slots (checkpoint.py stores them) ----------------------------------------
+    def _restore(self, slot: int, run: _SlotRun, ck: dict) -> None:
+        """Continue ``run`` in ``slot`` from its checkpoint: weights, best copy, AdamW moments, dropout generator,
+        loss window, schedule, RunState (data order, counts, early stopping, curve)."""
+        self.fm.bank.load(slot, ck["weights"])
+        self.fm.bank.load(slot, ck["best"], buf="best")
+        self.stepper.load_slot_state(slot, ck["stepper"])
+        run.sched.load_state_dict(ck["sched"])
+        run.state.load_state_dict(ck["run"])
+        run.n_window, run.train_loss, run.prior_train_s = ck["n_window"], ck["train_loss"], ck["train_time_s"]
+        self.log(f"fused: {run.state.name}: resuming from checkpoint {run.job.checkpoint} at step "
+                 f"{run.state.step} of {run.state.total_steps}")
+
+    def checkpoint(self) -> list[int]:
+        """Write the checkpoint of every run in a slot whose job has one; returns those slots."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        done = []
+        for i, run in enumerate(self.runs):
+            if run is None or run.job.checkpoint is None:
+                continue
+            CK.save(run.job.checkpoint, run.ident, {
+                "weights": self.fm.bank.read(i), "best": self.fm.bank.read(i, "best"),
+                "stepper": self.stepper.slot_state(i), "sched": run.sched.state_dict(),
+                "run": run.state.state_dict(), "n_window": run.n_window, "train_loss": run.train_loss,
+                "train_time_s": run.prior_train_s + time.perf_counter() - run.t_train})
+            done.append(i)
+        return done
 
     def _fill(self, source) -> None:
         for slot, run in enumerate(self.runs):
@@ -343,7 +393,8 @@ class FusedGroup:
             run = self.runs[i]
             self.runs[i] = None
             try:
-                m = run.state.metrics(train_time=now - run.t_train, peak_memory_bytes=peak_memory(self.device),
+                m = run.state.metrics(train_time=now - run.t_train + run.prior_train_s,
+                                      peak_memory_bytes=peak_memory(self.device),
                                       device=self.device, amp=self.amp, mode=self.stepper.mode,
                                       trainable=run.trainable, total=run.total)
                 m.update(tests.get(i, {}))
@@ -358,6 +409,8 @@ class FusedGroup:
             except Exception as e:  # noqa: BLE001 - e.g. a full disk while saving: this run fails, not the group
                 self.log(f"fused: {run.state.name}: {type(e).__name__}: {e}")
                 run.job.on_fail(e)
+                continue
+            CK.remove(run.job.checkpoint)  # saved: the checkpoint has served
 
     def lone_model(self, run: _SlotRun, slot: int):
         """A lone run's model (CPU) holding the slot's weights: what ``train_run(keep_model=True)`` returns."""
@@ -371,12 +424,22 @@ class FusedGroup:
         return s.model, s.tokenizer
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def run(self, source) -> None:
+    def run(self, source, stop: Callable[[], bool] | None = None) -> None:
         """Train until ``source.next()`` gives nothing more and every slot is done. A run that fails (diverged,
         on_eval raised) fails alone; an error of the group (out of memory, a bug) fails every run in it and is
-        raised; an interrupt (KeyboardInterrupt) leaves the runs unreported, as a killed lone run would."""
+        raised; an interrupt (KeyboardInterrupt) leaves the runs unreported, as a killed lone run would.
+
+        Checkpoints (runs whose job has a ``checkpoint``), at step boundaries: every
+        ``train.checkpoint_every_min`` minutes; on SIGTERM/SIGINT (execution.interrupt_requested; then
+        KeyboardInterrupt); when ``stop()`` (the time budget) says so, after which the runs are paused
+        (``on_pause``) and ``run`` returns."""
+        from lorastudy.execution import interrupt_requested
+
+        policy = CK.Policy(self.cfg.train.checkpoint_every_min, stop)
         try:
             while True:
+                if interrupt_requested():
+                    raise KeyboardInterrupt("fused group: interrupted")
                 self._fill(source)
                 if not any(r is not None for r in self.runs):
                     return
@@ -386,6 +449,21 @@ class FusedGroup:
                     raise TrainingError(f"fused group of {self.fm.n} x {self.rows} rows: GPU out of memory ({e}); "
                                         "lower train.fuse_max_runs") from None
                 self._evaluate_due()
+                why = policy.due() if any(r is not None for r in self.runs) else None
+                if why is not None:
+                    saved = self.checkpoint()
+                    policy.written()
+                    if why == "interrupt":
+                        raise KeyboardInterrupt(f"fused group: {len(saved)} checkpoint(s) written")
+                    if why == "stop":
+                        for i, run in enumerate(self.runs):
+                            if run is not None:
+                                self.runs[i] = None
+                                if i in saved:
+                                    run.job.on_pause(run.job.checkpoint)
+                                else:  # nothing to resume from: it fails (a rerun starts it again)
+                                    run.job.on_fail(TrainingError(f"{run.state.name}: stopped by the time budget"))
+                        return
         except KeyboardInterrupt:
             raise
         except BaseException as e:

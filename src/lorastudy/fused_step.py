@@ -228,16 +228,20 @@ class _Bank:
                     self.compute[k][slot].copy_(self.master[k][slot])
 
     @torch.no_grad()
-    def load(self, slot: int, tensors: dict[str, torch.Tensor]) -> None:
+    def load(self, slot: int, tensors: dict[str, torch.Tensor], buf: str = "master") -> None:
+        """Tensors by name into the slot's ``master`` weights (compute copies refreshed) or its ``best`` copy."""
+        bufs = self.master if buf == "master" else self.best
         for name, t in tensors.items():
             decay, off, shape = self.offsets[name]
-            self.master[decay][slot, off: off + math.prod(shape)].copy_(t.reshape(-1), non_blocking=True)
-        self.refresh(slot)
+            bufs[decay][slot, off: off + math.prod(shape)].copy_(t.reshape(-1), non_blocking=True)
+        if buf == "master":
+            self.refresh(slot)
 
     @torch.no_grad()
-    def read(self, slot: int) -> dict[str, torch.Tensor]:
-        """The slot's weights as CPU tensors, by name."""
-        host = {k: self.master[k][slot].float().cpu() for k in self.kinds}
+    def read(self, slot: int, buf: str = "master") -> dict[str, torch.Tensor]:
+        """The slot's weights (``master``) or best-checkpoint copy (``best``) as CPU tensors, by name."""
+        bufs = self.master if buf == "master" else self.best
+        host = {k: bufs[k][slot].float().cpu() for k in self.kinds}
         out = {}
         for name, (decay, off, shape) in self.offsets.items():
             out[name] = host[decay][off: off + math.prod(shape)].view(shape).clone()
@@ -471,6 +475,25 @@ class FusedStepper:
             self.generators[slot].manual_seed(seed)  # the run's own generator (modeling.seed_dropout seeds alike)
         if self.fm.method == "lora":
             self.fm.set_scaling(slot, scale)
+
+    @torch.no_grad()
+    def slot_state(self, slot: int) -> dict:
+        """The slot's AdamW state (moments and step count per stacked buffer), dropout generator and loss window:
+        with its weights (``_Bank.read``), what a checkpoint of the run in the slot needs from the stepper."""
+        opt = [{k: v.clone() for k, v in self.opt.state[p].items()} for p in self.run_params[slot]]
+        return {"opt": opt, "generator": self.generators[slot].get_state() if self.generators else None,
+                "loss_sum": self.loss_sum[slot].clone()}
+
+    @torch.no_grad()
+    def load_slot_state(self, slot: int, st: dict) -> None:
+        """Continue a run in ``slot`` from ``slot_state`` (after ``assign``); written in place (graphs read it)."""
+        for p, saved in zip(self.run_params[slot], st["opt"], strict=True):
+            cur = self.opt.state[p]
+            for k, v in saved.items():
+                cur[k].copy_(v)
+        if self.generators and st["generator"] is not None:
+            self.generators[slot].set_state(st["generator"])
+        self.loss_sum[slot] = st["loss_sum"].to(self.device)
 
     @torch.no_grad()
     def _reset_optimizer(self, slots) -> None:

@@ -28,25 +28,36 @@ def production_units(cfg) -> list[tuple[str, str, int]]:
     return [(t, m, s) for t in cfg.tasks for m in cfg.methods for s in cfg.seeds]
 
 
-def _train_unit(arg, ctx):
+def _train_unit(arg, ctx, stop: Callable[[], bool] | None = None):
+    from lorastudy.checkpoint import RunPaused
     from lorastudy.training import HParams, run_and_save
 
     cfg, task, method, seed, hp_over = arg
     hp = HParams.from_config(cfg, method, hp_over)
-    m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed), ctx=ctx)
+    try:
+        m = run_and_save(cfg, task, method, seed, hp, store.run_dir(cfg.out, task, method, seed), ctx=ctx,
+                         stop=stop)
+    except RunPaused as e:  # the time budget ran out mid-run: its checkpoint is written, the next pass resumes it
+        return {"paused": str(e.path), "step": e.step}
     return {"test": m["test"][m["primary_metric"]], "collapsed": m["collapsed"]}
 
 
 def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | None = None, log=print,
               streams: int = 1) -> dict:
-    """Phase 2: every task x method x seed with the phase-1 best hyperparameters on the full training split."""
-    from lorastudy import execution
+    """Phase 2: every task x method x seed with the phase-1 best hyperparameters on the full training split.
+
+    ``stop()`` (the time budget) is checked between runs and, inside runs, at every step boundary: a run it stops
+    writes its checkpoint (``paused`` in the summary) and the next invocation resumes it."""
+    import functools
+
+    from lorastudy import checkpoint, execution
     from lorastudy.tuning import best_hparams
 
     units, skipped = [], []
     for t, m, s in production_units(cfg):
         if store.is_complete(store.run_dir(cfg.out, t, m, s)):
             skipped.append(f"{t}/{m}/seed{s}")
+            checkpoint.remove(checkpoint.path_for(store.run_dir(cfg.out, t, m, s)))  # left by a kill after saving
             continue
         hp = best_hparams(cfg, t, m)
         if hp is None:
@@ -58,10 +69,12 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
     if execution.fuse_enabled(cfg):  # fused groups planned by the critical path (execution.plan_groups)
         res = execution.train_fused(cfg, units, workers=workers, progress=progress, stop=stop, log=log)
     else:
-        res = execution.run_units(units, _train_unit, workers, progress=progress, stop=stop, streams=streams)
+        res = execution.run_units(units, functools.partial(_train_unit, stop=stop), workers, progress=progress,
+                                  stop=stop, streams=streams)
     failures = [{"unit": r.name, "error": r.error} for r in res if not r.ok]
-    summary = {"trained": [r.name for r in res if r.ok], "skipped_complete": skipped, "failures": failures,
-               "not_started": len(units) - len(res)}
+    paused = [r.name for r in res if r.ok and isinstance(r.value, dict) and "paused" in r.value]
+    summary = {"trained": [r.name for r in res if r.ok and r.name not in paused], "paused": paused,
+               "skipped_complete": skipped, "failures": failures, "not_started": len(units) - len(res)}
     store.atomic_write_json(cfg.out / "phase2" / "summary.json", summary)
     # a run that failed on the results dir itself (disk full, read-only): nothing later can succeed, so stop here
     # with the path and the cause instead of going on to a later phase's traceback

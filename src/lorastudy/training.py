@@ -9,7 +9,9 @@
 * validate: restore the best weights, evaluate the test split once, build the metrics.
 
 The per-run objects (``RunState``, ``DataOrder``, ``EarlyStopping``) are explicit and shared with fused groups
-(fused.py), where one loop advances many runs at once; their state is plain data, for checkpoints.
+(fused.py), where one loop advances many runs at once; their state is plain data, for checkpoints: a run given a
+checkpoint directory (``run_and_save``: ``<run dir>.ckpt``) writes one at step boundaries (``LoneCheckpoint``) and
+continues from a matching one (checkpoint.py).
 
 No host sync inside the step: the running loss stays on the device and is read at evaluation points only; a NaN/inf
 anywhere in the window makes that sum non-finite, so divergence is still caught. On CUDA the step and the evaluation
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import get_linear_schedule_with_warmup
 
+from lorastudy import checkpoint as CK
 from lorastudy import data as D
 from lorastudy import metrics as MT
 from lorastudy import modeling as M
@@ -411,6 +414,13 @@ class RunState:
                 "stopped_early": self.stopped_early, "order": self.order.state_dict(),
                 "stopper": self.stopper.state_dict()}
 
+    def load_state_dict(self, st: dict) -> None:
+        """Continue from ``state_dict()`` of the same run (a checkpoint)."""
+        self.step, self.tokens, self.curve = st["step"], st["tokens"], list(st["curve"])
+        self.stopped_early = st["stopped_early"]
+        self.order.load_state_dict(st["order"])
+        self.stopper.load_state_dict(st["stopper"])
+
     def metrics(self, *, train_time: float, peak_memory_bytes: int, device: torch.device,
                 amp: torch.dtype | None, mode: str, trainable: int, total: int) -> dict[str, Any]:
         """The run's metrics.json content (test results are added by ``test_metrics``)."""
@@ -504,6 +514,26 @@ class EagerStepper:
     def close(self) -> None:
         pass
 
+    def _window(self) -> tuple[torch.Tensor, int]:
+        return self.loss, self.n
+
+    def _set_window(self, loss: torch.Tensor, n: int) -> None:
+        self.loss, self.n = loss.to(self.s.device), n
+
+    def state_dict(self) -> dict:
+        """Optimizer, schedule, the loss window since the last evaluation and the dropout generator (checkpoints)."""
+        loss, n = self._window()
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "loss": loss.clone(), "n": n,
+                "generators": [g.get_state() for g in M.dropout_generators(self.s.model)]}
+
+    def load_state_dict(self, st: dict) -> None:
+        """Continue from ``state_dict()`` (the model's weights are loaded by the caller)."""
+        CK.load_optimizer_state(self.opt, st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self._set_window(st["loss"], st["n"])
+        for g, gs in zip(M.dropout_generators(self.s.model), st["generators"], strict=True):
+            g.set_state(gs)
+
 
 class StaticStepper(EagerStepper):
     """The fast path: static shapes, replayed as CUDA graphs on GPU (``cuda_graph``) or run eagerly (``static``)."""
@@ -526,6 +556,26 @@ class StaticStepper(EagerStepper):
     def take_loss(self) -> tuple[torch.Tensor, int]:
         return self.fast.take_loss()
 
+    def _window(self) -> tuple[torch.Tensor, int]:
+        return self.fast.loss_sum, self.fast.n_steps
+
+    def _set_window(self, loss: torch.Tensor, n: int) -> None:
+        self.fast.loss_sum.copy_(loss)  # in place: a captured graph accumulates into it
+        self.fast.n_steps = n
+
+    def state_dict(self) -> dict:
+        st = super().state_dict()
+        if self.fast.step_opt is not self.opt:  # flat_optimizer: the flat twin holds the moments
+            st["step_opt"] = self.fast.step_opt.state_dict()
+        return st
+
+    def load_state_dict(self, st: dict) -> None:
+        super().load_state_dict(st)
+        if "step_opt" in st:
+            CK.load_optimizer_state(self.fast.step_opt, st["step_opt"])
+        if self.fast.compute is not None:
+            self.fast.compute.refresh()  # bf16_weights: compute copies of the loaded masters
+
     def predict(self, enc: D.Encoded) -> np.ndarray:
         d = self.data
         return predict(self.s.model, enc, d.pad_id, d.padding_side, self.eval_batch_size, self.s.device, self.s.amp,
@@ -545,11 +595,71 @@ def make_stepper(cfg, s: Setup, hp: HParams, state: RunState, mode: str) -> Eage
     return StaticStepper(cfg, s, opt, sched, state.data, mode, hp.batch_size)
 
 
+# -- checkpoints of a lone run (checkpoint.py stores them) -------------------------------------------------------
+class LoneCheckpoint:
+    """Where and when a lone run writes its checkpoint, and what goes in: the trainable weights, the stepper's
+    optimizer / schedule / loss window / dropout generator, the RunState (data order with its numpy generator,
+    step and token counts, early stopping, curve), the process's torch RNG states, the best-so-far weights and the
+    training time so far. ``stop()``: the time budget (the run then pauses with ``checkpoint.RunPaused``)."""
+
+    def __init__(self, cfg, path: Path, ident: dict, stop=None) -> None:
+        self.path, self.ident = Path(path), ident
+        self.policy = CK.Policy(cfg.train.checkpoint_every_min, stop)
+        self.prior_train_s = 0.0  # training time of the earlier sessions of a resumed run
+        self.t_train = time.perf_counter()
+
+    def train_time(self) -> float:
+        return self.prior_train_s + time.perf_counter() - self.t_train
+
+    def save(self, state: RunState, stepper, model, best: dict | None) -> None:
+        device = next(model.parameters()).device
+        CK.save(self.path, self.ident, {
+            "weights": {n: p for n, p in model.named_parameters() if p.requires_grad}, "best": best,
+            "stepper": stepper.state_dict(), "run": state.state_dict(), "rng": CK.rng_state(device),
+            "train_time_s": self.train_time()})
+        self.policy.written()
+
+    def restore(self, state: RunState, stepper, model) -> tuple[bool, dict | None]:
+        """Load the checkpoint when there is a usable one: (resumed, best weights on the model's device)."""
+        ck = CK.load(self.path, self.ident)
+        if ck is None:
+            return False, None
+        device = next(model.parameters()).device
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in ck["weights"].items():
+                params[n].copy_(t)
+        stepper.load_state_dict(ck["stepper"])
+        state.load_state_dict(ck["run"])
+        CK.set_rng_state(ck["rng"], device)
+        self.prior_train_s = ck["train_time_s"]
+        CK.log.warning(f"{state.name}: resuming from checkpoint {self.path} at step {state.step} of "
+                       f"{state.total_steps}")
+        best = None if ck["best"] is None else {n: t.to(device) for n, t in ck["best"].items()}
+        return True, best
+
+    def at_boundary(self, state: RunState, stepper, model, best: dict | None) -> None:
+        """At a step boundary: write the checkpoint when due; stop after it on an interrupt (KeyboardInterrupt:
+        exit 130) or when the time budget is spent (checkpoint.RunPaused)."""
+        why = self.policy.due()
+        if why is None:
+            return
+        self.save(state, stepper, model, best)
+        if why == "interrupt":
+            raise KeyboardInterrupt(f"{state.name}: checkpoint written at step {state.step}")
+        if why == "stop":
+            raise CK.RunPaused(state.name, self.path, state.step)
+
+
 # -- the run -----------------------------------------------------------------------------------------------------
-def fit(state: RunState, stepper: Stepper, model) -> dict | None:
+def fit(state: RunState, stepper: Stepper, model, best: dict | None = None,
+        ckpt: LoneCheckpoint | None = None) -> dict | None:
     """Train until the planned steps or early stopping; returns the best weights (trainable tensors, on the
-    device) by validation loss. Raises TrainingError when the run diverges."""
-    best = None
+    device) by validation loss (``best``: those of a resumed run). ``ckpt``: checkpoints at step boundaries
+    (periodic, on SIGTERM/SIGINT, at the time budget; see LoneCheckpoint.at_boundary). Raises TrainingError when
+    the run diverges, KeyboardInterrupt or checkpoint.RunPaused after writing a checkpoint."""
+    from lorastudy.execution import interrupt_requested
+
     while not state.done:
         idx = state.next_batch()
         stepper.step(state.data.collate(state.data.train, idx), state.labels[torch.as_tensor(idx)])
@@ -558,6 +668,10 @@ def fit(state: RunState, stepper: Stepper, model) -> dict | None:
             val = state.score(stepper.predict(state.data.validation), state.data.validation.labels)
             if state.record_eval(train_loss, val, stepper.lr()):
                 best = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if ckpt is not None and not state.done:
+            ckpt.at_boundary(state, stepper, model, best)
+        elif not state.done and interrupt_requested():  # a run without checkpoints (a trial) stops at once
+            raise KeyboardInterrupt(f"{state.name}: interrupted at step {state.step}")
     return best
 
 
@@ -586,12 +700,18 @@ def train_run(
     on_eval=None,
     keep_model: bool = False,
     ctx=None,
+    checkpoint: Path | None = None,
+    stop=None,
 ) -> dict[str, Any]:
     """Train one run and return its metrics (and the model under ``"_model"`` when ``keep_model``).
 
     ``train_subset`` (HPO) trains on a seeded stratified subset of train. ``evaluate_test=False`` for HPO: the test
     split is then never touched. ``on_eval(step, val_metrics)`` may raise to prune. ``ctx``: where to run
-    (``execution.Context``; None: as the config says). Raises TrainingError (diverged, out of GPU memory)."""
+    (``execution.Context``; None: as the config says). ``checkpoint``: the run's checkpoint directory
+    (checkpoint.py): resumed from when it holds a checkpoint of this run, written every
+    ``train.checkpoint_every_min`` minutes, on SIGTERM/SIGINT and when ``stop()`` (the time budget) says so; the
+    caller removes it once the run is saved. Raises TrainingError (diverged, out of GPU memory), KeyboardInterrupt
+    (signal; checkpoint written) and checkpoint.RunPaused (time budget; checkpoint written)."""
     from lorastudy.execution import active_run
 
     t_start = time.perf_counter()
@@ -605,17 +725,25 @@ def train_run(
     with active_run(device):  # the peak-memory counter covers every run of the process
         stepper = make_stepper(cfg, s, hp, state, mode)
         try:
+            ckpt, best = None, None
+            if checkpoint is not None:
+                ckpt = LoneCheckpoint(cfg, checkpoint, CK.identity(cfg, task, method, seed, hp, path=mode,
+                                                                   train_subset=train_subset,
+                                                                   evaluate_test=evaluate_test), stop)
+                _, best = ckpt.restore(state, stepper, s.model)
             # fit
             t_train = time.perf_counter()
+            if ckpt is not None:
+                ckpt.t_train = t_train
             try:
-                best = fit(state, stepper, s.model)
+                best = fit(state, stepper, s.model, best, ckpt)
             except torch.cuda.OutOfMemoryError as e:
                 raise TrainingError(f"{state.name}: GPU out of memory at batch size {hp.batch_size}, max_length "
                                     f"{cfg.data.max_length} ({e}); lower train.batch_size or data.max_length, or "
                                     "use fewer workers per GPU") from None
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()  # this run's stream only: others may be capturing
-            train_time = time.perf_counter() - t_train
+            train_time = ckpt.train_time() if ckpt is not None else time.perf_counter() - t_train
             # validate
             test = validate(state, stepper, s.model, best)
         finally:
@@ -666,14 +794,21 @@ def save_run(cfg, method: str, metrics: dict[str, Any], model, final_dir: Path, 
 
 
 def run_and_save(cfg, task: str, method: str, seed: int, hp: HParams, final_dir: Path, *,
-                 splits: D.Splits | None = None, ctx=None) -> dict[str, Any]:
-    """Train and write the run directory atomically (COMPLETE marker last); a failure writes FAILED.json beside."""
+                 splits: D.Splits | None = None, ctx=None, stop=None) -> dict[str, Any]:
+    """Train and write the run directory atomically (COMPLETE marker last); a failure writes FAILED.json beside.
+    The run checkpoints into ``<final_dir>.ckpt`` (resumed from there; removed once the run is saved); ``stop()``
+    (the time budget) pauses it at a step boundary with checkpoint.RunPaused."""
+    ckpt = CK.path_for(final_dir)
     try:
-        m = train_run(cfg, task, method, seed, hp, splits=splits, keep_model=cfg.train.save_model, ctx=ctx)
+        m = train_run(cfg, task, method, seed, hp, splits=splits, keep_model=cfg.train.save_model, ctx=ctx,
+                      checkpoint=ckpt, stop=stop)
+    except CK.RunPaused:
+        raise  # not a failure: the next invocation resumes it
     except Exception as e:
         write_failed(cfg, final_dir, task, method, seed, hp, e)
         raise
     model = m.pop("_model", None)
     tok = m.pop("_tokenizer", None)
     save_run(cfg, method, m, model, final_dir, tok)
+    CK.remove(ckpt)
     return m
