@@ -264,9 +264,12 @@ def rep_dir(out: Path, task: str, method: str | None = None, seed: int | None = 
 def check_manifest(cfg, force: bool = False) -> None:
     """Refuse to mix results of different configs in one directory (unless ``force``). The manifest records the
     config hash (which covers the data by content) and, under ``"data"``, ``data.data_identity(cfg)``: per task the
-    files with their sha256, the rows per split, rows kept out of validation as copies, split overlaps."""
+    files with their sha256, the rows per split, rows kept out of validation as copies, split overlaps; a dir merged
+    from task shards also keeps ``"shards"`` (``lorastudy.merge``: each shard's dir name, config hash, code version,
+    tasks)."""
     out = cfg.out
     man = out / "manifest.json"
+    kept = {}
     if man.is_file():
         old = read_json(man)
         if old.get("config_hash") != cfg.hash() and not force:
@@ -275,11 +278,13 @@ def check_manifest(cfg, force: bool = False) -> None:
                 "use another output_dir, or --force to reuse it (finished units will be recomputed only where "
                 "their own recorded config differs)"
             )
+        if old.get("config_hash") == cfg.hash() and "shards" in old:
+            kept["shards"] = old["shards"]  # a dir merged from task shards (lorastudy.merge) keeps their record
     from lorastudy.config import dump_yaml
     from lorastudy.data import data_identity
 
     atomic_write_json(man, {"config_hash": cfg.hash(), "name": cfg.name, "code": code_version(),
-                            "data": data_identity(cfg)})
+                            "data": data_identity(cfg), **kept})
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
 
 
