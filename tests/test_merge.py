@@ -40,13 +40,19 @@ def shards(tmp_path_factory, glue_dir):
 def merged(shards, glue_dir):
     """The README's recipe after the shards: merge, measure serving on the merged dir, report."""
     out = shards / "merged"
-    r = _cli("merge-shards", TINY, shards / "a", shards / "b", "--out", out, "--data-dir", glue_dir)
+    b = _copy(shards / "b", shards / "light" / "b")  # as brought from machine B: no full-FT weights, no phase3/
+    r = _cli("merge-shards", TINY, shards / "a", b, "--out", out, "--data-dir", glue_dir)
     assert r.exit_code == 0, r.output
     r = _cli("run", TINY, "--only", "serve", "--data-dir", glue_dir, "--set", f"output_dir={out}")
     assert r.exit_code == 0, r.output
     r = _cli("report", out)
     assert r.exit_code == 0, r.output
     return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A shard as copied to the merging machine without what merging does not read (full-FT weights, phase3/)."""
+    return Path(shutil.copytree(src, dst, ignore=shutil.ignore_patterns("phase3", "model")))
 
 
 def _json(path: Path):
@@ -125,10 +131,12 @@ def test_merged_dir_holds_small_artifacts_and_records_its_shards(merged, shards,
     adapter = _json(m / "phase2/rte/lora/seed42/adapter/adapter_config.json")
     assert adapter["base_model_name_or_path"] == str((m / "phase2/rte/lora/seed42/base_model").resolve())
     assert _json(m / "phase4/deployment/benchmark_results.json")["adapter_source"] == "phase-2 LoRA adapters"
+    from lorastudy.tuning import is_done
+
+    # the shards' Optuna studies were copied: tuning on the merged dir finds every study done (no retuning)
+    assert all(is_done(cfg, t, m_) for t in cfg.tasks for m_ in cfg.methods)
 
 
-def _copy(src: Path, dst: Path) -> Path:
-    return Path(shutil.copytree(src, dst, ignore=shutil.ignore_patterns("phase3", "model", "base_model")))
 
 
 def _edit_yaml(path: Path, fn) -> None:
@@ -161,6 +169,14 @@ def test_merge_refuses_what_is_not_one_study(shards, glue_dir, tmp_path):
     (stale / "phase4/drift/tasks/mrpc.json").unlink()
     r = merge(a, stale)
     assert r.exit_code == 2 and str(stale) in r.output and "mrpc" in r.output and "--only drift" in r.output
+    partial = _copy(b, tmp_path / "partial")  # drift ran before a run of rte was complete: stale state
+    shutil.rmtree(partial / "phase2/rte/lora/seed42")
+    r = merge(a, partial)
+    assert r.exit_code == 2 and str(partial) in r.output and "covers other runs" in r.output and "rte" in r.output
+    damaged = _copy(b, tmp_path / "damaged")  # a listed artifact other than full-FT weights went missing
+    (damaged / "phase2/mrpc/lora/seed42/metrics.json").unlink()
+    r = merge(a, damaged)
+    assert r.exit_code == 2 and "mrpc/lora/seed42" in r.output and "missing or corrupted" in r.output
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 

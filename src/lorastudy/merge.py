@@ -34,6 +34,7 @@ from lorastudy.config import StudyConfig
 # (the config hash leaves out serving knobs and experiment tracking too).
 SHARD_FREE_KEYS = ("tasks", "output_dir", "data.source", "serve", "tracking")
 MERGED = "MERGED.json"
+WEIGHTS = ("model/",)  # full fine-tuned weights in a run dir: not merged (GBs), not needed by drift or the report
 
 
 class MergeError(store.StoreError):
@@ -113,10 +114,17 @@ def check_shards(cfg: StudyConfig, shards: list[Shard], allow_partial: bool = Fa
                               if (data.get(t) or {}).get(k) != want[t].get(k))
                 raise MergeError(f"shard {sh.path}: manifest.json data.{t} differs from the config's data "
                                  f"({', '.join(keys) or 'missing'}): the shard was run on other data")
-            if not task_state_path(sh.path, t).is_file():
+            state = task_state_path(sh.path, t)
+            if not state.is_file():
                 raise MergeError(f"shard {sh.path}: no drift analysis state for {t} "
-                                 f"({task_state_path(sh.path, t).relative_to(sh.path)}); run the drift phase "
+                                 f"({state.relative_to(sh.path)}); run the drift phase "
                                  "there first (`lorastudy run SHARD_CONFIG --only drift`)")
+            done = sorted([m, s] for m in cfg.methods for s in cfg.seeds
+                          if run_complete(store.run_dir(sh.path, t, m, s)))
+            if sorted(store.read_json(state).get("runs", [])) != done:
+                raise MergeError(f"shard {sh.path}: {state.relative_to(sh.path)} covers other runs than the "
+                                 f"shard's complete phase-2 runs of {t} ({done}); rerun extract and drift there "
+                                 "(`lorastudy run SHARD_CONFIG --from extract`)")
             owner[t] = sh
     missing = [t for t in cfg.tasks if t not in owner]
     if missing and not allow_partial:
@@ -137,12 +145,24 @@ def _copyfile(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
+def run_complete(rd: Path) -> bool:
+    """Whether a shard's phase-2 run dir is complete apart from full fine-tuned weights (``model/``), which need
+    not travel with a shard. Raises StoreError when its marker is there but another listed file is missing or
+    corrupted."""
+    store.check_not_damaged(rd, "copying the shard again (or rerunning its training there)", skip=WEIGHTS)
+    return store.is_complete(rd, skip=WEIGHTS)
+
+
 def _copy_run(src: Path, dst: Path, shard: Shard) -> None:
     """One phase-2 run dir without full fine-tuned weights (``model/``), rebuilt with its own COMPLETE marker (so it
     lists what is there) and a ``MERGED.json`` naming the shard and what was left out."""
-    marker = json.loads((src / store.COMPLETE).read_text())
-    listed = marker.get("files", {}) if isinstance(marker, dict) else {}
-    omitted = {k: v for k, v in listed.items() if k.startswith("model/")}
+    try:
+        marker = json.loads((src / store.COMPLETE).read_text())
+    except ValueError:  # a marker of older code ("ok")
+        marker = {}
+    omitted = {k: v for k, v in marker.get("files", {}).items() if k.startswith(WEIGHTS)} or {
+        str(p.relative_to(src)): {"size": p.stat().st_size} for p in sorted((src / "model").rglob("*"))
+        if p.is_file()}
     with store.staging_dir(dst) as tmp:
         for p in src.iterdir():
             if p.name in (store.COMPLETE, "model"):
@@ -151,7 +171,9 @@ def _copy_run(src: Path, dst: Path, shard: Shard) -> None:
         cfg_json = tmp / "adapter" / "adapter_config.json"
         if cfg_json.is_file():  # the tiny model's base is saved beside the run: point at the merged copy
             ac = json.loads(cfg_json.read_text())
-            if ac.get("base_model_name_or_path") == str((src / "base_model").resolve()):
+            # (recorded where the shard was written, maybe another machine: matched by its place in the layout)
+            base = Path(str(ac.get("base_model_name_or_path")))
+            if (src / "base_model").is_dir() and base.parts[-5:] == (*src.parts[-4:], "base_model"):
                 ac["base_model_name_or_path"] = str(dst.resolve() / "base_model")
                 cfg_json.write_text(json.dumps(ac, indent=2, sort_keys=True) + "\n")
         (tmp / MERGED).write_text(json.dumps({"shard": shard.name, "finished": marker.get("finished"),
@@ -221,9 +243,8 @@ def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = No
                     _copyfile(opt, out / "analysis" / opt.name)
                 for s in cfg.seeds:
                     rs, rd = store.run_dir(src, t, m, s), store.run_dir(out, t, m, s)
-                    store.check_not_damaged(rs, f"`lorastudy run` on shard {sh.name}")
                     failed = rs.parent / f"{rs.name}.{store.FAILED}"
-                    if store.is_complete(rs):
+                    if run_complete(rs):
                         _copy_run(rs, rd, sh)
                     elif failed.is_file():
                         _copyfile(failed, rd.parent / failed.name)
