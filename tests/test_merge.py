@@ -188,3 +188,13 @@ def test_partial_merge_when_allowed(shards, glue_dir, tmp_path):
     hyp = _json(out / "phase4/drift/hypothesis_test_results.json")
     assert set(hyp["H1b"]["per_task"]) == set(hyp["H1a"]["per_task"]) == {"mrpc", "rte"}
     assert _json(out / "phase4/drift/tasks/rte.json") == _json(shards / "b/phase4/drift/tasks/rte.json")
+    # merged again with only shard a: nothing of the earlier merge's tasks is left to enter the new one
+    r = _cli("merge-shards", TINY, shards / "a", "--out", out, "--data-dir", glue_dir, "--allow-partial")
+    assert r.exit_code == 0, r.output
+    assert set(_json(out / "phase4/drift/hypothesis_test_results.json")["H1b"]["per_task"]) == {"sst2"}
+    assert sorted(p.name for p in (out / "phase2").iterdir() if p.is_dir()) == ["sst2"]
+    # a study's own results dir is never merged into
+    r = _cli("merge-shards", TINY, shards / "a", shards / "b", "--out", shards / "b", "--data-dir", glue_dir)
+    assert r.exit_code == 2 and "is the output dir" in r.output
+    r = _cli("merge-shards", TINY, shards / "b", "--out", shards / "a", "--data-dir", glue_dir, "--allow-partial")
+    assert r.exit_code == 2 and "not an earlier merge of shards" in r.output

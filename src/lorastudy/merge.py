@@ -229,8 +229,8 @@ def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = No
     mcfg = cfg.model_copy(update={"output_dir": str(out).replace("{", "{{").replace("}", "}}")})
     order = {(t, m): i for i, (t, m) in enumerate((t, m) for t in cfg.tasks for m in cfg.methods)}
     with store.results_lock(out):
+        _clear_previous_merge(out)
         store.check_manifest(mcfg)
-        store.clean_partials(out)
         sanity, baselines, studies, failures = [], {}, [], []
         p2 = {"trained": [], "skipped_complete": [], "failures": [], "not_started": 0}
         for t, sh in owner.items():
@@ -285,6 +285,21 @@ def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = No
         build_report(mcfg)
     missing = [t for t in cfg.tasks if t not in owner]
     return {"out": str(out), "tasks": {t: sh.name for t, sh in owner.items()}, "missing": missing}
+
+
+def _clear_previous_merge(out: Path) -> None:
+    """Empty ``out`` when it holds an earlier merge (everything in it came from shards; what a task no longer in
+    the shards left there must not enter the new one). MergeError when it holds anything else: a study's own
+    results (e.g. an unfinished one-machine run) are never overwritten."""
+    entries = [p for p in out.iterdir() if p.name != store.LOCK]
+    if not entries:
+        return
+    man = out / "manifest.json"
+    if not man.is_file() or "shards" not in store.read_json(man):
+        raise MergeError(f"--out {out} is not empty and not an earlier merge of shards; merge into an empty "
+                         "directory (the results there are left as they are)")
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def _phase_seconds(path: Path) -> dict:
