@@ -154,8 +154,12 @@ def test_merge_refuses_what_is_not_one_study(shards, glue_dir, tmp_path):
     def merge(*dirs, extra=()):
         return _cli("merge-shards", TINY, *dirs, "--out", tmp_path / "out", "--data-dir", glue_dir, *extra)
 
-    r = merge(a, a)
-    assert r.exit_code == 2 and "'sst2' is in two shards" in r.output and str(a) in r.output
+    rerun = _copy(a, tmp_path / "rerun")  # sst2 again, with other results
+    state = rerun / "phase4/drift/tasks/sst2.json"
+    state.write_text(state.read_text().replace('"whole_model_drift": 0.', '"whole_model_drift": 1.', 1))
+    r = merge(a, b, rerun)
+    assert r.exit_code == 2 and "'sst2' is in two shards" in r.output and str(rerun) in r.output
+    assert "phase4/drift/tasks/sst2.json" in r.output
     r = merge(b)
     assert r.exit_code == 2 and "['sst2']" in r.output and "in no shard" in r.output and "--allow-partial" in r.output
     other = _copy(b, tmp_path / "other")  # another study: a drift setting differs
@@ -183,7 +187,7 @@ def test_merge_refuses_what_is_not_one_study(shards, glue_dir, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_partial_merge_when_allowed(shards, glue_dir, tmp_path):
+def test_partial_merge_when_allowed_and_a_shard_given_twice(shards, glue_dir, tmp_path):
     out = tmp_path / "partial"
     r = _cli("merge-shards", TINY, shards / "b", "--out", out, "--data-dir", glue_dir, "--allow-partial")
     assert r.exit_code == 0, r.output
@@ -191,11 +195,15 @@ def test_partial_merge_when_allowed(shards, glue_dir, tmp_path):
     hyp = _json(out / "phase4/drift/hypothesis_test_results.json")
     assert set(hyp["H1b"]["per_task"]) == set(hyp["H1a"]["per_task"]) == {"mrpc", "rte"}
     assert _json(out / "phase4/drift/tasks/rte.json") == _json(shards / "b/phase4/drift/tasks/rte.json")
-    # merged again with only shard a: nothing of the earlier merge's tasks is left to enter the new one
-    r = _cli("merge-shards", TINY, shards / "a", "--out", out, "--data-dir", glue_dir, "--allow-partial")
+    # merged again with only shard a, given twice (the same results: accepted, the first one's used): nothing of
+    # the earlier merge's tasks is left to enter the new one
+    twice = _copy(shards / "a", tmp_path / "twice")
+    r = _cli("merge-shards", TINY, shards / "a", twice, "--out", out, "--data-dir", glue_dir, "--allow-partial")
     assert r.exit_code == 0, r.output
     assert set(_json(out / "phase4/drift/hypothesis_test_results.json")["H1b"]["per_task"]) == {"sst2"}
     assert sorted(p.name for p in (out / "phase2").iterdir() if p.is_dir()) == ["sst2"]
+    assert [(s["dir"], s["tasks"], s["same_as_another_shard"]) for s in _json(out / "manifest.json")["shards"]] \
+        == [("a", ["sst2"], []), ("twice", [], ["sst2"])]
     # a study's own results dir is never merged into
     r = _cli("merge-shards", TINY, shards / "a", shards / "b", "--out", shards / "b", "--data-dir", glue_dir)
     assert r.exit_code == 2 and "is the output dir" in r.output

@@ -3,8 +3,8 @@
 A study can be run at task granularity: ``lorastudy run CONFIG --set tasks=[sst2]`` on one machine and
 ``--set tasks=[mrpc,rte]`` on another, each into its own results dir (a shard). ``merge_shards`` checks that the
 shards are the same study as CONFIG except for ``tasks`` (recorded configs, data identity per task), that no task
-is in two shards and that every task of CONFIG is covered, then builds one results dir for CONFIG from the shards'
-small artifacts only:
+is in two shards with different results and that every task of CONFIG is covered, then builds one results dir for
+CONFIG from the shards' small artifacts only:
 
 - phase 0 ``sanity.json`` / ``baselines.json``: the union of the shards' per-task records, in CONFIG's order;
 - phase 1 per task x method: ``trials.{csv,json}``, ``best.yaml``, plots, ``analysis/*_optimal.yaml``, the Optuna
@@ -107,8 +107,12 @@ def check_shards(cfg: StudyConfig, shards: list[Shard], allow_partial: bool = Fa
             if t not in cfg.tasks:
                 raise MergeError(f"shard {sh.path}: task {t!r} is not in the config's tasks {cfg.tasks}")
             if t in owner:
-                raise MergeError(f"task {t!r} is in two shards, {owner[t].path} and {sh.path}; a task must come "
-                                 "from one shard (merge one of them without it)")
+                why = _differs(cfg, t, owner[t], sh)
+                if why:
+                    raise MergeError(f"task {t!r} is in two shards, {owner[t].path} and {sh.path}, with different "
+                                     f"results ({why}); a task must come from one shard (merge one of them "
+                                     "without it)")
+                continue  # the same results twice (e.g. one shard copied twice): the first shard's are used
             if data.get(t) != want[t]:
                 keys = sorted(k for k in set(data.get(t) or {}) | set(want[t])
                               if (data.get(t) or {}).get(k) != want[t].get(k))
@@ -132,6 +136,31 @@ def check_shards(cfg: StudyConfig, shards: list[Shard], allow_partial: bool = Fa
                          f"{', '.join(str(s.path) for s in shards)}); add their shard, or --allow-partial for a "
                          "report without them")
     return {t: owner[t] for t in cfg.tasks if t in owner}
+
+
+# keys of a run's metrics.json that measure the machine, not the result (they differ between identical reruns)
+TIMING_KEYS = ("train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_bytes")
+
+
+def _differs(cfg: StudyConfig, task: str, a: Shard, b: Shard) -> str | None:
+    """The first artifact of ``task`` whose content differs between shards ``a`` and ``b`` (its drift analysis
+    state, byte for byte; a phase-2 run's metrics apart from ``TIMING_KEYS``, or its presence), else None."""
+    from lorastudy.drift import task_state_path
+
+    sa, sb = task_state_path(a.path, task), task_state_path(b.path, task)
+    if not (sa.is_file() and sb.is_file()) or sa.read_bytes() != sb.read_bytes():
+        return str(sa.relative_to(a.path))
+    for m in cfg.methods:
+        for s in cfg.seeds:
+            ma, mb = (store.run_dir(sh.path, task, m, s) / "metrics.json" for sh in (a, b))
+            if ma.is_file() != mb.is_file():
+                return str(ma.relative_to(a.path))
+            if ma.is_file():
+                da, db = (store.read_json(x) for x in (ma, mb))
+                if {k: v for k, v in da.items() if k not in TIMING_KEYS} != \
+                        {k: v for k, v in db.items() if k not in TIMING_KEYS}:
+                    return str(ma.relative_to(a.path))
+    return None
 
 
 def _copytree(src: Path, dst: Path) -> None:
@@ -280,6 +309,7 @@ def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = No
         store.atomic_write_json(out / "phase2" / "summary.json", p2)
         record_shards(out, [{"dir": sh.name, "config_hash": sh.manifest.get("config_hash"),
                              "code": sh.manifest.get("code"), "tasks": [t for t, o in owner.items() if o is sh],
+                             "same_as_another_shard": [t for t in sh.cfg.tasks if t in owner and owner[t] is not sh],
                              "phases_seconds": _phase_seconds(sh.path)} for sh in shards])
         run_drift(mcfg, log=log)
         build_report(mcfg)
