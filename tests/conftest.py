@@ -38,3 +38,18 @@ def tiny_cfg(tmp_path, glue_dir):
 
     return load_config(REPO / "configs" / "tiny.yaml",
                        [f"data.source={glue_dir}", f"output_dir={tmp_path / 'results'}"])
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, glue_dir) -> Path:
+    """The tiny preset (configs/tiny.yaml) run end to end once per test session, for the tests that read a whole
+    study (tests/test_pipeline.py, tests/test_merge.py). Read it, never edit it: copy it first."""
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    out = tmp_path_factory.mktemp("tiny") / "results"
+    r = CliRunner().invoke(app, ["run", str(REPO / "configs" / "tiny.yaml"), "--data-dir", str(glue_dir), "--set",
+                                 f"output_dir={out}"])
+    assert r.exit_code == 0, r.output
+    return out

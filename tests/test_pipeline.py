@@ -29,11 +29,8 @@ def _cli(*args):
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, glue_dir):
-    out = tmp_path_factory.mktemp("tiny") / "results"
-    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}")
-    assert r.exit_code == 0, r.output
-    return out, None  # (no timing here: timings belong in benchmarks, not in assertions)
+def study(tiny_study):
+    return tiny_study, None  # (no timing here: timings belong in benchmarks, not in assertions)
 
 
 def study_glue(out: Path) -> str:

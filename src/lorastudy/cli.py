@@ -422,6 +422,35 @@ def report(
     console.print(f"wrote {path} and {path.with_suffix('.html')}")
 
 
+@app.command("merge-shards")
+@_handle_errors
+def merge_shards_cmd(
+    config: ConfigArg,
+    shards: Annotated[list[Path], typer.Argument(help="Results dirs of task shards of CONFIG (`lorastudy run "
+                                                      "CONFIG --set tasks=[...]` on each machine)")],
+    out: Annotated[Path | None, typer.Option("--out", help="Merged results dir (default: CONFIG's output_dir)")] = None,
+    allow_partial: Annotated[bool, typer.Option("--allow-partial", help="Merge even when some of CONFIG's tasks "
+                                                                         "are in no shard (they are reported "
+                                                                         "missing)")] = False,
+    set_: SetOpt = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Merge task shards of one study into one results dir: their small artifacts (metrics, trial tables, LoRA
+    adapters, per-task drift state; not full-FT weights or representations), then drift's pooled statistics
+    (overall H1b) recomputed over the union of tasks, and the report. Serving: run `--only serve` on the result."""
+    from lorastudy.merge import merge_shards
+
+    cfg = _load(config, set_, data_dir)
+    res = merge_shards(cfg, shards, out=out, allow_partial=allow_partial, log=console.print)
+    for t, name in res["tasks"].items():
+        console.print(f"{t}: from {name}")
+    if res["missing"]:
+        console.print(f"[yellow]missing tasks (no shard):[/] {', '.join(res['missing'])}")
+    console.print(f"wrote {res['out']} (drift and report over the merged tasks); serving: `lorastudy run CONFIG "
+                  f"--only serve --set output_dir={res['out']}`, then `lorastudy report {res['out']}`",
+                  markup=False, highlight=False)
+
+
 @app.command()
 @_handle_errors
 def run(

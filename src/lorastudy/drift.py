@@ -464,7 +464,53 @@ def load_correct(cfg) -> dict:
     return out
 
 
+def task_state_path(out, task: str):
+    """Where the drift phase keeps one task's analysis state: ``phase4/drift/tasks/<task>.json``."""
+    from pathlib import Path
+
+    return Path(out) / "phase4" / "drift" / "tasks" / f"{task}.json"
+
+
+def write_task_state(cfg, task: str, summary: dict, secondary: dict) -> None:
+    """Persist one task's analysis state: its ``summarize_task`` output (private leave-one-out drift per method
+    included: the overall H1b's stratified jackknife needs it) and its secondary-pooling entry, with the drift
+    settings it was computed with. A few KB per task (O(probe rows)), so a results dir without representations
+    (e.g. one merged from task shards, ``lorastudy merge``) can still recompute every pooled statistic.
+
+    Written with Python's JSON, which keeps NaN (undefined values) as NaN, so the state reloads to the same floats
+    bit for bit (repr round-trips float64). Raises StoreError when the file cannot be written."""
+    from lorastudy import store
+
+    store.atomic_write_json(task_state_path(cfg.out, task), {
+        "task": task, "drift_settings": cfg.drift.model_dump(mode="json"),
+        "runs": [list(r) for r in sorted({(p["method"], p["seed"]) for p in summary["per_run"]})],
+        "summary": summary, "secondary": secondary})
+
+
+def load_task_state(cfg, task: str, log=print) -> tuple[dict, dict] | None:
+    """``(summary, secondary)`` of ``write_task_state`` for ``task``, or None when there is none or it was
+    computed with other drift settings than ``cfg.drift`` (stale: logged). Arrays the pooled statistics compute
+    with come back as numpy arrays. Raises StoreError on a corrupted file."""
+    from lorastudy import store
+
+    path = task_state_path(cfg.out, task)
+    if not path.is_file():
+        return None
+    st = store.read_json(path)
+    if st.get("drift_settings") != cfg.drift.model_dump(mode="json"):
+        log(f"drift: {path} was computed with other drift settings; ignored (extract and rerun drift)")
+        return None
+    summary = st["summary"]
+    c = summary.get("comparison")
+    if c is not None:
+        c["_loo_full"], c["_loo_lora"] = np.asarray(c["_loo_full"], float), np.asarray(c["_loo_lora"], float)
+    return summary, st["secondary"]
+
+
 def run_drift(cfg, log=print) -> dict:
+    """Phase 4A over the study in ``cfg.out``: per task, the analysis of its representations (persisted as its
+    analysis state, ``write_task_state``), or, for a task whose representations are not here, its persisted state;
+    then H1a (from the phase-2 test predictions), H1b per task and overall, the JSON artifacts and figures."""
     from lorastudy import store
     from lorastudy.report import figures
 
@@ -475,7 +521,13 @@ def run_drift(cfg, log=print) -> dict:
     for task in cfg.tasks:
         reps = load_task_reps(cfg, task)
         if reps is None or not reps["last"].runs:
-            log(f"drift: no representations for {task}; run extract first")
+            state = load_task_state(cfg, task, log)
+            if state is None:
+                log(f"drift: no representations for {task}; run extract first")
+                continue
+            # e.g. a results dir merged from task shards: representations stay on the machine that made them
+            log(f"drift: {task} from its analysis state {task_state_path(cfg.out, task)} (no representations here)")
+            summaries[task], results["secondary"][task] = state
             continue
         summaries[task] = summarize_task(analyze_task(reps["last"]), d.n_resamples, d.seed, d.h1b_min_reduction)
         sm = summarize_task(analyze_task(reps["mean"]), d.n_resamples, d.seed, d.h1b_min_reduction)
@@ -483,6 +535,7 @@ def run_drift(cfg, log=print) -> dict:
                                       "profiles": {m: {"drift": p["drift"], "whole_model_drift":
                                                        p["whole_model_drift"]} for m, p in sm["profiles"].items()},
                                       "drift_reduction": sm.get("comparison", {}).get("drift_reduction")}
+        write_task_state(cfg, task, summaries[task], results["secondary"][task])
     hyp = {"alpha": d.alpha,
            "H1a": h1a(load_correct(cfg), d.h1a_margin_points, d.n_resamples, d.seed, d.alpha),
            "H1b": h1b(summaries, d.h1b_min_reduction, d.alpha)}

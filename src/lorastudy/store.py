@@ -148,11 +148,13 @@ def _inventory(root: Path) -> dict[str, dict]:
     return files
 
 
-def is_complete(path: Path) -> bool:
+def is_complete(path: Path, skip: tuple[str, ...] = ()) -> bool:
     """Whether the unit directory ``path`` is finished and intact: its COMPLETE marker exists and every artifact it
     lists is there with its recorded size (and checksum, for small files). A unit with a missing or corrupted
     artifact is not complete, so it is recomputed (deleting a corrupted file, as error messages advise, works).
-    Markers written before artifacts were listed (``ok``) count when every JSON file of the unit parses."""
+    Markers written before artifacts were listed (``ok``) count when every JSON file of the unit parses.
+    ``skip``: prefixes of listed files not required (e.g. ``("model/",)``: a task shard copied without full
+    fine-tuned weights, ``lorastudy.merge``)."""
     path = Path(path)
     try:
         text = (path / COMPLETE).read_text()
@@ -168,6 +170,8 @@ def is_complete(path: Path) -> bool:
             return False
         return text.strip() == "ok"
     for rel, want in files.items():
+        if skip and rel.startswith(skip):
+            continue
         p = path / rel
         try:
             if p.stat().st_size != want["size"] or ("sha256" in want and _sha256(p) != want["sha256"]):
@@ -177,11 +181,12 @@ def is_complete(path: Path) -> bool:
     return True
 
 
-def check_not_damaged(path: Path, how: str) -> None:
+def check_not_damaged(path: Path, how: str, skip: tuple[str, ...] = ()) -> None:
     """StoreError when the unit ``path`` has its COMPLETE marker but a missing or corrupted artifact (so it is not
-    complete): readers must not skip it silently; ``how`` says which command recomputes it."""
+    complete): readers must not skip it silently; ``how`` says which command recomputes it. ``skip``: as for
+    ``is_complete``."""
     path = Path(path)
-    if (path / COMPLETE).is_file() and not is_complete(path):
+    if (path / COMPLETE).is_file() and not is_complete(path, skip):
         raise StoreError(f"{path}: an artifact is missing or corrupted (it does not match the COMPLETE marker's "
                          f"list); {how} recomputes this unit")
 
@@ -264,9 +269,12 @@ def rep_dir(out: Path, task: str, method: str | None = None, seed: int | None = 
 def check_manifest(cfg, force: bool = False) -> None:
     """Refuse to mix results of different configs in one directory (unless ``force``). The manifest records the
     config hash (which covers the data by content) and, under ``"data"``, ``data.data_identity(cfg)``: per task the
-    files with their sha256, the rows per split, rows kept out of validation as copies, split overlaps."""
+    files with their sha256, the rows per split, rows kept out of validation as copies, split overlaps; a dir merged
+    from task shards also keeps ``"shards"`` (``lorastudy.merge``: each shard's dir name, config hash, code version,
+    tasks)."""
     out = cfg.out
     man = out / "manifest.json"
+    kept = {}
     if man.is_file():
         old = read_json(man)
         if old.get("config_hash") != cfg.hash() and not force:
@@ -275,11 +283,13 @@ def check_manifest(cfg, force: bool = False) -> None:
                 "use another output_dir, or --force to reuse it (finished units will be recomputed only where "
                 "their own recorded config differs)"
             )
+        if old.get("config_hash") == cfg.hash() and "shards" in old:
+            kept["shards"] = old["shards"]  # a dir merged from task shards (lorastudy.merge) keeps their record
     from lorastudy.config import dump_yaml
     from lorastudy.data import data_identity
 
     atomic_write_json(man, {"config_hash": cfg.hash(), "name": cfg.name, "code": code_version(),
-                            "data": data_identity(cfg)})
+                            "data": data_identity(cfg), **kept})
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
 
 

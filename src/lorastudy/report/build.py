@@ -113,6 +113,7 @@ def collect(cfg) -> dict:
     ctx: dict = {"cfg": cfg.resolved(), "name": cfg.name, "config_hash": man.get("config_hash", cfg.hash()),
                  "tasks": cfg.tasks, "methods": cfg.methods, "seeds": cfg.seeds}
     ctx["code"] = man.get("code", store.code_version())
+    ctx["shards"] = man.get("shards")  # a dir merged from task shards (lorastudy.merge): their provenance
     ctx["sanity"] = (_read(out / "phase0" / "sanity.json") or {}).get("results")
     ctx["baselines"] = (_read(out / "phase0" / "baselines.json") or {}).get("results")
     ctx["tuning"] = _read(out / "phase1" / "summary.json")

@@ -1,0 +1,348 @@
+"""Task shards of one study, run on several machines, merged into one results dir (``lorastudy merge-shards``).
+
+A study can be run at task granularity: ``lorastudy run CONFIG --set tasks=[sst2]`` on one machine and
+``--set tasks=[mrpc,rte]`` on another, each into its own results dir (a shard). ``merge_shards`` checks that the
+shards are the same study as CONFIG except for ``tasks`` (recorded configs, data identity per task), that no task
+is in two shards with different results and that every task of CONFIG is covered, then builds one results dir for
+CONFIG from the shards' small artifacts only:
+
+- phase 0 ``sanity.json`` / ``baselines.json``: the union of the shards' per-task records, in CONFIG's order;
+- phase 1 per task x method: ``trials.{csv,json}``, ``best.yaml``, plots, ``analysis/*_optimal.yaml``, the Optuna
+  studies (copied into the merged ``optuna.db`` when a shard used the default SQLite storage), ``summary.json``;
+- phase 2 run dirs: ``metrics.json``, ``config.yaml``, ``code_version.json``, LoRA adapters (and the tiny model's
+  ``base_model/``), failure records; full fine-tuned weights (``model/``) are left out and listed in ``MERGED.json``;
+- phase 3: ``probe.json`` only (representations stay where they were extracted);
+- phase 4A: each task's analysis state (``drift.write_task_state``), from which ``drift.run_drift`` recomputes
+  every statistic pooled across tasks (overall H1b, Holm over tasks, H1a's family) exactly as on one machine.
+
+Serving results are not copied: a shard's benchmark covers only its own tasks' adapters, so the study's serving
+benchmark is measured on the merged dir (it holds every adapter): ``lorastudy run CONFIG --only serve``.
+The merged ``manifest.json`` records the shards (dir name, config hash, code version, tasks, phase wall times)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from lorastudy import store
+from lorastudy.config import StudyConfig
+
+# Keys of the resolved config that may differ between the shards of one study: the tasks (what shards split),
+# where results and data lie (the data are compared by identity instead), and what does not change results
+# (the config hash leaves out serving knobs and experiment tracking too).
+SHARD_FREE_KEYS = ("tasks", "output_dir", "data.source", "serve", "tracking")
+MERGED = "MERGED.json"
+WEIGHTS = ("model/",)  # full fine-tuned weights in a run dir: not merged (GBs), not needed by drift or the report
+
+
+class MergeError(store.StoreError):
+    """The shards cannot be merged into one study (exit 2); the message names the shard dir and the field."""
+
+
+@dataclass
+class Shard:
+    path: Path
+    cfg: StudyConfig  # the config recorded in the shard (its output_dir pointing at the shard)
+    manifest: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _free(key: str) -> bool:
+    return any(key == f or key.startswith(f"{f}.") for f in SHARD_FREE_KEYS)
+
+
+def study_differences(cfg: StudyConfig, shard: StudyConfig) -> list[str]:
+    """Dotted config keys (``SHARD_FREE_KEYS`` left out) whose values differ between CONFIG and a shard's recorded
+    config, as 'key: config X, shard Y' lines; empty when they are the same study."""
+    a, b = _flat(cfg.resolved()), _flat(shard.resolved())
+    return [f"{k}: config {a.get(k)!r}, shard {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if not _free(k) and a.get(k) != b.get(k)]
+
+
+def load_shard(path: Path) -> Shard:
+    """A shard's recorded config and manifest. Raises MergeError when ``path`` is not a results dir."""
+    from lorastudy.report.build import recorded_config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise MergeError(f"shard {path}: not a directory")
+    man = path / "manifest.json"
+    if not (path / "config.yaml").is_file() or not man.is_file():
+        raise MergeError(f"shard {path}: no config.yaml/manifest.json; not a results dir of `lorastudy run`")
+    return Shard(path, recorded_config(path), store.read_json(man))
+
+
+def check_shards(cfg: StudyConfig, shards: list[Shard], allow_partial: bool = False) -> dict[str, Shard]:
+    """Which shard provides each task of ``cfg``; MergeError (naming the shard dir and the field) when a shard is
+    another study (config other than ``tasks``, data of a task with another identity), has a task outside the
+    config, shares a task with another shard, lacks a task's drift analysis state, or when a task of the config is
+    in no shard (unless ``allow_partial``). Reads the config's data (``data.data_identity``): DataError."""
+    from lorastudy.data import data_identity
+    from lorastudy.drift import task_state_path
+
+    want = data_identity(cfg)
+    owner: dict[str, Shard] = {}
+    for sh in shards:
+        diff = study_differences(cfg, sh.cfg)
+        if diff:
+            raise MergeError(f"shard {sh.path}: its recorded config.yaml is another study than the config (only "
+                             f"tasks may differ): " + "; ".join(diff[:8]) + ("; …" if len(diff) > 8 else ""))
+        data = sh.manifest.get("data") or {}
+        for t in sh.cfg.tasks:
+            if t not in cfg.tasks:
+                raise MergeError(f"shard {sh.path}: task {t!r} is not in the config's tasks {cfg.tasks}")
+            if t in owner:
+                why = _differs(cfg, t, owner[t], sh)
+                if why:
+                    raise MergeError(f"task {t!r} is in two shards, {owner[t].path} and {sh.path}, with different "
+                                     f"results ({why}); a task must come from one shard (merge one of them "
+                                     "without it)")
+                continue  # the same results twice (e.g. one shard copied twice): the first shard's are used
+            if data.get(t) != want[t]:
+                keys = sorted(k for k in set(data.get(t) or {}) | set(want[t])
+                              if (data.get(t) or {}).get(k) != want[t].get(k))
+                raise MergeError(f"shard {sh.path}: manifest.json data.{t} differs from the config's data "
+                                 f"({', '.join(keys) or 'missing'}): the shard was run on other data")
+            state = task_state_path(sh.path, t)
+            if not state.is_file():
+                raise MergeError(f"shard {sh.path}: no drift analysis state for {t} "
+                                 f"({state.relative_to(sh.path)}); run the drift phase "
+                                 "there first (`lorastudy run SHARD_CONFIG --only drift`)")
+            done = sorted([m, s] for m in cfg.methods for s in cfg.seeds
+                          if run_complete(store.run_dir(sh.path, t, m, s)))
+            if sorted(store.read_json(state).get("runs", [])) != done:
+                raise MergeError(f"shard {sh.path}: {state.relative_to(sh.path)} covers other runs than the "
+                                 f"shard's complete phase-2 runs of {t} ({done}); rerun extract and drift there "
+                                 "(`lorastudy run SHARD_CONFIG --from extract`)")
+            owner[t] = sh
+    missing = [t for t in cfg.tasks if t not in owner]
+    if missing and not allow_partial:
+        raise MergeError(f"tasks {missing} of the config are in no shard (shards: "
+                         f"{', '.join(str(s.path) for s in shards)}); add their shard, or --allow-partial for a "
+                         "report without them")
+    return {t: owner[t] for t in cfg.tasks if t in owner}
+
+
+# keys of a run's metrics.json that measure the machine, not the result (they differ between identical reruns)
+TIMING_KEYS = ("train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_bytes")
+
+
+def _differs(cfg: StudyConfig, task: str, a: Shard, b: Shard) -> str | None:
+    """The first artifact of ``task`` whose content differs between shards ``a`` and ``b`` (its drift analysis
+    state, byte for byte; a phase-2 run's metrics apart from ``TIMING_KEYS``, or its presence), else None."""
+    from lorastudy.drift import task_state_path
+
+    sa, sb = task_state_path(a.path, task), task_state_path(b.path, task)
+    if not (sa.is_file() and sb.is_file()) or sa.read_bytes() != sb.read_bytes():
+        return str(sa.relative_to(a.path))
+    for m in cfg.methods:
+        for s in cfg.seeds:
+            ma, mb = (store.run_dir(sh.path, task, m, s) / "metrics.json" for sh in (a, b))
+            if ma.is_file() != mb.is_file():
+                return str(ma.relative_to(a.path))
+            if ma.is_file():
+                da, db = (store.read_json(x) for x in (ma, mb))
+                if {k: v for k, v in da.items() if k not in TIMING_KEYS} != \
+                        {k: v for k, v in db.items() if k not in TIMING_KEYS}:
+                    return str(ma.relative_to(a.path))
+    return None
+
+
+def _copytree(src: Path, dst: Path) -> None:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+
+
+def _copyfile(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+
+
+def run_complete(rd: Path) -> bool:
+    """Whether a shard's phase-2 run dir is complete apart from full fine-tuned weights (``model/``), which need
+    not travel with a shard. Raises StoreError when its marker is there but another listed file is missing or
+    corrupted."""
+    store.check_not_damaged(rd, "copying the shard again (or rerunning its training there)", skip=WEIGHTS)
+    return store.is_complete(rd, skip=WEIGHTS)
+
+
+def _copy_run(src: Path, dst: Path, shard: Shard) -> None:
+    """One phase-2 run dir without full fine-tuned weights (``model/``), rebuilt with its own COMPLETE marker (so it
+    lists what is there) and a ``MERGED.json`` naming the shard and what was left out."""
+    try:
+        marker = json.loads((src / store.COMPLETE).read_text())
+    except ValueError:  # a marker of older code ("ok")
+        marker = {}
+    omitted = {k: v for k, v in marker.get("files", {}).items() if k.startswith(WEIGHTS)} or {
+        str(p.relative_to(src)): {"size": p.stat().st_size} for p in sorted((src / "model").rglob("*"))
+        if p.is_file()}
+    with store.staging_dir(dst) as tmp:
+        for p in src.iterdir():
+            if p.name in (store.COMPLETE, "model"):
+                continue
+            (_copytree if p.is_dir() else _copyfile)(p, tmp / p.name)
+        cfg_json = tmp / "adapter" / "adapter_config.json"
+        if cfg_json.is_file():  # the tiny model's base is saved beside the run: point at the merged copy
+            ac = json.loads(cfg_json.read_text())
+            # (recorded where the shard was written, maybe another machine: matched by its place in the layout)
+            base = Path(str(ac.get("base_model_name_or_path")))
+            if (src / "base_model").is_dir() and base.parts[-5:] == (*src.parts[-4:], "base_model"):
+                ac["base_model_name_or_path"] = str(dst.resolve() / "base_model")
+                cfg_json.write_text(json.dumps(ac, indent=2, sort_keys=True) + "\n")
+        (tmp / MERGED).write_text(json.dumps({"shard": shard.name, "finished": marker.get("finished"),
+                                              "omitted": omitted}, indent=1) + "\n")
+
+
+def _phase_file(shard: Shard, name: str):
+    """A shard's phase-0 results (``write_current`` format) when they belong to its recorded config, else None."""
+    p = shard.path / "phase0" / name
+    if not p.is_file():
+        return None
+    doc = store.read_json(p)
+    return doc.get("results") if doc.get("config_hash") == shard.manifest.get("config_hash") else None
+
+
+def _copy_studies(mcfg: StudyConfig, shard: Shard, names: list[str]) -> None:
+    """The shard's Optuna studies into the merged storage (so that tuning sees them complete); only from the
+    default per-results-dir SQLite file: a shared storage (``search.storage``) already holds them."""
+    import optuna
+
+    from lorastudy.tuning import storage_url
+
+    db = shard.path / "phase1" / "optuna.db"
+    if mcfg.search.storage or not db.is_file():
+        return
+    src, dst = f"sqlite:///{db.resolve()}", storage_url(mcfg)
+    have = {s.study_name for s in optuna.get_all_study_summaries(dst)}
+    for n in names:
+        if n not in have:
+            optuna.copy_study(from_study_name=n, from_storage=src, to_storage=dst)
+
+
+def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = None, allow_partial: bool = False,
+                 log=print) -> dict:
+    """Build one results dir for ``cfg`` (at ``out``, default ``cfg.out``) from task shards (module docstring),
+    recompute drift over the union of tasks from the per-task analysis states, and write the report.
+
+    Returns ``{"out", "tasks": {task: shard dir name}, "missing": [...]}``. Raises MergeError (a StoreError: exit
+    2) naming the shard and field when the shards are not one study, DataError when the config's data cannot be
+    read, StoreError when ``out`` holds another config's results or cannot be written."""
+    from lorastudy.drift import run_drift, task_state_path
+    from lorastudy.report.build import build_report
+    from lorastudy.tuning import _write_summary
+
+    shards = [load_shard(Path(d)) for d in shard_dirs]
+    if not shards:
+        raise MergeError("no shard dirs given")
+    out = Path(out) if out is not None else cfg.out
+    for sh in shards:
+        if sh.path.resolve() == out.resolve():
+            raise MergeError(f"shard {sh.path} is the output dir; merge into another directory")
+    owner = check_shards(cfg, shards, allow_partial)
+    mcfg = cfg.model_copy(update={"output_dir": str(out).replace("{", "{{").replace("}", "}}")})
+    order = {(t, m): i for i, (t, m) in enumerate((t, m) for t in cfg.tasks for m in cfg.methods)}
+    with store.results_lock(out):
+        _clear_previous_merge(out)
+        store.check_manifest(mcfg)
+        sanity, baselines, studies, failures = [], {}, [], []
+        p2 = {"trained": [], "skipped_complete": [], "failures": [], "not_started": 0}
+        for t, sh in owner.items():
+            src = sh.path
+            for m in cfg.methods:
+                if (src / "phase1" / f"{t}_{m}").is_dir():
+                    _copytree(src / "phase1" / f"{t}_{m}", out / "phase1" / f"{t}_{m}")
+                opt = src / "analysis" / f"{t}_{m}_optimal.yaml"
+                if opt.is_file():
+                    _copyfile(opt, out / "analysis" / opt.name)
+                for s in cfg.seeds:
+                    rs, rd = store.run_dir(src, t, m, s), store.run_dir(out, t, m, s)
+                    failed = rs.parent / f"{rs.name}.{store.FAILED}"
+                    if run_complete(rs):
+                        _copy_run(rs, rd, sh)
+                    elif failed.is_file():
+                        _copyfile(failed, rd.parent / failed.name)
+            probe = src / "phase3" / t / "probe.json"
+            if probe.is_file():
+                _copyfile(probe, out / "phase3" / t / "probe.json")
+            _copyfile(task_state_path(src, t), task_state_path(out, t))
+        for sh in shards:
+            tasks = [t for t, o in owner.items() if o is sh]
+            sanity += [r for r in _phase_file(sh, "sanity.json") or [] if r["task"] in tasks]
+            baselines.update({t: v for t, v in (_phase_file(sh, "baselines.json") or {}).items() if t in tasks})
+            p1 = sh.path / "phase1" / "summary.json"
+            if p1.is_file():
+                summ = store.read_json(p1)
+                mine = [s for s in summ["studies"] if s["task"] in tasks]
+                studies += mine
+                failures += [{**f, "shard": sh.name} for f in summ.get("failures", [])]
+                _copy_studies(mcfg, sh, [s["study"] for s in mine if s.get("study")])
+            if (sh.path / "phase2" / "summary.json").is_file():
+                s2 = store.read_json(sh.path / "phase2" / "summary.json")
+                for k in ("trained", "skipped_complete", "failures"):
+                    p2[k] += s2.get(k, [])
+                p2["not_started"] += s2.get("not_started", 0)
+        if sanity:
+            sanity.sort(key=lambda r: order.get((r["task"], r["method"]), len(order)))
+            store.write_current(out / "phase0" / "sanity.json", mcfg, sanity)
+        if baselines:
+            store.write_current(out / "phase0" / "baselines.json", mcfg,
+                                {t: baselines[t] for t in cfg.tasks if t in baselines})
+        if studies:
+            studies.sort(key=lambda s: order.get((s["task"], s["method"]), len(order)))
+            _write_summary(mcfg, studies, failures)
+        store.atomic_write_json(out / "phase2" / "summary.json", p2)
+        record_shards(out, [{"dir": sh.name, "config_hash": sh.manifest.get("config_hash"),
+                             "code": sh.manifest.get("code"), "tasks": [t for t, o in owner.items() if o is sh],
+                             "same_as_another_shard": [t for t in sh.cfg.tasks if t in owner and owner[t] is not sh],
+                             "phases_seconds": _phase_seconds(sh.path)} for sh in shards])
+        run_drift(mcfg, log=log)
+        build_report(mcfg)
+    missing = [t for t in cfg.tasks if t not in owner]
+    return {"out": str(out), "tasks": {t: sh.name for t, sh in owner.items()}, "missing": missing}
+
+
+def _clear_previous_merge(out: Path) -> None:
+    """Empty ``out`` when it holds an earlier merge (everything in it came from shards; what a task no longer in
+    the shards left there must not enter the new one). MergeError when it holds anything else: a study's own
+    results (e.g. an unfinished one-machine run) are never overwritten."""
+    entries = [p for p in out.iterdir() if p.name != store.LOCK]
+    if not entries:
+        return
+    man = out / "manifest.json"
+    if not man.is_file() or "shards" not in store.read_json(man):
+        raise MergeError(f"--out {out} is not empty and not an earlier merge of shards; merge into an empty "
+                         "directory (the results there are left as they are)")
+    for p in entries:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _phase_seconds(path: Path) -> dict:
+    p = path / "run_summary.json"
+    try:
+        phases = store.read_json(p).get("phases", {}) if p.is_file() else {}
+    except store.StoreError:
+        return {}
+    return {k: v.get("seconds") for k, v in phases.items() if isinstance(v, dict)}
+
+
+def record_shards(out: Path, shards: list[dict]) -> None:
+    """Add the shards' provenance to ``out/manifest.json`` (kept by later ``check_manifest`` calls)."""
+    man = store.read_json(Path(out) / "manifest.json")
+    man["shards"] = shards
+    store.atomic_write_json(Path(out) / "manifest.json", man)

@@ -1,0 +1,211 @@
+"""A study run as task shards on two "machines" and merged (`lorastudy merge-shards`) equals the one-machine run.
+
+The one-machine run is the session's tiny study (conftest ``tiny_study``); the shards run the same config with
+``tasks=[sst2]`` and ``tasks=[mrpc,rte]`` into their own results dirs (~40 s of CPU in all)."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from lorastudy import store
+from lorastudy.cli import app
+from lorastudy.config import load_config
+from tests.conftest import REPO
+
+TINY = str(REPO / "configs" / "tiny.yaml")
+SHARDS = {"a": "[sst2]", "b": "[mrpc,rte]"}
+# what a rerun on another machine legitimately changes in a run's metrics.json
+TIMING = {"train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_bytes"}
+
+
+def _cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, glue_dir):
+    root = tmp_path_factory.mktemp("shards")
+    for name, tasks in SHARDS.items():
+        r = _cli("run", TINY, "--data-dir", glue_dir, "--set", f"output_dir={root / name}", "--set", f"tasks={tasks}")
+        assert r.exit_code == 0, r.output
+    return root
+
+
+@pytest.fixture(scope="module")
+def merged(shards, glue_dir):
+    """The README's recipe after the shards: merge, measure serving on the merged dir, report."""
+    out = shards / "merged"
+    b = _copy(shards / "b", shards / "light" / "b")  # as brought from machine B: no full-FT weights, no phase3/
+    r = _cli("merge-shards", TINY, shards / "a", b, "--out", out, "--data-dir", glue_dir)
+    assert r.exit_code == 0, r.output
+    r = _cli("run", TINY, "--only", "serve", "--data-dir", glue_dir, "--set", f"output_dir={out}")
+    assert r.exit_code == 0, r.output
+    r = _cli("report", out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    """A shard as copied to the merging machine without what merging does not read (full-FT weights, phase3/)."""
+    return Path(shutil.copytree(src, dst, ignore=shutil.ignore_patterns("phase3", "model")))
+
+
+def _json(path: Path):
+    return json.loads(path.read_text())
+
+
+# lines outside the RQ2 section that carry serving timings: the summary's and statistical table's H2 lines
+SERVING_LINES = ("- **H2 (serving):**", "| H2 |", "Serving one LoRA adapter per task costs")
+
+
+def _report_without_timings(text: str) -> tuple[list[str], int]:
+    """The report's lines with those that legitimately differ between a one-machine run and a merged one replaced
+    by a placeholder: serving (its own measurement: the RQ2 section, H2 and the serving cost lines), the training
+    wall-time column of the per-run table; the shard provenance paragraph (and its blank line) is removed.
+    Returns (lines, lines replaced)."""
+    out, n, section = [], 0, ""
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section = line
+        if line.startswith("Merged from task shards"):
+            assert out[-1] == ""
+            out.pop()
+            continue
+        if re.match(r"\| (sst2|mrpc|rte) \| (full|lora) \| \d+ \|", line):
+            line = line.rsplit("|", 2)[0] + "| <train seconds> |"  # last cell: wall time of the run
+        elif (section.startswith("## RQ2") and not line.startswith("## ")) or line.startswith(SERVING_LINES):
+            line, n = "<serving timing>", n + 1
+        out.append(line)
+    return out, n
+
+
+def test_merged_shards_equal_the_one_machine_run(tiny_study, merged, shards, glue_dir):
+    one, m = tiny_study, merged
+    # drift: every per-task number and the pooled ones (overall H1b from the per-task analysis states)
+    for f in ("hypothesis_test_results.json", "drift_analysis_results.json"):
+        assert _json(m / "phase4/drift" / f) == _json(one / "phase4/drift" / f), f
+    h_one, h_m = (_json(d / "phase4/drift/hypothesis_test_results.json")["H1b"]["overall"] for d in (one, m))
+    for k in ("estimate", "ci95", "se", "p_one_sided", "decision", "rule_decision"):
+        assert h_m[k] == h_one[k] and h_m[k] is not None, k
+    # phase 0, phase 1 and every run's metrics (timings aside)
+    for f in ("phase0/sanity.json", "phase0/baselines.json", "phase1/summary.json"):
+        assert _json(m / f) == _json(one / f), f
+    for f in sorted(one.glob("phase1/*/best.yaml")):
+        assert (m / f.relative_to(one)).read_text() == f.read_text()
+    runs = sorted(one.glob("phase2/*/*/seed*/metrics.json"))
+    assert len(runs) == 12
+    for f in runs:
+        a, b = _json(f), _json(m / f.relative_to(one))
+        assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    # the report: equal line for line except serving timings, training wall times and shard provenance
+    rep_one, n_one = _report_without_timings((one / "ANALYSIS_REPORT.md").read_text())
+    rep_m, n_m = _report_without_timings((m / "ANALYSIS_REPORT.md").read_text())
+    assert rep_m == rep_one and n_m == n_one
+    assert any("H1b" in line and "overall" in line.lower() for line in rep_m)
+    shard_line = [x for x in (m / "ANALYSIS_REPORT.md").read_text().splitlines() if x.startswith("Merged from")]
+    assert len(shard_line) == 1 and "`a` (sst2;" in shard_line[0] and "`b` (mrpc, rte;" in shard_line[0]
+    assert _cli("report", m, "--check").exit_code == 0
+
+
+def test_merged_dir_holds_small_artifacts_and_records_its_shards(merged, shards, glue_dir):
+    m = merged
+    cfg = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={m}"])
+    store.check_manifest(cfg)  # the merged dir is CONFIG's results dir (raises otherwise)
+    man = _json(m / "manifest.json")
+    assert man["config_hash"] == cfg.hash()
+    assert [(s["dir"], s["tasks"]) for s in man["shards"]] == [("a", ["sst2"]), ("b", ["mrpc", "rte"])]
+    for s in man["shards"]:
+        shard = _json(shards / s["dir"] / "manifest.json")
+        assert s["config_hash"] == shard["config_hash"] != cfg.hash() and s["code"] == shard["code"]
+        assert s["phases_seconds"]["train"] is not None
+    # no full fine-tuned weights, no representations; adapters, metrics and per-task drift state are there
+    assert not list(m.glob("phase2/*/full/*/model")) and not list(m.glob("phase3/**/*.safetensors"))
+    assert len(list(m.glob("phase2/*/lora/*/adapter/adapter_model.safetensors"))) == 6
+    assert sorted(p.name for p in m.glob("phase4/drift/tasks/*.json")) == ["mrpc.json", "rte.json", "sst2.json"]
+    for rd in m.glob("phase2/*/*/seed*"):
+        assert store.is_complete(rd), rd
+        rec = _json(rd / "MERGED.json")
+        assert rec["shard"] in SHARDS and bool(rec["omitted"]) == (rd.parent.name == "full")
+    adapter = _json(m / "phase2/rte/lora/seed42/adapter/adapter_config.json")
+    assert adapter["base_model_name_or_path"] == str((m / "phase2/rte/lora/seed42/base_model").resolve())
+    assert _json(m / "phase4/deployment/benchmark_results.json")["adapter_source"] == "phase-2 LoRA adapters"
+    from lorastudy.tuning import is_done
+
+    # the shards' Optuna studies were copied: tuning on the merged dir finds every study done (no retuning)
+    assert all(is_done(cfg, t, m_) for t in cfg.tasks for m_ in cfg.methods)
+
+
+
+
+def _edit_yaml(path: Path, fn) -> None:
+    doc = yaml.safe_load(path.read_text())
+    fn(doc)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def test_merge_refuses_what_is_not_one_study(shards, glue_dir, tmp_path):
+    a, b = shards / "a", shards / "b"
+
+    def merge(*dirs, extra=()):
+        return _cli("merge-shards", TINY, *dirs, "--out", tmp_path / "out", "--data-dir", glue_dir, *extra)
+
+    rerun = _copy(a, tmp_path / "rerun")  # sst2 again, with other results
+    state = rerun / "phase4/drift/tasks/sst2.json"
+    state.write_text(state.read_text().replace('"whole_model_drift": 0.', '"whole_model_drift": 1.', 1))
+    r = merge(a, b, rerun)
+    assert r.exit_code == 2 and "'sst2' is in two shards" in r.output and str(rerun) in r.output
+    assert "phase4/drift/tasks/sst2.json" in r.output
+    r = merge(b)
+    assert r.exit_code == 2 and "['sst2']" in r.output and "in no shard" in r.output and "--allow-partial" in r.output
+    other = _copy(b, tmp_path / "other")  # another study: a drift setting differs
+    _edit_yaml(other / "config.yaml", lambda d: d["drift"].update(n_resamples=400))
+    r = merge(a, other)
+    assert r.exit_code == 2 and str(other) in r.output and "drift.n_resamples" in r.output
+    data = _copy(b, tmp_path / "data")  # other data for rte
+    man = _json(data / "manifest.json")
+    man["data"]["rte"]["files"]["train"]["sha256"] = "0" * 64
+    (data / "manifest.json").write_text(json.dumps(man))
+    r = merge(a, data)
+    assert r.exit_code == 2 and str(data) in r.output and "data.rte" in r.output and "files" in r.output
+    stale = _copy(b, tmp_path / "nostate")  # run before the drift phase (or by older code): no per-task state
+    (stale / "phase4/drift/tasks/mrpc.json").unlink()
+    r = merge(a, stale)
+    assert r.exit_code == 2 and str(stale) in r.output and "mrpc" in r.output and "--only drift" in r.output
+    partial = _copy(b, tmp_path / "partial")  # drift ran before a run of rte was complete: stale state
+    shutil.rmtree(partial / "phase2/rte/lora/seed42")
+    r = merge(a, partial)
+    assert r.exit_code == 2 and str(partial) in r.output and "covers other runs" in r.output and "rte" in r.output
+    damaged = _copy(b, tmp_path / "damaged")  # a listed artifact other than full-FT weights went missing
+    (damaged / "phase2/mrpc/lora/seed42/metrics.json").unlink()
+    r = merge(a, damaged)
+    assert r.exit_code == 2 and "mrpc/lora/seed42" in r.output and "missing or corrupted" in r.output
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_partial_merge_when_allowed_and_a_shard_given_twice(shards, glue_dir, tmp_path):
+    out = tmp_path / "partial"
+    r = _cli("merge-shards", TINY, shards / "b", "--out", out, "--data-dir", glue_dir, "--allow-partial")
+    assert r.exit_code == 0, r.output
+    assert "missing tasks (no shard): sst2" in r.output
+    hyp = _json(out / "phase4/drift/hypothesis_test_results.json")
+    assert set(hyp["H1b"]["per_task"]) == set(hyp["H1a"]["per_task"]) == {"mrpc", "rte"}
+    assert _json(out / "phase4/drift/tasks/rte.json") == _json(shards / "b/phase4/drift/tasks/rte.json")
+    # merged again with only shard a, given twice (the same results: accepted, the first one's used): nothing of
+    # the earlier merge's tasks is left to enter the new one
+    twice = _copy(shards / "a", tmp_path / "twice")
+    r = _cli("merge-shards", TINY, shards / "a", twice, "--out", out, "--data-dir", glue_dir, "--allow-partial")
+    assert r.exit_code == 0, r.output
+    assert set(_json(out / "phase4/drift/hypothesis_test_results.json")["H1b"]["per_task"]) == {"sst2"}
+    assert sorted(p.name for p in (out / "phase2").iterdir() if p.is_dir()) == ["sst2"]
+    assert [(s["dir"], s["tasks"], s["same_as_another_shard"]) for s in _json(out / "manifest.json")["shards"]] \
+        == [("a", ["sst2"], []), ("twice", [], ["sst2"])]
+    # a study's own results dir is never merged into
+    r = _cli("merge-shards", TINY, shards / "a", shards / "b", "--out", shards / "b", "--data-dir", glue_dir)
+    assert r.exit_code == 2 and "is the output dir" in r.output
+    r = _cli("merge-shards", TINY, shards / "b", "--out", shards / "a", "--data-dir", glue_dir, "--allow-partial")
+    assert r.exit_code == 2 and "not an earlier merge of shards" in r.output
