@@ -394,8 +394,8 @@ def serving_run(stem: str, what: str, cmd: str) -> list[str]:
                         f"{100 * r['ci95'][1]:.1f}%] {r['decision']}" for r in h["per_batch_size"]) + "."]
         for r in o.get("vllm_vs_batched", []):
             out.append(f"\nvLLM vs our batched engine, b={r['batch_size']}: {r['vllm_ms']:.2f} vs "
-                       f"{r['batched_ms']:.2f} ms ({r['vllm_over_batched']:.2f}x slower, 95% CI "
-                       f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]).")
+                       f"{r['batched_ms']:.2f} ms (vLLM / batched - 1 = {100 * r['vllm_over_batched']:+.0f}%, 95% CI "
+                       f"[{100 * r['ci95'][0]:+.0f}%, {100 * r['ci95'][1]:+.0f}%]).")
     if d.get("vllm_parity"):
         p, v = d["vllm_parity"], d.get("vllm", {})
         out += ["", f"vLLM {v.get('version', '')} ({v.get('heads_reason', '')}): parity against {p['reference']} on "
