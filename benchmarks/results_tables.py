@@ -408,11 +408,20 @@ def serving_run(stem: str, what: str, cmd: str) -> list[str]:
                 + ("CUDA graphs, partial batches padded" if graphs else "eager") + "):", "",
                 "| batch | requests | A: merged per task rows/s | B: base + adapters mixed rows/s | B / A | "
                 "A weights MiB | B weights MiB |", "|---|---|---|---|---|---|---|"]
+        vt = bool(d["mixed_traffic"]) and "A (vLLM): merged per task" in d["mixed_traffic"][0]
+        if vt:  # the same streams served by vLLM (one merged engine per task vs one engine with the adapters)
+            out[-2] = out[-2][:-len("A weights MiB | B weights MiB |")] + "A in vLLM rows/s | B in vLLM rows/s | " \
+                "B / A in vLLM | A weights MiB | B weights MiB |"
+            out[-1] = "|---" * 10 + "|"
         for m in d["mixed_traffic"]:
             a, b = m["A: merged per task"], m["B: base + adapters, mixed"]
-            out.append(f"| {m['batch_size']} | {m['requests']} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f}"
-                       f" | {b['throughput_rps'] / a['throughput_rps']:.2f} | {a['weights_bytes'] / 2**20:.0f} | "
-                       f"{b['weights_bytes'] / 2**20:.0f} |")
+            row = (f"| {m['batch_size']} | {m['requests']} | {a['throughput_rps']:.0f} | {b['throughput_rps']:.0f}"
+                   f" | {b['throughput_rps'] / a['throughput_rps']:.2f} |")
+            if vt:
+                va, vb = m["A (vLLM): merged per task"], m["B (vLLM): base + adapters, mixed"]
+                row += (f" {va['throughput_rps']:.0f} | {vb['throughput_rps']:.0f} | "
+                        f"{vb['throughput_rps'] / va['throughput_rps']:.2f} |")
+            out.append(row + f" {a['weights_bytes'] / 2**20:.0f} | {b['weights_bytes'] / 2**20:.0f} |")
     return out + [""]
 
 
