@@ -209,3 +209,18 @@ def test_partial_merge_when_allowed_and_a_shard_given_twice(shards, glue_dir, tm
     assert r.exit_code == 2 and "is the output dir" in r.output
     r = _cli("merge-shards", TINY, shards / "b", "--out", shards / "a", "--data-dir", glue_dir, "--allow-partial")
     assert r.exit_code == 2 and "not an earlier merge of shards" in r.output
+
+
+
+def test_merge_refuses_a_shard_inside_the_earlier_merge_it_would_empty(shards, glue_dir, tmp_path):
+    """Shards copied into the dir of an earlier merge and merged into it again: merging empties that dir first, so
+    the shards were deleted before being read (and the merge died with a FileNotFoundError traceback). Refused,
+    exit 2, nothing deleted."""
+    out = tmp_path / "merged"
+    r = _cli("merge-shards", TINY, shards / "a", shards / "b", "--out", out, "--data-dir", glue_dir)
+    assert r.exit_code == 0, r.output
+    a, b = _copy(shards / "a", out / "a"), _copy(shards / "b", out / "b")
+    r = _cli("merge-shards", TINY, a, b, "--out", out, "--data-dir", glue_dir)
+    assert r.exit_code == 2, r.output
+    assert "lies inside the output dir" in r.output and str(a) in r.output
+    assert (a / "phase4/drift/tasks/sst2.json").is_file() and (out / "manifest.json").is_file()
