@@ -395,7 +395,7 @@ def report(
 
     The report uses the configuration recorded with the results (config.yaml in the results directory), so the
     config, --set and --data-dir only locate the results; differences from the recorded config are listed."""
-    from lorastudy.report.build import build_report, check_report, config_differences, recorded_config
+    from lorastudy.report.build import ReportCheckError, build_report, check_report, config_differences, recorded_config
 
     if config.is_dir():
         if set_ or data_dir:
@@ -410,7 +410,12 @@ def report(
                           f"given differs in {len(diff)} field(s): " + "; ".join(diff[:5])
                           + ("; …" if len(diff) > 5 else ""), markup=False, highlight=False)
     if check:
-        bad = check_report(cfg)
+        try:
+            bad = check_report(cfg)
+        except ReportCheckError as e:  # a report file is missing: the check fails (exit 1), without a traceback
+            console.print(f"[bold red]report check failed:[/] {rich.markup.escape(str(e))}", markup=True,
+                          highlight=False)
+            raise typer.Exit(1) from None
         if bad:
             console.print(f"[bold red]report check failed:[/] {len(bad)} line(s) disagree with the artifacts")
             for line in bad[:20]:
