@@ -167,6 +167,26 @@ def test_cli_refuses_out_of_range_values_with_exit_2():
     assert r.exit_code == 2 and "hp.lr" in r.output and "Traceback" not in r.output
 
 
+def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir):
+    """Each used to run into a traceback (tune --method dora: KeyError; train --seed -1: numpy's ValueError) or be
+    taken silently (--workers 0 or -1 ran as 1 worker)."""
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    tiny, out = str(REPO / "configs" / "tiny.yaml"), f"output_dir={tmp_path / 'out'}"
+    for args, named in ((["tune", tiny, "--method", "dora"], "--method 'dora'"),
+                        (["train", tiny, "--task", "rte", "--method", "lora", "--seed", "-1"], "--seed"),
+                        (["train", tiny, "--task", "rte", "--method", "lora", "--seed", str(2**32)], "--seed"),
+                        (["tune", tiny, "--workers", "0"], "--workers"),
+                        (["train-all", tiny, "--workers", "-1"], "--workers"),
+                        (["run", tiny, "--workers", "0"], "--workers")):
+        r = CliRunner().invoke(app, [*args, "--set", out, "--data-dir", str(glue_dir)])
+        assert r.exit_code == 2 and named in r.output, (args, r.output)
+        assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (args, r.output)
+    assert not (tmp_path / "out").exists()
+
+
 # -- identity: the data by content ------------------------------------------------------------------------------------
 @pytest.fixture
 def two_copies(tmp_path, glue_dir):

@@ -177,7 +177,7 @@ def train(
     config: ConfigArg,
     task: Annotated[str, typer.Option(help="Task name, e.g. sst2")],
     method: Annotated[str, typer.Option(help="full | lora")],
-    seed: Annotated[int, typer.Option()] = 42,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 42,
     hparams: Annotated[Path | None, typer.Option(help="best.yaml from `tune` (hyperparameters)")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: results/<study>/phase2/...)")] = None,
     force: Annotated[bool, typer.Option(help="Retrain even if the run is complete")] = False,
@@ -281,7 +281,8 @@ def drift(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -
     console.print(f"wrote {cfg.out / 'phase4' / 'drift'}")
 
 
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (spread over visible GPUs)")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1,
+                                         help="Parallel worker processes (spread over visible GPUs)")]
 StreamsOpt = Annotated[int | None, typer.Option(
     "--streams", min=1, help="Runs at once inside each worker process, one thread and CUDA stream each "
                       "(default: 8 when runs train on a GPU, else 1)")]
@@ -311,6 +312,9 @@ def tune(
     for t in task or []:
         if t not in cfg.tasks:
             raise ConfigError(f"--task {t!r} is not in the config's tasks {cfg.tasks}")
+    for m in method or []:
+        if m not in cfg.methods:
+            raise ConfigError(f"--method {m!r} is not in the config's methods {cfg.methods}")
     store.check_manifest(cfg, force=force)
     with Progress("tune (trials)", console=console) as prog:
         res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog,
