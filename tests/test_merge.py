@@ -224,3 +224,20 @@ def test_merge_refuses_a_shard_inside_the_earlier_merge_it_would_empty(shards, g
     assert r.exit_code == 2, r.output
     assert "lies inside the output dir" in r.output and str(a) in r.output
     assert (a / "phase4/drift/tasks/sst2.json").is_file() and (out / "manifest.json").is_file()
+
+
+def test_serving_hint_after_a_merge_names_the_same_config_and_data(monkeypatch, tmp_path):
+    """The printed serving command is the one to run next: without the merge's --data-dir (and --set) it computed
+    another config hash (hub data) and was refused, exit 2, 'holds results of a different config'."""
+    import lorastudy.merge
+
+    monkeypatch.setattr(lorastudy.merge, "merge_shards",
+                        lambda cfg, shards, **kw: {"out": str(kw["out"]), "tasks": {}, "missing": []})
+    data = tmp_path / "my glue"
+    data.mkdir()
+    r = _cli("merge-shards", TINY, tmp_path, "--out", tmp_path / "m", "--data-dir", data,
+             "--set", "drift.n_resamples=400")
+    assert r.exit_code == 0, r.output
+    hint = re.sub(r"\s+", " ", r.output).split("serving: `", 1)[1].split("`", 1)[0]
+    assert hint == (f"lorastudy run {TINY} --only serve --set drift.n_resamples=400 --data-dir '{data}' "
+                    f"--set output_dir={tmp_path / 'm'}")

@@ -455,8 +455,15 @@ def merge_shards_cmd(
         console.print(f"{t}: from {name}")
     if res["missing"]:
         console.print(f"[yellow]missing tasks (no shard):[/] {', '.join(res['missing'])}")
-    console.print(f"wrote {res['out']} (drift and report over the merged tasks); serving: `lorastudy run CONFIG "
-                  f"--only serve --set output_dir={res['out']}`, then `lorastudy report {res['out']}`",
+    # the serving command must name the same data (and overrides) as this one: the config hash covers the data,
+    # and a results dir of another hash is refused
+    import shlex
+
+    same = "".join(f" --set {shlex.quote(s)}" for s in set_ or [])
+    same += f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
+    console.print(f"wrote {res['out']} (drift and report over the merged tasks); serving: `lorastudy run "
+                  f"{shlex.quote(str(config))} --only serve{same} --set "
+                  f"{shlex.quote('output_dir=' + str(res['out']))}`, then `lorastudy report {res['out']}`",
                   markup=False, highlight=False)
 
 
