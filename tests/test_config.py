@@ -187,6 +187,29 @@ def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir)
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_refuses_unclear_overrides_and_run_options_with_exit_2(tmp_path):
+    """--set with an empty key (or an empty part of a dotted key) was reported as "field (top level): unknown key";
+    --only with --from ran --only and ignored --from; a time budget <= 0 exited 0 having run nothing; config show
+    printed a whole config before an error about its data."""
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    for bad in ("=3", "train..lr=1", ".seeds=[1]", "train.=1"):
+        r = CliRunner().invoke(app, ["config", "show", tiny, "--set", bad])
+        assert r.exit_code == 2 and f"--set {bad!r}" in r.output and "dotted name" in r.output, (bad, r.output)
+    out = f"output_dir={tmp_path / 'out'}"
+    for args, named in ((["--only", "report", "--from", "drift"], "--only report and --from drift"),
+                        (["--time-budget", "-5"], "--time-budget -5"), (["--time-budget", "0"], "--time-budget 0")):
+        r = CliRunner().invoke(app, ["run", tiny, *args, "--set", out])
+        assert r.exit_code == 2 and named in r.output, (args, r.output)
+    assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(app, ["config", "show", tiny, "--set", f"data.source={tmp_path / 'nothing'}"])
+    assert r.exit_code == 2 and "neither 'hub' nor an existing directory" in r.output
+    assert "output_dir" not in r.output, r.output
+
+
 # -- identity: the data by content ------------------------------------------------------------------------------------
 @pytest.fixture
 def two_copies(tmp_path, glue_dir):

@@ -99,8 +99,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 def config_show(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
     """Print the resolved config (defaults filled in, overrides applied) and its hash."""
     cfg = _load(config, set_, data_dir)
+    digest = cfg.hash()  # reads the data files: an error stops here, before a config is printed as if valid
     typer.echo(dump_yaml(cfg).rstrip())
-    typer.echo(f"# config hash: {cfg.hash()}  output: {cfg.out}")
+    typer.echo(f"# config hash: {digest}  output: {cfg.out}")
 
 
 @app.command("data-stats")
@@ -490,6 +491,11 @@ def run(
     for name, ph in (("--only", only), ("--from", from_)):
         if ph is not None and ph not in PHASES:
             raise ConfigError(f"{name} {ph!r}: phases are {', '.join(PHASES)}")
+    if only is not None and from_ is not None:
+        raise ConfigError(f"--only {only} and --from {from_}: give one of them (--only runs one phase, --from "
+                          "that phase and every later one)")
+    if time_budget is not None and not time_budget > 0:
+        raise ConfigError(f"--time-budget {time_budget:g}: must be a positive number of seconds")
     cfg = _load(config, set_, data_dir)
     with checkpoint_on_signal():  # runs training at a signal checkpoint first (the next invocation resumes them)
         res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,
