@@ -271,3 +271,17 @@ def test_tune_and_train_all_with_streams(glue_dir, tmp_path):
         assert json.loads((out / "phase1" / f"{task}_lora" / "trials.json").read_text())
         for s in seeds:
             assert (out / "phase2" / task / "lora" / f"seed{s}" / "COMPLETE").is_file()
+
+
+def test_train_all_without_best_yaml_warns_once_per_task_and_method(tiny_cfg, monkeypatch):
+    """The fallback to the config's train settings was logged once per seed (the same line twice with 2 seeds)."""
+    from lorastudy import execution, pipeline
+
+    monkeypatch.setattr(execution, "fuse_enabled", lambda cfg: False)
+    monkeypatch.setattr(execution, "run_units", lambda units, *a, **kw: [])  # plan only: train nothing
+    logged = []
+    pipeline.train_all(tiny_cfg, log=logged.append)
+    warnings = [m for m in logged if "no phase-1 best.yaml" in m]
+    assert len(tiny_cfg.seeds) > 1
+    assert sorted(warnings) == sorted(f"train-all: no phase-1 best.yaml for {t}/{m}; using the config's train "
+                                      "settings" for t in tiny_cfg.tasks for m in tiny_cfg.methods)
