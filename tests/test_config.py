@@ -168,8 +168,9 @@ def test_cli_refuses_out_of_range_values_with_exit_2():
 
 
 def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir):
-    """Each used to run into a traceback (tune --method dora: KeyError; train --seed -1: numpy's ValueError) or be
-    taken silently (--workers 0 or -1 ran as 1 worker)."""
+    """Each used to run into a traceback (tune --method dora: KeyError; train --seed -1: numpy's ValueError;
+    extract --batch-size -3: AttributeError) or be taken silently (--workers 0 or -1 ran as 1 worker, extract
+    --batch-size 0 as the config's batch size)."""
     from typer.testing import CliRunner
 
     from lorastudy.cli import app
@@ -180,7 +181,9 @@ def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir)
                         (["train", tiny, "--task", "rte", "--method", "lora", "--seed", str(2**32)], "--seed"),
                         (["tune", tiny, "--workers", "0"], "--workers"),
                         (["train-all", tiny, "--workers", "-1"], "--workers"),
-                        (["run", tiny, "--workers", "0"], "--workers")):
+                        (["run", tiny, "--workers", "0"], "--workers"),
+                        (["extract", tiny, "--batch-size", "-3"], "--batch-size"),
+                        (["extract", tiny, "--batch-size", "0"], "--batch-size")):
         r = CliRunner().invoke(app, [*args, "--set", out, "--data-dir", str(glue_dir)])
         assert r.exit_code == 2 and named in r.output, (args, r.output)
         assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (args, r.output)

@@ -254,7 +254,8 @@ def baselines(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = Non
 @_handle_errors
 def extract(
     config: ConfigArg,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Probe batch size")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Probe batch size (default: extract.batch_size)")] = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
