@@ -174,6 +174,14 @@ def test_results_dir_of_another_config_is_refused(glue_dir, tmp_path):
     r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "baselines",
              "--set", "tasks=[rte]", "--set", "seeds=[1]", "--force")
     assert r.exit_code == 0
+    # train-all's refusal advises --force too, so train-all has it (it had none: "No such option: --force")
+    r = _cli("train-all", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--set", "tasks=[rte]",
+             "--set", "seeds=[2]", "--set", "methods=[lora]", "--set", "train.max_steps=2")
+    assert r.exit_code == 2 and "different config" in r.output and "--force" in r.output
+    r = _cli("train-all", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--set", "tasks=[rte]",
+             "--set", "seeds=[2]", "--set", "methods=[lora]", "--set", "train.max_steps=2", "--force")
+    assert r.exit_code == 0, r.output
+    assert (out / "phase2/rte/lora/seed2/COMPLETE").is_file()
 
 
 def test_corrupted_artifacts_are_named_or_recomputed(study, glue_dir, tmp_path):

@@ -334,8 +334,9 @@ def tune(
 
 @app.command("train-all")
 @_handle_errors
-def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOpt = None, set_: SetOpt = None,
-                  data_dir: DataDirOpt = None) -> None:
+def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOpt = None,
+                  force: Annotated[bool, typer.Option(help="Reuse a results dir made by a different config")] = False,
+                  set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
     """Phase 2: every task x method x seed with the phase-1 best hyperparameters; finished runs are skipped."""
     from lorastudy import store
     from lorastudy.pipeline import train_all
@@ -343,7 +344,7 @@ def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOp
 
     cfg = _load(config, set_, data_dir)
     with store.results_lock(cfg.out):
-        store.check_manifest(cfg)
+        store.check_manifest(cfg, force=force)
         with Progress("train-all (runs)", console=console) as prog, checkpoint_on_signal():
             res = train_all(cfg, workers, progress=prog, log=console.print,
                             streams=default_streams(streams, cfg.train.device))
@@ -492,7 +493,7 @@ def run(
     for name, ph in (("--only", only), ("--from", from_)):
         if ph is not None and ph not in PHASES:
             raise ConfigError(f"{name} {ph!r}: phases are {', '.join(PHASES)}")
-    if only is not None and from_ is not None:
+    if only is not None and from_ is not None and only != from_:  # --only wins: a --from beside it would be ignored
         raise ConfigError(f"--only {only} and --from {from_}: give one of them (--only runs one phase, --from "
                           "that phase and every later one)")
     if time_budget is not None and not time_budget > 0:
