@@ -193,7 +193,8 @@ def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir)
 def test_cli_refuses_unclear_overrides_and_run_options_with_exit_2(tmp_path):
     """--set with an empty key (or an empty part of a dotted key) was reported as "field (top level): unknown key";
     --only with --from ran --only and ignored --from; a time budget <= 0 exited 0 having run nothing; config show
-    printed a whole config before an error about its data."""
+    printed a whole config before an error about its data; an empty name or output_dir wrote into results/ itself
+    or the current directory."""
     from typer.testing import CliRunner
 
     from lorastudy.cli import app
@@ -208,6 +209,9 @@ def test_cli_refuses_unclear_overrides_and_run_options_with_exit_2(tmp_path):
         r = CliRunner().invoke(app, ["run", tiny, *args, "--set", out])
         assert r.exit_code == 2 and named in r.output, (args, r.output)
     assert not (tmp_path / "out").exists()
+    for empty in ("name", "output_dir"):  # results/ itself, or the current directory
+        r = CliRunner().invoke(app, ["config", "show", tiny, "--set", f"{empty}="])
+        assert r.exit_code == 2 and f"field {empty}: String should have at least 1 character" in r.output, r.output
     r = CliRunner().invoke(app, ["config", "show", tiny, "--set", f"data.source={tmp_path / 'nothing'}"])
     assert r.exit_code == 2 and "neither 'hub' nor an existing directory" in r.output
     assert "output_dir" not in r.output, r.output

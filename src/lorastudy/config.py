@@ -297,8 +297,8 @@ class TrackingConfig(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str = "study"
-    output_dir: str = "results/{name}"
+    name: str = Field("study", min_length=1)  # empty: output_dir results/{name} would be results/ itself
+    output_dir: str = Field("results/{name}", min_length=1)  # empty: the current directory
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     tasks: list[str] = Field(default_factory=lambda: ["sst2", "mrpc", "rte"])
