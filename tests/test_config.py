@@ -167,6 +167,56 @@ def test_cli_refuses_out_of_range_values_with_exit_2():
     assert r.exit_code == 2 and "hp.lr" in r.output and "Traceback" not in r.output
 
 
+def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir):
+    """Each used to run into a traceback (tune --method dora: KeyError; train --seed -1: numpy's ValueError;
+    extract --batch-size -3: AttributeError) or be taken silently (--workers 0 or -1 ran as 1 worker, extract
+    --batch-size 0 as the config's batch size)."""
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    tiny, out = str(REPO / "configs" / "tiny.yaml"), f"output_dir={tmp_path / 'out'}"
+    for args, named in ((["tune", tiny, "--method", "dora"], "--method 'dora'"),
+                        (["train", tiny, "--task", "rte", "--method", "lora", "--seed", "-1"], "--seed"),
+                        (["train", tiny, "--task", "rte", "--method", "lora", "--seed", str(2**32)], "--seed"),
+                        (["tune", tiny, "--workers", "0"], "--workers"),
+                        (["train-all", tiny, "--workers", "-1"], "--workers"),
+                        (["run", tiny, "--workers", "0"], "--workers"),
+                        (["extract", tiny, "--batch-size", "-3"], "--batch-size"),
+                        (["extract", tiny, "--batch-size", "0"], "--batch-size")):
+        r = CliRunner().invoke(app, [*args, "--set", out, "--data-dir", str(glue_dir)])
+        assert r.exit_code == 2 and named in r.output, (args, r.output)
+        assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (args, r.output)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_unclear_overrides_and_run_options_with_exit_2(tmp_path):
+    """--set with an empty key (or an empty part of a dotted key) was reported as "field (top level): unknown key";
+    --only with --from ran --only and ignored --from; a time budget <= 0 exited 0 having run nothing; config show
+    printed a whole config before an error about its data; an empty name or output_dir wrote into results/ itself
+    or the current directory."""
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    tiny = str(REPO / "configs" / "tiny.yaml")
+    for bad in ("=3", "train..lr=1", ".seeds=[1]", "train.=1"):
+        r = CliRunner().invoke(app, ["config", "show", tiny, "--set", bad])
+        assert r.exit_code == 2 and f"--set {bad!r}" in r.output and "dotted name" in r.output, (bad, r.output)
+    out = f"output_dir={tmp_path / 'out'}"
+    for args, named in ((["--only", "report", "--from", "drift"], "--only report and --from drift"),
+                        (["--time-budget", "-5"], "--time-budget -5"), (["--time-budget", "0"], "--time-budget 0")):
+        r = CliRunner().invoke(app, ["run", tiny, *args, "--set", out])
+        assert r.exit_code == 2 and named in r.output, (args, r.output)
+    assert not (tmp_path / "out").exists()
+    for empty in ("name", "output_dir"):  # results/ itself, or the current directory
+        r = CliRunner().invoke(app, ["config", "show", tiny, "--set", f"{empty}="])
+        assert r.exit_code == 2 and f"field {empty}: String should have at least 1 character" in r.output, r.output
+    r = CliRunner().invoke(app, ["config", "show", tiny, "--set", f"data.source={tmp_path / 'nothing'}"])
+    assert r.exit_code == 2 and "neither 'hub' nor an existing directory" in r.output
+    assert "output_dir" not in r.output, r.output
+
+
 # -- identity: the data by content ------------------------------------------------------------------------------------
 @pytest.fixture
 def two_copies(tmp_path, glue_dir):

@@ -209,3 +209,35 @@ def test_partial_merge_when_allowed_and_a_shard_given_twice(shards, glue_dir, tm
     assert r.exit_code == 2 and "is the output dir" in r.output
     r = _cli("merge-shards", TINY, shards / "b", "--out", shards / "a", "--data-dir", glue_dir, "--allow-partial")
     assert r.exit_code == 2 and "not an earlier merge of shards" in r.output
+
+
+
+def test_merge_refuses_a_shard_inside_the_earlier_merge_it_would_empty(shards, glue_dir, tmp_path):
+    """Shards copied into the dir of an earlier merge and merged into it again: merging empties that dir first, so
+    the shards were deleted before being read (and the merge died with a FileNotFoundError traceback). Refused,
+    exit 2, nothing deleted."""
+    out = tmp_path / "merged"
+    r = _cli("merge-shards", TINY, shards / "a", shards / "b", "--out", out, "--data-dir", glue_dir)
+    assert r.exit_code == 0, r.output
+    a, b = _copy(shards / "a", out / "a"), _copy(shards / "b", out / "b")
+    r = _cli("merge-shards", TINY, a, b, "--out", out, "--data-dir", glue_dir)
+    assert r.exit_code == 2, r.output
+    assert "lies inside the output dir" in r.output and str(a) in r.output
+    assert (a / "phase4/drift/tasks/sst2.json").is_file() and (out / "manifest.json").is_file()
+
+
+def test_serving_hint_after_a_merge_names_the_same_config_and_data(monkeypatch, tmp_path):
+    """The printed serving command is the one to run next: without the merge's --data-dir (and --set) it computed
+    another config hash (hub data) and was refused, exit 2, 'holds results of a different config'."""
+    import lorastudy.merge
+
+    monkeypatch.setattr(lorastudy.merge, "merge_shards",
+                        lambda cfg, shards, **kw: {"out": str(kw["out"]), "tasks": {}, "missing": []})
+    data = tmp_path / "my glue"
+    data.mkdir()
+    r = _cli("merge-shards", TINY, tmp_path, "--out", tmp_path / "m", "--data-dir", data,
+             "--set", "drift.n_resamples=400")
+    assert r.exit_code == 0, r.output
+    hint = re.sub(r"\s+", " ", r.output).split("serving: `", 1)[1].split("`", 1)[0]
+    assert hint == (f"lorastudy run {TINY} --only serve --set drift.n_resamples=400 --data-dir '{data}' "
+                    f"--set output_dir={tmp_path / 'm'}")

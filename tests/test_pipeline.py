@@ -174,6 +174,14 @@ def test_results_dir_of_another_config_is_refused(glue_dir, tmp_path):
     r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "baselines",
              "--set", "tasks=[rte]", "--set", "seeds=[1]", "--force")
     assert r.exit_code == 0
+    # train-all's refusal advises --force too, so train-all has it (it had none: "No such option: --force")
+    r = _cli("train-all", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--set", "tasks=[rte]",
+             "--set", "seeds=[2]", "--set", "methods=[lora]", "--set", "train.max_steps=2")
+    assert r.exit_code == 2 and "different config" in r.output and "--force" in r.output
+    r = _cli("train-all", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--set", "tasks=[rte]",
+             "--set", "seeds=[2]", "--set", "methods=[lora]", "--set", "train.max_steps=2", "--force")
+    assert r.exit_code == 0, r.output
+    assert (out / "phase2/rte/lora/seed2/COMPLETE").is_file()
 
 
 def test_corrupted_artifacts_are_named_or_recomputed(study, glue_dir, tmp_path):
@@ -271,3 +279,17 @@ def test_tune_and_train_all_with_streams(glue_dir, tmp_path):
         assert json.loads((out / "phase1" / f"{task}_lora" / "trials.json").read_text())
         for s in seeds:
             assert (out / "phase2" / task / "lora" / f"seed{s}" / "COMPLETE").is_file()
+
+
+def test_train_all_without_best_yaml_warns_once_per_task_and_method(tiny_cfg, monkeypatch):
+    """The fallback to the config's train settings was logged once per seed (the same line twice with 2 seeds)."""
+    from lorastudy import execution, pipeline
+
+    monkeypatch.setattr(execution, "fuse_enabled", lambda cfg: False)
+    monkeypatch.setattr(execution, "run_units", lambda units, *a, **kw: [])  # plan only: train nothing
+    logged = []
+    pipeline.train_all(tiny_cfg, log=logged.append)
+    warnings = [m for m in logged if "no phase-1 best.yaml" in m]
+    assert len(tiny_cfg.seeds) > 1
+    assert sorted(warnings) == sorted(f"train-all: no phase-1 best.yaml for {t}/{m}; using the config's train "
+                                      "settings" for t in tiny_cfg.tasks for m in tiny_cfg.methods)

@@ -91,6 +91,18 @@ def test_check_fails_on_a_hand_edit_to_either_file(copy, suffix):
     assert r.exit_code == 1 and "disagree" in r.output and path.name in r.output, r.output
 
 
+def test_check_fails_cleanly_when_a_report_file_is_missing(tmp_path):
+    """`report --check` before `report` (or with one of the two files deleted) is a failed check, exit 1 with the
+    missing file named, not a ReportCheckError traceback."""
+    from lorastudy.config import dump_yaml
+
+    (tmp_path / "config.yaml").write_text(dump_yaml(load_config(TINY)))
+    r = _cli("report", tmp_path, "--check")
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+    assert "report check failed" in r.output and str(tmp_path / build.REPORT) in r.output
+    assert "Traceback" not in r.output
+
+
 def test_data_identity_from_the_manifest(copy):
     """With the data identity recorded in manifest.json (lorastudy.data.data_identity), the report shows each
     file's checksum and name, never its directory."""

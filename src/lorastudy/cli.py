@@ -99,8 +99,9 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 def config_show(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
     """Print the resolved config (defaults filled in, overrides applied) and its hash."""
     cfg = _load(config, set_, data_dir)
+    digest = cfg.hash()  # reads the data files: an error stops here, before a config is printed as if valid
     typer.echo(dump_yaml(cfg).rstrip())
-    typer.echo(f"# config hash: {cfg.hash()}  output: {cfg.out}")
+    typer.echo(f"# config hash: {digest}  output: {cfg.out}")
 
 
 @app.command("data-stats")
@@ -177,7 +178,7 @@ def train(
     config: ConfigArg,
     task: Annotated[str, typer.Option(help="Task name, e.g. sst2")],
     method: Annotated[str, typer.Option(help="full | lora")],
-    seed: Annotated[int, typer.Option()] = 42,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 42,
     hparams: Annotated[Path | None, typer.Option(help="best.yaml from `tune` (hyperparameters)")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: results/<study>/phase2/...)")] = None,
     force: Annotated[bool, typer.Option(help="Retrain even if the run is complete")] = False,
@@ -253,7 +254,8 @@ def baselines(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = Non
 @_handle_errors
 def extract(
     config: ConfigArg,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Probe batch size")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", min=1, help="Probe batch size (default: extract.batch_size)")] = None,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -281,7 +283,8 @@ def drift(config: ConfigArg, set_: SetOpt = None, data_dir: DataDirOpt = None) -
     console.print(f"wrote {cfg.out / 'phase4' / 'drift'}")
 
 
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Parallel worker processes (spread over visible GPUs)")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1,
+                                         help="Parallel worker processes (spread over visible GPUs)")]
 StreamsOpt = Annotated[int | None, typer.Option(
     "--streams", min=1, help="Runs at once inside each worker process, one thread and CUDA stream each "
                       "(default: 8 when runs train on a GPU, else 1)")]
@@ -311,6 +314,9 @@ def tune(
     for t in task or []:
         if t not in cfg.tasks:
             raise ConfigError(f"--task {t!r} is not in the config's tasks {cfg.tasks}")
+    for m in method or []:
+        if m not in cfg.methods:
+            raise ConfigError(f"--method {m!r} is not in the config's methods {cfg.methods}")
     store.check_manifest(cfg, force=force)
     with Progress("tune (trials)", console=console) as prog:
         res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog,
@@ -328,8 +334,9 @@ def tune(
 
 @app.command("train-all")
 @_handle_errors
-def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOpt = None, set_: SetOpt = None,
-                  data_dir: DataDirOpt = None) -> None:
+def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOpt = None,
+                  force: Annotated[bool, typer.Option(help="Reuse a results dir made by a different config")] = False,
+                  set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
     """Phase 2: every task x method x seed with the phase-1 best hyperparameters; finished runs are skipped."""
     from lorastudy import store
     from lorastudy.pipeline import train_all
@@ -337,7 +344,7 @@ def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOp
 
     cfg = _load(config, set_, data_dir)
     with store.results_lock(cfg.out):
-        store.check_manifest(cfg)
+        store.check_manifest(cfg, force=force)
         with Progress("train-all (runs)", console=console) as prog, checkpoint_on_signal():
             res = train_all(cfg, workers, progress=prog, log=console.print,
                             streams=default_streams(streams, cfg.train.device))
@@ -395,7 +402,7 @@ def report(
 
     The report uses the configuration recorded with the results (config.yaml in the results directory), so the
     config, --set and --data-dir only locate the results; differences from the recorded config are listed."""
-    from lorastudy.report.build import build_report, check_report, config_differences, recorded_config
+    from lorastudy.report.build import ReportCheckError, build_report, check_report, config_differences, recorded_config
 
     if config.is_dir():
         if set_ or data_dir:
@@ -410,7 +417,12 @@ def report(
                           f"given differs in {len(diff)} field(s): " + "; ".join(diff[:5])
                           + ("; …" if len(diff) > 5 else ""), markup=False, highlight=False)
     if check:
-        bad = check_report(cfg)
+        try:
+            bad = check_report(cfg)
+        except ReportCheckError as e:  # a report file is missing: the check fails (exit 1), without a traceback
+            console.print(f"[bold red]report check failed:[/] {rich.markup.escape(str(e))}", markup=True,
+                          highlight=False)
+            raise typer.Exit(1) from None
         if bad:
             console.print(f"[bold red]report check failed:[/] {len(bad)} line(s) disagree with the artifacts")
             for line in bad[:20]:
@@ -446,8 +458,15 @@ def merge_shards_cmd(
         console.print(f"{t}: from {name}")
     if res["missing"]:
         console.print(f"[yellow]missing tasks (no shard):[/] {', '.join(res['missing'])}")
-    console.print(f"wrote {res['out']} (drift and report over the merged tasks); serving: `lorastudy run CONFIG "
-                  f"--only serve --set output_dir={res['out']}`, then `lorastudy report {res['out']}`",
+    # the serving command must name the same data (and overrides) as this one: the config hash covers the data,
+    # and a results dir of another hash is refused
+    import shlex
+
+    same = "".join(f" --set {shlex.quote(s)}" for s in set_ or [])
+    same += f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
+    console.print(f"wrote {res['out']} (drift and report over the merged tasks); serving: `lorastudy run "
+                  f"{shlex.quote(str(config))} --only serve{same} --set "
+                  f"{shlex.quote('output_dir=' + str(res['out']))}`, then `lorastudy report {res['out']}`",
                   markup=False, highlight=False)
 
 
@@ -474,6 +493,11 @@ def run(
     for name, ph in (("--only", only), ("--from", from_)):
         if ph is not None and ph not in PHASES:
             raise ConfigError(f"{name} {ph!r}: phases are {', '.join(PHASES)}")
+    if only is not None and from_ is not None and only != from_:  # --only wins: a --from beside it would be ignored
+        raise ConfigError(f"--only {only} and --from {from_}: give one of them (--only runs one phase, --from "
+                          "that phase and every later one)")
+    if time_budget is not None and not time_budget > 0:
+        raise ConfigError(f"--time-budget {time_budget:g}: must be a positive number of seconds")
     cfg = _load(config, set_, data_dir)
     with checkpoint_on_signal():  # runs training at a signal checkpoint first (the next invocation resumes them)
         res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,

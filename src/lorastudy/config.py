@@ -297,8 +297,8 @@ class TrackingConfig(_Strict):
 
 
 class StudyConfig(_Strict):
-    name: str = "study"
-    output_dir: str = "results/{name}"
+    name: str = Field("study", min_length=1)  # empty: output_dir results/{name} would be results/ itself
+    output_dir: str = Field("results/{name}", min_length=1)  # empty: the current directory
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     tasks: list[str] = Field(default_factory=lambda: ["sst2", "mrpc", "rte"])
@@ -413,6 +413,8 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value")
         key, raw = item.split("=", 1)
+        if not all(part.strip() for part in key.split(".")):
+            raise ConfigError(f"--set {item!r}: the key must be a dotted name like train.batch_size, got {key!r}")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:

@@ -254,6 +254,10 @@ def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = No
     for sh in shards:
         if sh.path.resolve() == out.resolve():
             raise MergeError(f"shard {sh.path} is the output dir; merge into another directory")
+        # an earlier merge at --out is emptied first: a shard inside it would be deleted before it is read
+        if out.resolve() in sh.path.resolve().parents:
+            raise MergeError(f"shard {sh.path} lies inside the output dir {out}, which merging empties first; "
+                             "move the shard out of it, or merge into another directory")
     owner = check_shards(cfg, shards, allow_partial)
     mcfg = cfg.model_copy(update={"output_dir": str(out).replace("{", "{{").replace("}", "}}")})
     order = {(t, m): i for i, (t, m) in enumerate((t, m) for t in cfg.tasks for m in cfg.methods)}

@@ -53,7 +53,7 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
     from lorastudy import checkpoint, execution
     from lorastudy.tuning import best_hparams
 
-    units, skipped = [], []
+    units, skipped, warned = [], [], set()
     for t, m, s in production_units(cfg):
         if store.is_complete(store.run_dir(cfg.out, t, m, s)):
             skipped.append(f"{t}/{m}/seed{s}")
@@ -61,7 +61,9 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
             continue
         hp = best_hparams(cfg, t, m)
         if hp is None:
-            log(f"train-all: no phase-1 best.yaml for {t}/{m}; using the config's train settings")
+            if (t, m) not in warned:  # once per task x method, not once per seed
+                log(f"train-all: no phase-1 best.yaml for {t}/{m}; using the config's train settings")
+                warned.add((t, m))
             hp = {}
         units.append((f"{t}/{m}/seed{s}", (cfg, t, m, s, hp)))
     if progress is not None:
