@@ -132,6 +132,11 @@ def test_every_numeric_field_has_a_range():
     ("search.spaces.full.epochs.low=0", "search.spaces.full.epochs"),
     ("data.pair_template='{a} and {c}'", "data.pair_template"),
     ("data.normalize_text=lower", "data.normalize_text"),
+    # booleans are not numbers (pydantic's lax mode read true as 1: one epoch)
+    ("train.epochs=true", "train.epochs"),
+    ("seeds=[1, true]", "seeds"),
+    ("serve.batch_sizes=[false]", "serve.batch_sizes"),
+    ("data.train_limit.sst2=true", "data.train_limit"),
 ])
 def test_out_of_range_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as e:
@@ -150,6 +155,8 @@ def test_defaults_are_validated_and_hparams_not_cast():
         HParams.from_config(cfg, "full", {"batch_size": 2.5})
     with pytest.raises(ConfigError, match=r"hp\.lr.*greater than 0"):
         HParams.from_config(cfg, "lora", {"lr": -1})
+    with pytest.raises(ConfigError, match=r"hp\.epochs.*not a boolean"):
+        HParams.from_config(cfg, "full", {"epochs": True})
     with pytest.raises(ConfigError, match=r"hp\.lr_max"):
         HParams.from_config(cfg, "lora", {"lr_max": 1})
     assert validate_hparams({**vars(HParams.from_config(cfg, "lora")), "lora_dropout": 0.1})["lora_dropout"] == 0.1

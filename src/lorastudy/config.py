@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,10 +27,37 @@ class ConfigError(ValueError):
     """A bad configuration: the message names the file and the field."""
 
 
+def _wants_number(tp) -> bool:
+    """Whether a field's type is a number (int/float; optional, or a list or dict of them): a boolean is then wrong."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _wants_number(args[0])
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        return bool(rest) and all(_wants_number(a) for a in rest)
+    if origin in (list, dict):  # the items' (a dict's values') type
+        return bool(args) and _wants_number(args[-1])
+    return tp in (int, float)
+
+
+def _has_bool(v) -> bool:
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]
+    return any(isinstance(x, bool) for x in items)
+
+
 class _Strict(BaseModel):
     # validate_default: defaults pass the same checks (a default of 3 for a float field becomes 3.0, so nothing
     # downstream casts with type(default)); no inf/nan anywhere
     model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, v: Any, info) -> Any:
+        # pydantic's lax mode reads true/false as 1/0 for int and float fields: `--set train.epochs=true` would run
+        # one epoch; YAML gives numbers as numbers, so strict mode is not needed for anything else
+        if _has_bool(v) and _wants_number(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a boolean")
+        return v
 
 
 PositiveFloat = Annotated[float, Field(gt=0)]
