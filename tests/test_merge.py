@@ -195,6 +195,11 @@ def test_partial_merge_when_allowed_and_a_shard_given_twice(shards, glue_dir, tm
     hyp = _json(out / "phase4/drift/hypothesis_test_results.json")
     assert set(hyp["H1b"]["per_task"]) == set(hyp["H1a"]["per_task"]) == {"mrpc", "rte"}
     assert _json(out / "phase4/drift/tasks/rte.json") == _json(shards / "b/phase4/drift/tasks/rte.json")
+    # the report says which task is missing and what the pooled statistics cover (was: said nowhere)
+    rep = (out / "ANALYSIS_REPORT.md").read_text()
+    assert "**No drift results for sst2** (sst2 in no shard of this merge)" in rep
+    assert "cover mrpc, rte only" in rep and "**Tasks of the config in no shard: sst2**" in rep
+    assert _cli("report", out, "--check").exit_code == 0
     # merged again with only shard a, given twice (the same results: accepted, the first one's used): nothing of
     # the earlier merge's tasks is left to enter the new one
     twice = _copy(shards / "a", tmp_path / "twice")
@@ -209,7 +214,6 @@ def test_partial_merge_when_allowed_and_a_shard_given_twice(shards, glue_dir, tm
     assert r.exit_code == 2 and "is the output dir" in r.output
     r = _cli("merge-shards", TINY, shards / "b", "--out", shards / "a", "--data-dir", glue_dir, "--allow-partial")
     assert r.exit_code == 2 and "not an earlier merge of shards" in r.output
-
 
 
 def test_merge_refuses_a_shard_inside_the_earlier_merge_it_would_empty(shards, glue_dir, tmp_path):

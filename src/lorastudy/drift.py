@@ -523,7 +523,8 @@ def run_drift(cfg, log=print) -> dict:
         if reps is None or not reps["last"].runs:
             state = load_task_state(cfg, task, log)
             if state is None:
-                log(f"drift: no representations for {task}; run extract first")
+                log(f"drift: no representations and no analysis state for {task}; run extract first (in a "
+                    "results dir merged from shards: merge the shard that holds it)")
                 continue
             # e.g. a results dir merged from task shards: representations stay on the machine that made them
             log(f"drift: {task} from its analysis state {task_state_path(cfg.out, task)} (no representations here)")

@@ -161,6 +161,12 @@ def collect(cfg) -> dict:
     ctx["limits"] = {"train": cfg.data.train_limit, "test": cfg.data.test_limit}
     ctx["serve_best"] = _serve_summary(ctx["serve"], ctx["overhead"])
     ctx["ev"] = evidence.assess(cfg, runs, ctx["drift"], ctx["hyp"], ctx["overhead"])
+    # tasks of the config that the drift statistics do not cover (not extracted yet, or in no shard of a merge):
+    # the pooled H1b is over the others only, which the summary must say
+    ctx["tasks_without_drift"] = ([t for t in cfg.tasks if t not in ctx["hyp"]["H1b"]["per_task"]]
+                                  if ctx["hyp"] else [])
+    ctx["tasks_in_no_shard"] = ([t for t in cfg.tasks if not any(t in sh.get("tasks", []) for sh in ctx["shards"])]
+                                if ctx["shards"] else [])
     return ctx
 
 
