@@ -376,3 +376,13 @@ def test_runs_and_extraction_record_the_resolved_template(tiny_cfg, tmp_path):
     assert load_config(None, ["data.pair_template=tokenizer"]).data == resolved.data
     RP.extract_study(cfg, log=lambda *_: None)
     assert json.loads((tmp_path / "phase3" / "rte" / "probe.json").read_text())["inputs"] == inputs
+
+
+def test_missing_task_files_name_each_file_and_directory_once(tmp_path):
+    """A data dir without the task: the error lists what was looked for, each name once (was: 'train.parquet,
+    train.tsv or train.tsv', the GLUE TSV name being the split's own)."""
+    with pytest.raises(D.DataError) as e:
+        D.data_files("sst2", str(tmp_path))
+    msg = str(e.value)
+    assert "no train file for task 'sst2'" in msg and "train.parquet, train.tsv in" in msg
+    assert msg.count("train.tsv") == 1 and msg.count(str(tmp_path / "sst2")) == 1

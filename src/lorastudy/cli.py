@@ -18,7 +18,7 @@ from lorastudy.config import ConfigError, StudyConfig, dump_yaml, load_config
 from lorastudy.execution import checkpoint_on_signal, default_streams, exit_if_threads_alive
 from lorastudy.pipeline import PHASES
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__, pretty_exceptions_enable=False)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)  # help: main()
 config_app = typer.Typer(no_args_is_help=True, help="Inspect study configs.")
 app.add_typer(config_app, name="config")
 console = Console(stderr=True, soft_wrap=True)
@@ -79,8 +79,11 @@ def _setup_logging(verbose: bool = False) -> None:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
-    """lorastudy: LoRA (rank 8) vs full fine-tuning — representation drift (RQ1) and multi-adapter serving (RQ2)."""
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log lorastudy's progress at INFO level "
+                                               "(libraries stay at errors)")] = False) -> None:
+    """lorastudy: LoRA (rank 8) vs full fine-tuning — representation drift (RQ1) and multi-adapter serving (RQ2).
+
+    Every subcommand takes a study config (YAML) and --set key=value overrides; `lorastudy run CONFIG` runs the whole study, resumably."""  # noqa: E501 (rich keeps line breaks)
     _setup_logging(verbose)
     import os
     import warnings
@@ -178,7 +181,7 @@ def train(
     config: ConfigArg,
     task: Annotated[str, typer.Option(help="Task name, e.g. sst2")],
     method: Annotated[str, typer.Option(help="full | lora")],
-    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1)] = 42,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Run seed (initial head, data order, dropout)")] = 42,
     hparams: Annotated[Path | None, typer.Option(help="best.yaml from `tune` (hyperparameters)")] = None,
     out: Annotated[Path | None, typer.Option(help="Run directory (default: results/<study>/phase2/...)")] = None,
     force: Annotated[bool, typer.Option(help="Retrain even if the run is complete")] = False,

@@ -201,9 +201,10 @@ def data_files(task: str | TaskSpec, source: str) -> dict[str, Path]:
             if path:
                 break
         if path is None:
+            names = list(dict.fromkeys([f"{split}.parquet", f"{split}.tsv", tsv_name]))  # train.tsv may be both
             raise DataError(
-                f"{root}: no {split} file for task {spec.name!r} (looked for {spec.name}/{split}.parquet, "
-                f"{split}.tsv or {tsv_name} under {[str(c) for c in candidates]})"
+                f"{root}: no {split} file for task {spec.name!r} (looked for {', '.join(names)} in "
+                f"{', '.join(dict.fromkeys(str(c) for c in candidates))})"
             )
         out[split] = path
     return out
