@@ -25,7 +25,11 @@ class Progress:
         self._p.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        t = self._p.tasks[0]
+        if exc_type is None and t.total is None:  # a phase that counted no units (drift, report) ended: show it done,
+            n = max(t.completed, 1)  # not as "0/?" with an open ETA
+            self._p.update(self._task, total=n, completed=n)
         self._p.stop()
 
     def set_total(self, total: int) -> None:
