@@ -231,6 +231,34 @@ def bench_model(name, method, batch_sizes, lengths, device, steps, warm, gen) ->
 
 
 # -- loss trajectories -------------------------------------------------------------------------------------------
+def _losses(order, enc, tok, pad_to, step, t0: float) -> tuple[list[float], float]:
+    """One loss per batch of ``order`` (row indices into ``enc``), right-padded to ``pad_to(idx)`` (None: dynamic
+    padding) and trained by ``step(batch, labels) -> loss``: the loop every trajectory variant shares. Also returns
+    the seconds from ``t0`` (a ``time.perf_counter()``) to the first loss: set-up, compilation and capture."""
+    losses, first_s = [], None
+    for idx in order:
+        batch = D.collate([enc.input_ids[i] for i in idx], tok.pad_token_id, "right", pad_to(idx))
+        losses.append(step(batch, torch.tensor(enc.labels[idx])))
+        if first_s is None:
+            first_s = time.perf_counter() - t0
+    return losses, first_s
+
+
+def _static_loss(st, sched):
+    """``step`` for :func:`_losses` on a static/fast stepper: its step, the schedule's, the step's loss."""
+    def step(batch, y) -> float:
+        st.step(batch, y)
+        sched.step()
+        return float(st.take_loss()[0])
+    return step
+
+
+def _eager_loss(s, opt, sched, device):
+    """``step`` for :func:`_losses` on the eager reference (``training.train_step``, clipping at 0.3)."""
+    return lambda batch, y: float(train_step(s, opt, sched, {k: v.to(device) for k, v in batch.items()},
+                                             y.to(device), 0.3))
+
+
 def trajectory(method: str, n_steps: int, device, glue: str | None) -> dict:
     """Same init, same batches: eager (dynamic padding), eager on bucket-padded batches, and the fast path."""
     amp = torch.bfloat16 if device.type == "cuda" else None
@@ -239,7 +267,7 @@ def trajectory(method: str, n_steps: int, device, glue: str | None) -> dict:
     tok = M.load_tokenizer(cfg.model)
     enc = D.encode(tok, splits.train, cfg.task("sst2"), cfg.data)
     order = D.length_grouped_order(enc.lengths(), 4, np.random.default_rng(42))[:n_steps]
-    buckets = default_buckets(cfg.data)
+    buckets = default_buckets(cfg.data.max_length)
     lr = 2e-5 if method == "full" else 5e-4
     hp = HParams(lr, 4, 1, 0.1, 0.0, 16, 0.0)
     out = {}
@@ -254,19 +282,10 @@ def trajectory(method: str, n_steps: int, device, glue: str | None) -> dict:
             opt = make_optimizer(model, hp, device)
             sched = get_linear_schedule_with_warmup(opt, int(0.1 * n_steps), n_steps)
             s = Setup(model, None, device, amp, 0, 0, params)
-        losses = []
-        for idx in order:
-            pad_to = None if variant == "eager" else D.bucket_width(int(enc.lengths()[idx].max()), buckets)
-            batch = D.collate([enc.input_ids[i] for i in idx], tok.pad_token_id, "right", pad_to)
-            y = torch.tensor(enc.labels[idx])
-            if variant == "fast":
-                st.step(batch, y)
-                sched.step()
-                losses.append(float(st.take_loss()[0]))
-            else:
-                losses.append(float(train_step(s, opt, sched, {k: v.to(device) for k, v in batch.items()},
-                                               y.to(device), 0.3)))
-        out[variant] = losses
+        pad_to = (lambda idx: None) if variant == "eager" else \
+            (lambda idx: D.bucket_width(int(enc.lengths()[idx].max()), buckets))
+        out[variant], _ = _losses(order, enc, tok, pad_to, _static_loss(st, sched) if variant == "fast"
+                                  else _eager_loss(s, opt, sched, device), time.perf_counter())
         del model, opt, sched
         release([], device)
     e = np.array(out["eager"])
@@ -832,23 +851,12 @@ def lever_trajectory(model_name: str, method: str, names: list[str], n_steps: in
             opt = make_optimizer(model, hp, device)
             s = Setup(model, None, device, amp, 0, 0, params)
         sched = get_linear_schedule_with_warmup(opt, int(0.1 * n_steps), n_steps)
-        losses = []
-        for idx in order:
-            pad_to = None if variant == "eager" else seq
-            batch = D.collate([enc.input_ids[i] for i in idx], tok.pad_token_id, "right", pad_to)
-            y = torch.tensor(enc.labels[idx])
-            if variant == "levers":
-                st.step(batch, y)
-                sched.step()
-                losses.append(float(st.take_loss()[0]))
-                if first_s is None:
-                    first_s = time.perf_counter() - t0
-            else:
-                losses.append(float(train_step(s, opt, sched, {k: v.to(device) for k, v in batch.items()},
-                                               y.to(device), 0.3)))
-        if variant == "levers":
+        step = _static_loss(st, sched) if variant == "levers" else _eager_loss(s, opt, sched, device)
+        out[variant], first = _losses(order, enc, tok, (lambda idx: None) if variant == "eager" else (lambda idx: seq),
+                                      step, t0)
+        if variant == "levers":  # the first step's time includes compilation and capture
+            first_s = first
             st.close()
-        out[variant] = losses
         del model, opt, sched, params
         release([], device)
     e = np.array(out["eager"])
