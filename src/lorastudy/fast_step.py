@@ -63,7 +63,7 @@ def fuse_rms_norms(model, when: Callable[[torch.Tensor, torch.Tensor], bool] | N
     if when is None:
         def when(x: torch.Tensor, w: torch.Tensor) -> bool:
             return x.dtype == torch.float32 and w.dtype == torch.float32
-    patched = []
+    patches = M.ForwardPatches()
     for m in model.modules():
         if type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and "forward" not in vars(m):
             def forward(x: torch.Tensor, m=m, hf=m.forward) -> torch.Tensor:
@@ -72,14 +72,8 @@ def fuse_rms_norms(model, when: Callable[[torch.Tensor, torch.Tensor], bool] | N
                 with torch.autocast(x.device.type, enabled=False):
                     return torch.rms_norm(x, (x.shape[-1],), m.weight, m.variance_epsilon)
 
-            m.forward = forward
-            patched.append(m)
-
-    def undo() -> None:
-        for m in patched:
-            del m.forward
-
-    return undo
+            patches.set(m, forward)
+    return patches.undo
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorastudy.lora_fused import is_lora_linear, lora_forward, lora_fusable, prepare_lora_layer
+from lorastudy.modeling import ForwardPatches
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # as serving.fuse.SIBLINGS
 
@@ -68,7 +69,7 @@ def _eligible(members: list) -> bool:
 def fuse_sibling_projections(model: nn.Module) -> Callable[[], None]:
     """Fuse every complete sibling set (``SIBLINGS``) of ``model``; returns the undo. Sets with biases or unequal
     inputs are left alone."""
-    patched: list[tuple[nn.Module, object]] = []
+    patches = ForwardPatches()
     slots: dict[str, int] = {}
     for path, mod in model.named_modules():
         for names in SIBLINGS:
@@ -79,20 +80,10 @@ def fuse_sibling_projections(model: nn.Module) -> Callable[[], None]:
             for k, (n, m) in enumerate(zip(names, members, strict=True)):
                 if is_lora_linear(m):
                     prepare_lora_layer(m, f"{path}.{n}", slots)
-                own = vars(m).get("forward")
-                fallback = m.forward
+                fallback = m.forward  # an earlier override (e.g. lora_fused's) or the class's
 
                 def forward(x, *args, group=group, k=k, fallback=fallback, **kwargs):
                     return group.forward(k, fallback, x, *args, **kwargs)
 
-                m.forward = forward
-                patched.append((m, own))
-
-    def undo() -> None:
-        for m, own in patched:
-            if own is None:
-                del m.forward
-            else:
-                m.forward = own
-
-    return undo
+                patches.set(m, forward)
+    return patches.undo

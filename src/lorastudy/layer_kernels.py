@@ -96,7 +96,7 @@ def use_liger_kernels(model: nn.Module) -> tuple[Callable[[], None], Callable[[]
         raise ValueError("step lever 'fused_kernels' needs liger-kernel (pip install liger-kernel) and a CUDA GPU")
     from liger_kernel.transformers.functional import liger_rope, liger_swiglu
 
-    patched = []
+    patches = M.ForwardPatches()
     attn_modules = set()
     for layer in decoder_layers(model):
         mlp = getattr(layer, "mlp", None)
@@ -108,8 +108,7 @@ def use_liger_kernels(model: nn.Module) -> tuple[Callable[[], None], Callable[[]
             def forward(x, mlp=mlp):
                 return mlp.down_proj(liger_swiglu(mlp.gate_proj(x), mlp.up_proj(x)))
 
-            mlp.forward = forward
-            patched.append(mlp)
+            patches.set(mlp, forward)
         attn = getattr(layer, "self_attn", None)
         if attn is not None:
             attn_modules.add(sys.modules[type(attn).__module__])
@@ -129,8 +128,4 @@ def use_liger_kernels(model: nn.Module) -> tuple[Callable[[], None], Callable[[]
             for m, fn in saved:
                 m.apply_rotary_pos_emb = fn
 
-    def undo() -> None:
-        for mlp in patched:
-            del mlp.forward
-
-    return undo, scoped
+    return patches.undo, scoped

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorastudy.modeling import ForwardPatches
+
 _GENERATORS: dict[int, torch.Generator] = {}  # dropout_mask's generators by id (an op cannot take a Generator)
 
 
@@ -116,7 +118,7 @@ def lora_fusable(m: nn.Module) -> bool:
 def fuse_lora_layers(model: nn.Module) -> Callable[[], None]:
     """Route every PEFT ``lora.Linear`` of ``model`` through ``fused_lora_forward``; returns the undo.
     A model without LoRA layers is left alone."""
-    patched, slots = [], {}
+    patches, slots = ForwardPatches(), {}
     for name, m in model.named_modules():
         if is_lora_linear(m) and "forward" not in vars(m):
             prepare_lora_layer(m, name, slots)
@@ -124,11 +126,5 @@ def fuse_lora_layers(model: nn.Module) -> Callable[[], None]:
             def forward(x, *args, m=m, peft_forward=m.forward, **kwargs):
                 return fused_lora_forward(m, peft_forward, x, *args, **kwargs)
 
-            m.forward = forward
-            patched.append(m)
-
-    def undo() -> None:
-        for m in patched:
-            del m.forward
-
-    return undo
+            patches.set(m, forward)
+    return patches.undo

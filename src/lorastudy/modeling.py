@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -252,6 +253,27 @@ def dropout_generators(model) -> list[torch.Generator]:
         if isinstance(m, SeededDropout):
             seen.setdefault(id(m.generator), m.generator)
     return list(seen.values())
+
+
+class ForwardPatches:
+    """Per-instance ``forward`` overrides of modules, and their undo: the mechanism of the kernel-saving rewrites
+    (``fast_step.fuse_rms_norms``, ``lora_fused``, ``fused_projections``, ``layer_kernels``), which leave the
+    model's classes and state dict untouched. ``undo`` restores each module's own earlier override where it had
+    one (a rewrite applied on top of another), else its class's ``forward``."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[torch.nn.Module, object]] = []
+
+    def set(self, module: torch.nn.Module, forward: Callable) -> None:
+        self._saved.append((module, vars(module).get("forward")))
+        module.forward = forward
+
+    def undo(self) -> None:
+        for module, own in reversed(self._saved):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
 
 
 def trainable_parameters(model) -> tuple[int, int]:
