@@ -156,11 +156,9 @@ def _up_to_date(cfg, ph: str) -> bool:
     if ph == "train":
         return all(store.is_complete(store.run_dir(cfg.out, t, m, s)) for t, m, s in production_units(cfg))
     if ph == "serve":
-        path = cfg.out / "phase4" / "deployment" / "benchmark_results.json"
-        if not path.is_file():
-            return False
-        old = store.read_json(path)
-        return old.get("config_hash") == cfg.hash() and old.get("synthetic_arch") == cfg.serve.synthetic_arch
+        from lorastudy.serving.benchmark import current_result
+
+        return current_result(cfg) is not None
     return False
 
 

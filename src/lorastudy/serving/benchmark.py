@@ -480,6 +480,17 @@ def probe_median_length(cfg) -> int:
     return int(np.median(lengths))
 
 
+def current_result(cfg, synthetic_arch: str | None = None) -> dict | None:
+    """The stored ``phase4/deployment/benchmark_results.json`` when it was measured for this config (hash) and
+    architecture (``synthetic_arch``, default the config's), else None: the serving phase's "already done" test."""
+    path = cfg.out / "phase4" / "deployment" / "benchmark_results.json"
+    if not path.is_file():
+        return None
+    old = store.read_json(path)
+    arch = synthetic_arch or cfg.serve.synthetic_arch
+    return old if old.get("config_hash") == cfg.hash() and old.get("synthetic_arch") == arch else None
+
+
 def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = None, force: bool = False) -> dict:
     from lorastudy import modeling as M
     from lorastudy.report import figures
@@ -489,11 +500,9 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     outdir = cfg.out / "phase4" / "deployment"
     path = outdir / "benchmark_results.json"
     arch = synthetic_arch or s.synthetic_arch
-    if path.is_file() and not force:
-        old = store.read_json(path)
-        if old.get("config_hash") == cfg.hash() and old.get("synthetic_arch") == arch:
-            log(f"serve-bench: {path} exists; skipping (--force to re-measure)")
-            return old
+    if not force and (old := current_result(cfg, arch)) is not None:
+        log(f"serve-bench: {path} exists; skipping (--force to re-measure)")
+        return old
     device = pick_device(cfg.train.device)
     n_max = s.max_adapters
     source = "synthetic"
