@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from lorastudy import store
 from lorastudy.cli import app
-from lorastudy.config import load_config
+from lorastudy.config import config_differences, load_config
 from lorastudy.report import build, figures
 from tests.conftest import REPO
 
@@ -355,5 +355,5 @@ def test_recorded_config_round_trips(study):
     rec = build.recorded_config(study)
     assert rec.hash() == json.loads((study / "manifest.json").read_text())["config_hash"]
     assert rec.out == study
-    assert build.config_differences(load_config(TINY, [*SMALL, f"output_dir={study}"]), rec) == [
+    assert config_differences(load_config(TINY, [*SMALL, f"output_dir={study}"]), rec) == [
         f"data.source: given 'hub', recorded {yaml.safe_load((study / 'config.yaml').read_text())['data']['source']!r}"]

@@ -405,7 +405,8 @@ def report(
 
     The report uses the configuration recorded with the results (config.yaml in the results directory), so the
     config, --set and --data-dir only locate the results; differences from the recorded config are listed."""
-    from lorastudy.report.build import ReportCheckError, build_report, check_report, config_differences, recorded_config
+    from lorastudy.config import config_differences
+    from lorastudy.report.build import ReportCheckError, build_report, check_report, recorded_config
 
     if config.is_dir():
         if set_ or data_dir:

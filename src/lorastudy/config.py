@@ -505,5 +505,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation(e, f"{where} with --set " + ", ".join(k for k, _ in sets))) from None
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(a: StudyConfig, b: StudyConfig, labels: tuple[str, str] = ("given", "recorded"),
+                       ignore: tuple[str, ...] = ("output_dir",)) -> list[str]:
+    """Dotted keys whose resolved values differ between two configs, as 'key: <label a> X, <label b> Y' lines
+    (sorted), leaving out the keys in ``ignore`` and everything under them; empty when they agree."""
+    fa, fb = _flat(a.resolved()), _flat(b.resolved())
+    return [f"{k}: {labels[0]} {fa.get(k)!r}, {labels[1]} {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+            if not any(k == f or k.startswith(f"{f}.") for f in ignore) and fa.get(k) != fb.get(k)]
+
+
 def dump_yaml(cfg: StudyConfig) -> str:
     return yaml.safe_dump(cfg.resolved(), sort_keys=False)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorastudy import store
-from lorastudy.config import StudyConfig
+from lorastudy.config import StudyConfig, config_differences
 
 # Keys of the resolved config that may differ between the shards of one study: the tasks (what shards split),
 # where results and data lie (the data are compared by identity instead), and what does not change results
@@ -52,26 +52,10 @@ class Shard:
         return self.path.name
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _free(key: str) -> bool:
-    return any(key == f or key.startswith(f"{f}.") for f in SHARD_FREE_KEYS)
-
-
 def study_differences(cfg: StudyConfig, shard: StudyConfig) -> list[str]:
     """Dotted config keys (``SHARD_FREE_KEYS`` left out) whose values differ between CONFIG and a shard's recorded
     config, as 'key: config X, shard Y' lines; empty when they are the same study."""
-    a, b = _flat(cfg.resolved()), _flat(shard.resolved())
-    return [f"{k}: config {a.get(k)!r}, shard {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if not _free(k) and a.get(k) != b.get(k)]
+    return config_differences(cfg, shard, labels=("config", "shard"), ignore=SHARD_FREE_KEYS)
 
 
 def load_shard(path: Path) -> Shard:

@@ -53,21 +53,6 @@ def recorded_config(out: Path, fallback: StudyConfig | None = None) -> StudyConf
     return rec.model_copy(update={"output_dir": str(out).replace("{", "{{").replace("}", "}}")})
 
 
-def config_differences(given: StudyConfig, recorded: StudyConfig) -> list[str]:
-    """Dotted keys whose values differ between two configs (``output_dir`` excluded), as 'key: given X, recorded
-    Y' lines."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict) and v:
-                yield from flat(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    a, b = dict(flat(given.resolved())), dict(flat(recorded.resolved()))
-    return [f"{k}: given {a.get(k)!r}, recorded {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k != "output_dir" and a.get(k) != b.get(k)]
-
-
 def data_identity(man: dict, cfg: StudyConfig, runs: list[dict]) -> dict:
     """Per task: where the data came from (kind, not path), rows per split, file checksums.
 
