@@ -262,10 +262,11 @@ def split_overlaps(splits: Splits, probe: pd.DataFrame, spec: TaskSpec) -> dict[
     return out
 
 
-def check_overlap(train: pd.DataFrame, test: pd.DataFrame, spec: TaskSpec, where: str) -> list[int]:
-    """Warn (naming rows) about test examples whose text also appears in train; returns the test row numbers."""
-    tk = set(_text_key(train, spec))
-    dup = [i for i, k in enumerate(_text_key(test, spec)) if k in tk]
+def check_overlap(train_keys: pd.Series, test_keys: pd.Series, where: str) -> list[int]:
+    """Warn (naming rows) about test examples whose text (``_text_key``) also appears in train; returns the test
+    row numbers."""
+    tk = set(train_keys)
+    dup = [i for i, k in enumerate(test_keys) if k in tk]
     if dup:
         log.warning("%s: %d test example(s) also occur in train (test rows %s%s); kept: test is the official GLUE "
                     "split", where, len(dup), dup[:10], " ..." if len(dup) > 10 else "")
@@ -333,15 +334,15 @@ def load_splits(
 def _load_splits(spec, source, split_seed, validation_fraction, validation_max, train_limit, validation_limit,
                  test_limit, hub_revision=None) -> Splits:
     train_all, test = load_raw(spec, source, hub_revision)
-    check_overlap(train_all, test, spec, f"{source}:{spec.name}")
+    key, test_key = _text_key(train_all, spec), _text_key(test, spec)
+    check_overlap(key, test_key, f"{source}:{spec.name}")
     n_val = min(int(round(validation_fraction * len(train_all))), validation_max)
     # A GLUE-train row whose text occurs again in GLUE train (SST-2 and RTE repeat sentences: a plain carve-out put
     # 20 and 2 copies of train rows into validation) or in test is never carved out: validation would score
     # memorisation, or the test set, in HPO and early stopping. Those rows stay in train (harmless there: the same
     # for every method); the official test split is unchanged.
-    key = _text_key(train_all, spec)
     repeated = key.duplicated(keep=False).to_numpy()
-    in_test = key.isin(set(_text_key(test, spec))).to_numpy()
+    in_test = key.isin(set(test_key)).to_numpy()
     val_rows = stratified_sample(train_all["label"].to_numpy(), n_val, _rng(split_seed, spec.name, "validation"),
                                  eligible=~(repeated | in_test))
     mask = np.zeros(len(train_all), dtype=bool)
