@@ -457,8 +457,7 @@ def load_correct(cfg) -> dict:
         for m in cfg.methods:
             for s in cfg.seeds:
                 rd = store.run_dir(cfg.out, task, m, s)
-                store.check_not_damaged(rd, "`lorastudy run CONFIG --only train` (or `train-all`)")
-                if store.is_complete(rd):
+                if store.check_not_damaged(rd, "`lorastudy run CONFIG --only train` (or `train-all`)"):
                     mt = store.read_json(rd / "metrics.json")
                     out[task][(m, s)] = np.asarray(mt["test_predictions"]) == np.asarray(mt["test_labels"])
     return out

@@ -162,8 +162,7 @@ def run_complete(rd: Path) -> bool:
     """Whether a shard's phase-2 run dir is complete apart from full fine-tuned weights (``model/``), which need
     not travel with a shard. Raises StoreError when its marker is there but another listed file is missing or
     corrupted."""
-    store.check_not_damaged(rd, "copying the shard again (or rerunning its training there)", skip=WEIGHTS)
-    return store.is_complete(rd, skip=WEIGHTS)
+    return store.check_not_damaged(rd, "copying the shard again (or rerunning its training there)", skip=WEIGHTS)
 
 
 def _copy_run(src: Path, dst: Path, shard: Shard) -> None:

@@ -181,14 +181,16 @@ def is_complete(path: Path, skip: tuple[str, ...] = ()) -> bool:
     return True
 
 
-def check_not_damaged(path: Path, how: str, skip: tuple[str, ...] = ()) -> None:
-    """StoreError when the unit ``path`` has its COMPLETE marker but a missing or corrupted artifact (so it is not
-    complete): readers must not skip it silently; ``how`` says which command recomputes it. ``skip``: as for
-    ``is_complete``."""
+def check_not_damaged(path: Path, how: str, skip: tuple[str, ...] = ()) -> bool:
+    """Whether the unit ``path`` is complete (``is_complete``, checked once); StoreError when it has its COMPLETE
+    marker but a missing or corrupted artifact (so it is not complete): readers must not skip it silently; ``how``
+    says which command recomputes it. ``skip``: as for ``is_complete``."""
     path = Path(path)
-    if (path / COMPLETE).is_file() and not is_complete(path, skip):
+    complete = is_complete(path, skip)
+    if not complete and (path / COMPLETE).is_file():
         raise StoreError(f"{path}: an artifact is missing or corrupted (it does not match the COMPLETE marker's "
                          f"list); {how} recomputes this unit")
+    return complete
 
 
 def _publish_tree(root: Path) -> None:

@@ -110,8 +110,7 @@ def collect(cfg) -> dict:
             for s in cfg.seeds:
                 rd = store.run_dir(out, t, m, s)
                 failed = rd.parent / f"{rd.name}.{store.FAILED}"
-                store.check_not_damaged(rd, "`lorastudy run CONFIG --only train` (or `train-all`)")
-                if store.is_complete(rd):
+                if store.check_not_damaged(rd, "`lorastudy run CONFIG --only train` (or `train-all`)"):
                     mt = store.read_json(rd / "metrics.json")
                     test = {k: v for k, v in mt["test"].items() if k != "loss"}  # the task's declared metrics
                     runs.append({"task": t, "method": m, "seed": s, "test_accuracy": test.get("accuracy"),
