@@ -25,7 +25,7 @@ from torch import nn
 from lorastudy.lora_fused import is_lora_linear, lora_forward, lora_fusable, prepare_lora_layer
 from lorastudy.modeling import ForwardPatches
 
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # as serving.fuse.SIBLINGS
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections that read the same input
 
 
 def _base(m: nn.Module) -> nn.Module:

@@ -57,11 +57,6 @@ def adapter_from_peft(peft_model, name: str, task: str, adapter_name: str = "def
     return Adapter(name, task, score.shape[0], lora, float(scaling), score)
 
 
-def pooled_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the token the classifier reads per row: the shared rule ``modeling.read_index``."""
-    return M.read_index(attention_mask)
-
-
 class MergedEngine(nn.Module):
     """N merged models; each row is served by its adapter's model (sub-batches per adapter present).
 
@@ -182,7 +177,7 @@ class BatchedLoraEngine(nn.Module):
                                    attention_mask=batch.get("mask4d", batch["attention_mask"]),
                                    position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         rows = torch.arange(h.shape[0], device=h.device)
-        last = h[rows, pooled_index(batch["attention_mask"])]  # [B, H]
+        last = h[rows, M.read_index(batch["attention_mask"])]  # [B, H]
         return self.heads(last, adapter_idx)
 
 

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorastudy.fast_step import fuse_rms_norms
-
-SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+from lorastudy.fused_projections import SIBLINGS  # the same sibling sets as training's fused_projections lever
 
 
 @dataclass
