@@ -384,6 +384,8 @@ class PlannedRun:
 
 
 def planned_steps(n_train: int, hp) -> int:
+    """Optimizer steps a run plans: ``ceil(epochs x ceil(n_train / batch_size))``, capped at ``hp.max_steps``
+    (the schedule's length; early stopping may end it sooner)."""
     total = math.ceil(hp.epochs * math.ceil(n_train / hp.batch_size))
     return min(total, hp.max_steps) if hp.max_steps else total
 

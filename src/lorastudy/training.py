@@ -354,10 +354,10 @@ class RunState:
     def __init__(self, cfg, task: str, method: str, seed: int, hp: HParams, data: RunData, on_eval=None) -> None:
         self.task, self.method, self.seed, self.hp, self.data, self.on_eval = task, method, seed, hp, data, on_eval
         self.spec = cfg.task(task)
-        n = len(data.train)
-        self.steps_per_epoch = math.ceil(n / hp.batch_size)
-        total = math.ceil(hp.epochs * self.steps_per_epoch)
-        self.total_steps = min(total, hp.max_steps) if hp.max_steps else total
+        from lorastudy.execution import planned_steps
+
+        self.steps_per_epoch = math.ceil(len(data.train) / hp.batch_size)
+        self.total_steps = planned_steps(len(data.train), hp)
         self.warmup_steps = int(round(hp.warmup_ratio * self.total_steps))
         self.eval_every = max(1, self.steps_per_epoch // cfg.train.evals_per_epoch)
         self.lengths = data.train.lengths()
