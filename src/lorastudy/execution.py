@@ -88,13 +88,14 @@ def sigterm_as_interrupt():
         return
 
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        _interrupt_now(signum)
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+        _INTERRUPT.clear()
 
 
 # A checkpoint request: SIGTERM/SIGINT while runs are training asks them to write their checkpoints at the next
@@ -116,6 +117,15 @@ def clear_interrupt() -> None:
     _INTERRUPT.clear()
 
 
+def _interrupt_now(signum: int) -> None:
+    """Raise the interrupt of a signal, the request set first: a KeyboardInterrupt that a signal handler raises
+    while a finalizer runs (a weakref callback of SQLAlchemy's, a ``__del__``) is printed as "Exception ignored" and
+    lost (seen in CI: a tune worker then went on with its trials). The loops that start or continue work check
+    the request (``fit``, tune workers, the process pool), so a lost one still stops them."""
+    _INTERRUPT.set()
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextlib.contextmanager
 def checkpoint_on_signal():
     """SIGTERM and SIGINT (Ctrl-C, ``timeout``, a scheduler's or a preemptible VM's notice) while runs train: each
@@ -134,7 +144,7 @@ def checkpoint_on_signal():
             print(f"signal {signum}: writing checkpoints at the next step boundary, then stopping (signal again to "
                   "stop at once)", file=sys.stderr, flush=True)
             return
-        raise KeyboardInterrupt(f"signal {signum}")
+        _interrupt_now(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     _INTERRUPT.clear()
@@ -315,6 +325,8 @@ def run_units(units: list[tuple[str, Any]], fn: Callable[[Any, Context], Any], w
 def _pool_loop(ctx, pending, alive, fn, workers, ngpu, progress, stop, results, on_start) -> None:
     k = 0
     while pending or alive:
+        if interrupt_requested():  # a signal whose KeyboardInterrupt was lost (``_interrupt_now``)
+            raise KeyboardInterrupt("interrupted")
         while pending and len(alive) < workers and not (stop is not None and stop()):
             name, arg = pending.pop(0)
             unit_ctx = Context(device=f"cuda:{k % ngpu}" if ngpu else None, worker=k)

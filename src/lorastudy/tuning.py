@@ -31,7 +31,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lorastudy import store, tracking
-from lorastudy.execution import sigterm_as_interrupt
+from lorastudy.execution import interrupt_requested, sigterm_as_interrupt
 from lorastudy.training import HParams, train_run
 
 PRUNING = "none"
@@ -355,6 +355,8 @@ def run_worker(cfg, task: str, method: str, worker: int = 0, on_trial=None, stop
     while n_complete(study) < target:
         if stop is not None and stop():
             break
+        if interrupt_requested():  # a signal came while a trial trained, which then finished (or had just ended)
+            raise KeyboardInterrupt("tune worker: interrupted between trials")  # neither ask nor wait for another
         got = _ask_trial(study, cfg, method, worker)
         if got is None:
             if not wait:
