@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# On the GPU machine (issue 18): configs/smollm2.yaml's protocol as task shards (README, "A study across machines"),
+# one queue of shards per GPU, every phase with the time budget left before DEADLINE, resumable across leases.
+#
+# Start it detached after staging (the device's commands stop at 10 minutes; the machine keeps /tmp while warm):
+#   source .carry1/device-env.sh && DEADLINE=$(( $(date +%s) + 1260 )) Q0="mrpc" Q1="rte sst2" \
+#     setsid bash benchmarks/gpu/study.sh run > /tmp/lorastudy/study.log 2>&1 < /dev/null &
+# Poll with later calls:      source /tmp/lorastudy/env.sh && bash benchmarks/gpu/study.sh status
+# Bring results back:         bash benchmarks/gpu/study.sh pack     (one .tgz per shard and the logs, to $OUT)
+# A later lease continues a shard from its pack: carry it as .carryr/shard-<tasks>.tgz; `run` unpacks it first.
+#
+# Qi: the shards GPU i runs one after the other (a shard = tasks joined by ','; shards separated by spaces; a shard
+# written TASKS@PHASE stops after PHASE, e.g. sst2@tune: its tuning now, its training in a later lease).
+# A shard runs phases sanity .. drift with `lorastudy run --only P --time-budget S`; when every queue has ended, the
+# shards whose drift is done are merged (merge-shards --allow-partial) into $R/merged, which gets serving (GPU 0)
+# and the report. Phase wall times: each shard's run_summary.json, and $R/phases.tsv (one line per phase pass).
+# The packs hold each shard's small artifacts only (no full-FT weights, checkpoints or representations), which is
+# what merge-shards and the report read.
+set -u
+export LORASTUDY_CACHE=/tmp/lorastudy/cache
+R=${R:-/tmp/lorastudy/study}
+CFG=${CFG:-configs/smollm2.yaml}
+# Execution knobs the config hash covers: the same on every shard of the study (merge-shards compares them).
+# Eight fused slots per method: a full-FT group's step grows ~3.5 ms per slot (optimizer-bound), so wide groups
+# would stretch the longest trials (batch 1, 4 epochs: 13,204 steps) past the lease (docs/PROTOCOL.md).
+KNOBS=(--set "train.fuse_max_runs=${SLOTS:-8}")
+SERVE=(--set "serve.engines=[merged,peft,batched]")  # vLLM needs its own staging (benchmarks/gpu/vllm.sh)
+mkdir -p "$R"
+
+left() { echo $(( ${DEADLINE:?DEADLINE: epoch seconds by which every phase must have stopped} - $(date +%s) )); }
+
+phase() {  # phase GPU RESULTS_DIR TASKS P   (TASKS empty: the recorded config's tasks, as for the merged dir)
+  local gpu=$1 dir=$2 tasks=$3 p=$4 t0 rc budget
+  local only=()
+  [ -n "$tasks" ] && only=(--set "tasks=[$tasks]")
+  budget=$(( $(left) - 60 ))
+  if [ "$budget" -lt 30 ]; then echo "$(date +%T) $tasks $p: no time left" ; return 3; fi
+  t0=$(date +%s)
+  CUDA_VISIBLE_DEVICES=$gpu python3 -m lorastudy.cli run "$CFG" --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" \
+    "${only[@]}" --set "output_dir=$dir" --only "$p" --time-budget "$budget" >> "$dir.log" 2>&1
+  rc=$?
+  printf '%s\t%s\t%s\t%s\t%s\n' "${tasks:-merged}" "$p" "$rc" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
+  return $rc
+}
+
+queue() {  # queue GPU SHARD...
+  local gpu=$1; shift
+  for spec in "$@"; do
+    local tasks=${spec%@*} last=drift
+    [ "$spec" != "$tasks" ] && last=${spec#*@}
+    local dir="$R/shard-${tasks//,/-}"
+    if [ -f ".carryr/shard-${tasks//,/-}.tgz" ] && [ ! -d "$dir" ]; then
+      mkdir -p "$dir" && tar xzf ".carryr/shard-${tasks//,/-}.tgz" -C "$dir"
+    fi
+    mkdir -p "$dir"
+    for p in sanity baselines tune train extract drift; do
+      phase "$gpu" "$dir" "$tasks" "$p" || { echo "$(date +%T) $tasks: stopped at $p"; break; }
+      # (--only P never marks its phase budget_stopped: a pass that ran into the deadline may have left work)
+      [ "$(left)" -le 90 ] && { echo "$(date +%T) $tasks: deadline after $p"; break; }
+      [ "$p" = "$last" ] && break
+    done
+    pack_one "$dir"
+  done
+}
+
+pack_one() {  # the small artifacts of a shard dir, as $R/<name>.tgz
+  local dir=$1
+  tar czf "$R/$(basename "$dir").tgz" -C "$dir" --exclude='phase3' --exclude='*.ckpt' \
+    --exclude='phase2/*/full/*/model/model.safetensors' --exclude='phase4/deployment/*/models' . 2>/dev/null
+}
+
+case "${1:-status}" in
+  run)
+    nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$R/gpu.txt"
+    (while command -v nvidia-smi > /dev/null; do nvidia-smi --query-gpu=index,utilization.gpu,memory.used \
+      --format=csv,noheader | sed "s/^/$(date +%T), /" >> "$R/gpu_util.txt"; sleep 20; done) &
+    mon=$!
+    python3 -c "from lorastudy import modeling as M; print(M.resolve_source('smollm2-135m'))"  # GGUF once
+    queue 0 ${Q0:-mrpc,rte} &
+    pids=($!)
+    if [ -n "${Q1:-}" ]; then queue 1 $Q1 & pids+=($!); fi
+    wait "${pids[@]}"
+    shards=()
+    for d in "$R"/shard-*/; do [ -f "$d/phase4/drift/hypothesis_test_results.json" ] && shards+=("${d%/}"); done
+    if [ ${#shards[@]} -gt 0 ]; then
+      t0=$(date +%s)
+      python3 -m lorastudy.cli merge-shards "$CFG" "${shards[@]}" --out "$R/merged" --allow-partial \
+        --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" >> "$R/merged.log" 2>&1
+      printf 'merged\tmerge-shards\t%s\t%s\t%s\n' "$?" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
+      if [ "$(left)" -gt 240 ]; then
+        phase 0 "$R/merged" "" serve
+      fi
+      python3 -m lorastudy.cli report "$R/merged" >> "$R/merged.log" 2>&1
+      python3 -m lorastudy.cli report "$R/merged" --check >> "$R/merged.log" 2>&1
+      echo "report --check rc=$?" | tee -a "$R/phases.tsv"
+      pack_one "$R/merged"
+    fi
+    kill $mon
+    echo "study.sh: done $(date +%T)" | tee -a "$R/phases.tsv"
+    ;;
+  status)
+    date +%T; cat "$R/phases.tsv" 2>/dev/null; tail -3 "$R/gpu_util.txt" 2>/dev/null
+    for f in "$R"/*.log; do echo "== $f"; grep -v "Warning\|warn(" "$f" | tail -6; done
+    ;;
+  pack)
+    mkdir -p "$OUT"
+    for d in "$R"/shard-*/ "$R/merged/"; do [ -d "$d" ] && pack_one "${d%/}"; done
+    tar czf "$OUT/logs.tgz" -C "$R" --exclude='*.tgz' --exclude='shard-*' --exclude='merged' . 2>/dev/null
+    cp "$R"/*.tgz "$OUT/" 2>/dev/null
+    ls -la "$OUT"
+    ;;
+esac
