@@ -66,7 +66,8 @@ SERVING_LINES = ("- **H2 (serving):**", "| H2 |", "Serving one LoRA adapter per 
 def _report_without_timings(text: str) -> tuple[list[str], int]:
     """The report's lines with those that legitimately differ between a one-machine run and a merged one replaced
     by a placeholder: serving (its own measurement: the RQ2 section, H2 and the serving cost lines), the training
-    wall-time column of the per-run table; the shard provenance paragraph (and its blank line) is removed.
+    wall-time column of the per-run table, the wall time per phase; the shard provenance paragraph (and its blank
+    line) is removed.
     Returns (lines, lines replaced)."""
     out, n, section = [], 0, ""
     for line in text.splitlines():
@@ -76,7 +77,11 @@ def _report_without_timings(text: str) -> tuple[list[str], int]:
             assert out[-1] == ""
             out.pop()
             continue
-        if re.match(r"\| (sst2|mrpc|rte) \| (full|lora) \| \d+ \|", line):
+        if section == "## How to reproduce" and (line.startswith(("Wall time per phase", "| phase |", "|---|"))
+                                                 or re.match(r"\| (sanity|baselines|tune|train|extract|drift|"
+                                                             r"serve) \|", line)):
+            line = "<wall time>"  # per shard and the merged dir's own passes, against one run's
+        elif re.match(r"\| (sst2|mrpc|rte) \| (full|lora) \| \d+ \|", line):
             line = line.rsplit("|", 2)[0] + "| <train seconds> |"  # last cell: wall time of the run
         elif (section.startswith("## RQ2") and not line.startswith("## ")) or line.startswith(SERVING_LINES):
             line, n = "<serving timing>", n + 1
@@ -138,6 +143,40 @@ def test_merged_dir_holds_small_artifacts_and_records_its_shards(merged, shards,
 
     # the shards' Optuna studies were copied: tuning on the merged dir finds every study done (no retuning)
     assert all(is_done(cfg, t, m_) for t in cfg.tasks for m_ in cfg.methods)
+    # the report's wall-time table: a column per shard (as recorded), and the merged dir's own serving pass
+    table = (m / "ANALYSIS_REPORT.md").read_text().split("Wall time per phase", 1)[1].split("\n\n", 2)[1]
+    assert table.splitlines()[0] == "| phase | a | b | this dir |"
+    assert re.search(r"^\| tune \| [0-9.]+ \| [0-9.]+ \| – \|$", table, re.M), table
+    assert re.search(r"^\| serve \| – \| – \| [0-9.]+ \|$", table, re.M), table
+
+
+def test_export_keeps_what_the_report_reads_and_leaves_weights_out(merged, tmp_path):
+    """`lorastudy export`: the committed-study form of a results dir (studies/): its report checks, no weights,
+    adapters, representations or checkpoints; replaced when exported again; refused into a non-empty other dir or
+    inside the results dir (exit 2)."""
+    out = tmp_path / "export"
+    r = _cli("export", merged, "--out", out)
+    assert r.exit_code == 0, r.output
+    r = _cli("report", out, "--check")
+    assert r.exit_code == 0, r.output
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    heavy = [f for f in files if re.search(r"/(adapter|model|base_model)/|\.safetensors$|\.ckpt", f)]
+    assert not heavy, heavy
+    assert len([f for f in files if f.startswith("phase2/") and f.endswith("/metrics.json")]) == 12
+    rec = _json(out / "phase2/rte/lora/seed42/MERGED.json")
+    assert any(k.startswith("adapter/") for k in rec["omitted"]) and any(k.startswith("base_model/")
+                                                                         for k in rec["omitted"])
+    assert any(k.startswith("model/") for k in _json(out / "phase2/rte/full/seed42/MERGED.json")["omitted"])
+    assert (out / "phase4/deployment/benchmark_results.json").is_file()  # serving results are kept
+    assert _json(out / "EXPORTED.json")["runs"] == 12
+    assert _cli("export", merged, "--out", out).exit_code == 0  # an earlier export is replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = _cli("export", merged, "--out", other)
+    assert r.exit_code == 2 and "not empty" in r.output and (other / "notes.txt").is_file()
+    r = _cli("export", merged, "--out", merged / "inside")
+    assert r.exit_code == 2 and "inside" in r.output
 
 
 

@@ -474,6 +474,21 @@ def merge_shards_cmd(
                   markup=False, highlight=False)
 
 
+@app.command("export")
+@_handle_errors
+def export_cmd(
+    results_dir: Annotated[Path, typer.Argument(help="A results dir (of `lorastudy run` or `merge-shards`)")],
+    out: Annotated[Path, typer.Option("--out", help="Where the exported study goes (empty, or an earlier export)")],
+) -> None:
+    """Copy a results dir without weights, adapters, representations or checkpoints: what the report reads, small
+    enough to commit next to the code (studies/). `lorastudy report OUT --check` passes on it."""
+    from lorastudy.merge import export_study
+
+    res = export_study(results_dir, out)
+    console.print(f"exported {res['runs']} run dir(s) to {res['out']} "
+                  f"({res['omitted_bytes'] / 2**20:.1f} MiB of weights and adapters not in it)")
+
+
 @app.command()
 @_handle_errors
 def run(

@@ -123,7 +123,7 @@ def check_shards(cfg: StudyConfig, shards: list[Shard], allow_partial: bool = Fa
 
 
 # keys of a run's metrics.json that measure the machine, not the result (they differ between identical reruns)
-TIMING_KEYS = ("train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_bytes")
+TIMING_KEYS = ("train_time_s", "wall_time_s", "tokens_per_s", "peak_memory_bytes", "device_name")
 
 
 def _differs(cfg: StudyConfig, task: str, a: Shard, b: Shard) -> str | None:
@@ -165,19 +165,23 @@ def run_complete(rd: Path) -> bool:
     return store.check_not_damaged(rd, "copying the shard again (or rerunning its training there)", skip=WEIGHTS)
 
 
-def _copy_run(src: Path, dst: Path, shard: Shard) -> None:
-    """One phase-2 run dir without full fine-tuned weights (``model/``), rebuilt with its own COMPLETE marker (so it
-    lists what is there) and a ``MERGED.json`` naming the shard and what was left out."""
+def _copy_run(src: Path, dst: Path, shard_name: str, omit: tuple[str, ...] = WEIGHTS) -> None:
+    """One phase-2 run dir without the top-level folders ``omit`` (default: full fine-tuned weights, ``model/``),
+    rebuilt with its own COMPLETE marker (so it lists what is there) and a ``MERGED.json`` naming the source dir
+    and what was left out."""
     try:
         marker = json.loads((src / store.COMPLETE).read_text())
     except ValueError:  # a marker of older code ("ok")
         marker = {}
-    omitted = {k: v for k, v in marker.get("files", {}).items() if k.startswith(WEIGHTS)} or {
-        str(p.relative_to(src)): {"size": p.stat().st_size} for p in sorted((src / "model").rglob("*"))
-        if p.is_file()}
+    names = {o.rstrip("/") for o in omit}
+    omitted = {k: v for k, v in marker.get("files", {}).items() if k.startswith(omit)} or {
+        str(p.relative_to(src)): {"size": p.stat().st_size} for n in sorted(names) if (src / n).is_dir()
+        for p in sorted((src / n).rglob("*")) if p.is_file()}
+    if (src / MERGED).is_file():  # a run dir already merged (its weights left out then): keep that record too
+        omitted = {**store.read_json(src / MERGED).get("omitted", {}), **omitted}
     with store.staging_dir(dst) as tmp:
         for p in src.iterdir():
-            if p.name in (store.COMPLETE, "model"):
+            if p.name == store.COMPLETE or p.name in names:
                 continue
             (_copytree if p.is_dir() else _copyfile)(p, tmp / p.name)
         cfg_json = tmp / "adapter" / "adapter_config.json"
@@ -188,7 +192,7 @@ def _copy_run(src: Path, dst: Path, shard: Shard) -> None:
             if (src / "base_model").is_dir() and base.parts[-5:] == (*src.parts[-4:], "base_model"):
                 ac["base_model_name_or_path"] = str(dst.resolve() / "base_model")
                 cfg_json.write_text(json.dumps(ac, indent=2, sort_keys=True) + "\n")
-        (tmp / MERGED).write_text(json.dumps({"shard": shard.name, "finished": marker.get("finished"),
+        (tmp / MERGED).write_text(json.dumps({"shard": shard_name, "finished": marker.get("finished"),
                                               "omitted": omitted}, indent=1) + "\n")
 
 
@@ -261,7 +265,7 @@ def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = No
                     rs, rd = store.run_dir(src, t, m, s), store.run_dir(out, t, m, s)
                     failed = rs.parent / f"{rs.name}.{store.FAILED}"
                     if run_complete(rs):
-                        _copy_run(rs, rd, sh)
+                        _copy_run(rs, rd, sh.name)
                     elif failed.is_file():
                         _copyfile(failed, rd.parent / failed.name)
             probe = src / "phase3" / t / "probe.json"
@@ -319,13 +323,18 @@ def _clear_previous_merge(out: Path) -> None:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+# phases whose results a merge takes from the shards (serving is measured on the merged dir; the report rebuilt)
+MERGED_PHASES = ("sanity", "baselines", "tune", "train", "extract", "drift")
+
+
 def _phase_seconds(path: Path) -> dict:
+    """A shard's wall time per phase (run_summary.json) for the phases whose results the merge takes from it."""
     p = path / "run_summary.json"
     try:
         phases = store.read_json(p).get("phases", {}) if p.is_file() else {}
     except store.StoreError:
         return {}
-    return {k: v.get("seconds") for k, v in phases.items() if isinstance(v, dict)}
+    return {k: v.get("seconds") for k, v in phases.items() if isinstance(v, dict) and k in MERGED_PHASES}
 
 
 def record_shards(out: Path, shards: list[dict]) -> None:
@@ -333,3 +342,52 @@ def record_shards(out: Path, shards: list[dict]) -> None:
     man = store.read_json(Path(out) / "manifest.json")
     man["shards"] = shards
     store.atomic_write_json(Path(out) / "manifest.json", man)
+
+
+# What an exported study leaves out of each run dir: full fine-tuned weights, LoRA adapters, the tiny model's base.
+EXPORT_OMIT = ("model/", "adapter/", "base_model/")
+EXPORTED = "EXPORTED.json"
+
+
+def export_study(src: Path, out: Path) -> dict:
+    """A copy of the results dir ``src`` at ``out`` that holds what the report reads and nothing heavy, for
+    committing a study next to the code (``studies/``): every run dir without weights or adapters
+    (``EXPORT_OMIT``; each run's ``MERGED.json`` lists what was left out), phase 3 without representations (its
+    ``probe.json`` only), no checkpoints, partial dirs, lock or tracking store; every other artifact, the reports
+    and figures as they are (``lorastudy report OUT --check`` passes when it passes on ``src``).
+
+    Returns ``{"out", "runs", "omitted_bytes"}``. Raises MergeError (exit 2) when ``src`` is not a results dir,
+    when ``out`` is ``src`` or inside it, or when ``out`` is neither empty nor an earlier export; StoreError when a
+    run dir of ``src`` is damaged or ``out`` cannot be written."""
+    src, out = Path(src), Path(out)
+    load_shard(src)  # a results dir (config.yaml, manifest.json), else MergeError
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise MergeError(f"--out {out} lies inside the results dir {src}; export to another directory")
+    if out.exists() and any(out.iterdir()):
+        if not (out / EXPORTED).is_file():
+            raise MergeError(f"--out {out} is not empty and not an earlier export; export into an empty directory")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, omitted = 0, 0
+    skip_dirs = {"tracking", "phase3"}
+    for p in sorted(src.iterdir()):
+        if p.name.startswith(".") or p.name in skip_dirs or p.name == "phase2":
+            continue
+        (_copytree if p.is_dir() else _copyfile)(p, out / p.name)
+    for probe in sorted((src / "phase3").glob("*/probe.json")):
+        _copyfile(probe, out / probe.relative_to(src))
+    p2 = src / "phase2"
+    for f in sorted(p2.glob("*.json")) if p2.is_dir() else []:
+        _copyfile(f, out / "phase2" / f.name)
+    for rd in sorted(p2.glob("*/*/seed*")) if p2.is_dir() else []:
+        rel = rd.relative_to(src)
+        if rd.name.endswith(store.FAILED) and rd.is_file():
+            _copyfile(rd, out / rel)
+        elif rd.is_dir() and not rd.name.endswith(".ckpt") and \
+                store.check_not_damaged(rd, "`lorastudy run CONFIG --only train`"):
+            _copy_run(rd, out / rel, src.name, EXPORT_OMIT)
+            runs += 1
+            omitted += sum(v.get("size", 0) for v in store.read_json(out / rel / MERGED)["omitted"].values())
+    store.atomic_write_json(out / EXPORTED, {"from": str(src), "runs": runs, "omitted_bytes": omitted,
+                                             "omitted_per_run": list(EXPORT_OMIT)})
+    return {"out": str(out), "runs": runs, "omitted_bytes": omitted}
