@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -72,6 +73,35 @@ def test_report_uses_the_recorded_config_and_check_passes_as_documented(copy, gl
     for text in (written, md.with_suffix(".html").read_text()):
         for path in (str(copy), str(glue_dir), str(glue_dir.resolve()), "../shared"):
             assert path not in text
+
+
+def test_wall_times_devices_and_the_prior_implementation_comparison(study):
+    """How to reproduce: the device runs trained on and the wall time of every phase before the report (from
+    run_summary.json, written after each phase); the comparison with the study plan's prior claims per task."""
+    text = (study / build.REPORT).read_text()
+    assert "Trained on: cpu (static)." in text or "Trained on: cpu (eager)." in text, _section(text, "How to reproduce")
+    table = text.split("Wall time per phase", 1)[1].split("\n\n", 2)[1]
+    assert [ln.split(" | ")[0] for ln in table.splitlines()[2:]] == \
+        ["| sanity", "| baselines", "| tune", "| train", "| extract", "| drift", "| serve"], table
+    summary = json.loads((study / "run_summary.json").read_text())["phases"]
+    assert f"| tune | {summary['tune']['seconds']:.1f} |" in table
+    sec = _section(text, "Comparison with the study plan's prior implementation")
+    assert re.search(r"^\| rte \| 0\.1% \| -?[0-9.]+% \[", sec, re.M), sec  # (the module's study is RTE only)
+
+
+STUDY = REPO / "studies" / "smollm2"
+
+
+def test_committed_study_checks_and_the_readme_findings_match_it():
+    """studies/smollm2 (the reference study, committed): `report --check` passes on it with this code, and README's
+    Findings section is what scripts/readme_findings.py makes of its report. After a change to the report's
+    template: `lorastudy report studies/smollm2`, then `python scripts/readme_findings.py`."""
+    r = _cli("report", STUDY, "--check")
+    assert r.exit_code == 0, r.output
+    p = subprocess.run([sys.executable, "scripts/readme_findings.py", "--check"], cwd=REPO, capture_output=True,
+                       text=True)
+    assert p.returncode == 0, p.stderr
+    assert not (STUDY / store.LOCK).exists()  # checking leaves nothing in the committed dir
 
 
 def test_check_passes_where_the_results_move(copy, tmp_path):

@@ -121,13 +121,17 @@ def _run_locked(cfg, only, from_, time_budget, workers, force, console, streams)
             up_to_date = not summary["phases"][ph].get("extracted")
         summary["phases"][ph]["seconds"] = seconds
         recorded[ph] = {**summary["phases"][ph], **_phase_seconds(earlier.get(ph), seconds, up_to_date)}
-        if budget.exhausted() and ph != phases[-1]:
+        stopped = budget.exhausted() and ph != phases[-1]
+        if stopped:
             recorded[ph]["budget_stopped"] = True  # may have work left: the next pass adds its time
             summary["stopped"] = f"time budget exhausted after phase {ph}; rerun to continue"
+        # written after every phase (the report phase reads the wall times of those before it; a killed pass
+        # keeps the record of the phases it finished); phases this pass did not run keep their earlier record,
+        # so the file describes the whole study
+        phases_all = {p: recorded.get(p, earlier.get(p)) for p in PHASES if p in recorded or p in earlier}
+        store.atomic_write_json(cfg.out / "run_summary.json", {**summary, "phases": phases_all})
+        if stopped:
             break
-    # phases this pass did not run keep their earlier record, so the file describes the whole study
-    phases_all = {ph: recorded.get(ph, earlier.get(ph)) for ph in PHASES if ph in recorded or ph in earlier}
-    store.atomic_write_json(cfg.out / "run_summary.json", {**summary, "phases": phases_all})
     tracking.log_study_artifacts(cfg)  # drift, serving, report: artifacts of the study run (never raises)
     return summary
 

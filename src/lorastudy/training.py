@@ -229,6 +229,12 @@ def train_step(s: Setup, opt, sched, batch: dict, labels: torch.Tensor, max_norm
     return loss.detach()
 
 
+def device_name(device: torch.device) -> str:
+    """The accelerator's product name (e.g. ``NVIDIA H200``) for CUDA devices, else the device type."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -433,6 +439,7 @@ class RunState:
             "train_tokens": self.tokens,
             # process-wide: with several runs per process (--streams, fused groups) it covers all of them
             "peak_memory_bytes": peak_memory_bytes, "peak_memory_scope": "process", "device": str(device),
+            "device_name": device_name(device),
             "precision": "bf16-autocast" if amp else "fp32", "step_mode": mode, "step_levers": [],
             "trainable_params": trainable, "total_params": total,
             "n_train": len(self.data.train), "n_validation": len(self.data.validation),

@@ -121,7 +121,9 @@ def collect(cfg) -> dict:
                                  "majority": mt.get("majority_baseline", {}).get(prim, mt["majority_accuracy"]),
                                  "best_step": mt["best_step"], "steps": mt["steps"],
                                  "train_time_s": mt["train_time_s"], "trainable_params": mt["trainable_params"],
-                                 "hparams": mt["hparams"], "failed": False})
+                                 "hparams": mt["hparams"], "failed": False,
+                                 "device": mt.get("device_name") or mt.get("device"),
+                                 "step_mode": mt.get("step_mode")})
                     for k, v in test.items():
                         vals.setdefault(k, []).append(v)
                 elif failed.is_file():
@@ -149,9 +151,38 @@ def collect(cfg) -> dict:
     # the pooled H1b is over the others only, which the summary must say
     ctx["tasks_without_drift"] = ([t for t in cfg.tasks if t not in ctx["hyp"]["H1b"]["per_task"]]
                                   if ctx["hyp"] else [])
+    ctx["prior"] = PRIOR_CLAIMS
+    ctx["wall"] = wall_times(out, ctx["shards"])
+    ctx["run_devices"] = sorted({f"{r['device']} ({r['step_mode']})" for r in runs if not r["failed"]
+                                 and r.get("device")})
     ctx["tasks_in_no_shard"] = ([t for t in cfg.tasks if not any(t in sh.get("tasks", []) for sh in ctx["shards"])]
                                 if ctx["shards"] else [])
     return ctx
+
+
+# What the study plan reports from its prior implementation (TinyLlama-1.1B; quoted in the reference-study issue):
+# drift reduction 1 - D_LoRA/D_full per task, and LoRA minus full FT test accuracy. Its report contradicted its
+# own CSV files and averaged representations over padding, so these are claims to compare with, not evidence.
+PRIOR_CLAIMS = {"drift_reduction": {"sst2": 0.286, "mrpc": 0.016, "rte": 0.001}, "accuracy_points": (-5.0, -1.0)}
+
+
+def wall_times(out: Path, shards: list[dict] | None) -> dict:
+    """Wall time per phase: ``{"columns": [source, ...], "rows": [(phase, ["532.6" | "–", ...])]}`` (seconds) from
+    the results dir's ``run_summary.json`` (the passes that did the work) and, in a dir merged from shards, each
+    shard's phases as recorded by ``merge-shards``. Empty rows when none was recorded."""
+    from lorastudy.pipeline import PHASES
+
+    cols: dict[str, dict] = {}
+    for sh in shards or []:
+        cols[f"{sh.get('dir')}"] = sh.get("phases_seconds") or {}
+    own = (_read(out / "run_summary.json") or {}).get("phases") or {}
+    own = {k: v.get("seconds") for k, v in own.items() if isinstance(v, dict)}
+    if own:
+        cols["this dir" if shards else "run"] = own
+    # (not the report's own phase: a report cannot contain the time it took to write it)
+    rows = [(ph, ["–" if c.get(ph) is None else f"{c[ph]:.1f}" for c in cols.values()]) for ph in PHASES
+            if ph != "report" and any(c.get(ph) is not None for c in cols.values())]
+    return {"columns": list(cols), "rows": rows}
 
 
 def _serve_summary(serve, ov) -> dict | None:
