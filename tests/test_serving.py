@@ -98,19 +98,21 @@ def test_benchmark_smoke_schema():
     base, _ = M.load_base(cfg.model, 2, seed=0)
     adapters = synthetic_adapters(base, 3, targets=TARGETS, tasks=["sst2", "mrpc", "rte"])
     class Progress:
-        total = done = 0
+        total = done = calls = 0
 
         def set_total(self, n):
             self.total = n
 
         def advance_rows(self, n):
             self.done += n
+            self.calls += 1
 
     prog = Progress()
     res = run_benchmark(base, adapters, targets=TARGETS, batch_sizes=(1, 4), seq_len=12, warmup=1, requests=5,
                         eager_requests=3, engines=("merged", "peft", "batched", "vllm"), progress=prog)
     rec = res["records"]
-    assert prog.total == prog.done == len(rec)
+    assert prog.total == len(rec) and prog.done == pytest.approx(len(rec))
+    assert prog.calls == 3 * len(rec)  # advanced after each timed block (3 repeats), not once at the end
     assert {r["engine"] for r in rec} == {"merged", "peft", "batched"}
     assert all(len(r["_samples"]) == 3 for r in rec)  # no CUDA graphs on CPU: every row is timed eagerly
     assert {(r["engine"], r["fused"]) for r in rec} == {("merged", True), ("batched", True), ("peft", False)}

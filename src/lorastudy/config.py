@@ -291,8 +291,9 @@ class ServeConfig(_Strict):
     warmup: int = Field(100, ge=0)
     requests: int = Field(1000, ge=1)
     # timed requests (and at most as many warm-up) for rows without CUDA graphs (eager, peft), which take 5-20x
-    # longer on GPU; None: the same as requests
-    eager_requests: int | None = Field(None, ge=1)
+    # longer on GPU (at 1,000 they made a protocol study's serving phase ~20 minutes); at most `requests`;
+    # None: the same as requests
+    eager_requests: int | None = Field(100, ge=1)
     synthetic_arch: Literal["tinyllama", "smollm2"] | None = None
     cuda_graphs: bool = True
     fuse: bool = True  # fused sibling projections and RMSNorm for merged and batched (serving/fuse.py)

@@ -55,7 +55,7 @@ class Progress:
         self.running.discard(unit)
         self._p.update(self._task, status=self._status())
 
-    def advance_rows(self, n: int, label: str = "") -> None:
+    def advance_rows(self, n: float, label: str = "") -> None:
         self._p.update(self._task, advance=n)
         self._log(label)
 

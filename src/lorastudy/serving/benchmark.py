@@ -260,23 +260,22 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         sizes = sorted(batch_sizes)
         for bi, b in enumerate(batch_sizes):
             conds = _local_conditions(eng, b, batches[b], device, graphs_ok, fuse, requests,
-                                      eager_requests or requests, sizes, N, weights, log)
+                                      min(eager_requests or requests, requests), sizes, N, weights, log)
             if vrun is not None:
                 conds += _vllm_conditions(vrun, b, N, requests, eager_requests, device)
             if progress is not None and bi == 0:
                 progress.set_total(_n_conditions(list(eng), batch_sizes, N, graphs_ok, fuse, vrun is not None))
+            step = progress.advance_rows if progress is not None else None
             try:
-                timed = interleave(conds, repeats, warmup)
+                timed = interleave(conds, repeats, warmup, step)
             except WorkerError as e:  # keep the other engines' rows: time this batch size again without vLLM
                 vrun = _drop_vllm(vsetup, e, f"timing at batch size {b}", records, parity, log)
                 conds = [c for c in conds if isinstance(c, LocalCondition)]
-                timed = interleave(conds, repeats, warmup)
+                timed = interleave(conds, repeats, warmup, step)
             for c, blks in zip(conds, timed, strict=True):
                 local = isinstance(c, LocalCondition)
                 records.append(_record(c, blks, seq_len, dtype, device, mem_kind if local else "",
                                        c.fields["weights_bytes"] + c.activation_bytes if local else None))
-            if progress is not None:
-                progress.advance_rows(len(conds))
         for e in ("merged", "batched"):
             if e in eng:
                 eng[e].set_fused(fuse)
@@ -401,7 +400,7 @@ def _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes
 def _vllm_conditions(vrun: VllmRun, b: int, N: int, requests: int, eager_requests: int | None,
                      device) -> list[RemoteCondition]:
     graphs = vrun.opts.cuda_graphs
-    n = requests if graphs else (eager_requests or requests)
+    n = requests if graphs else min(eager_requests or requests, requests)
     common = {"cuda_graph": graphs, "fused": None, "batch_size": b, "weights_bytes": None,
               "includes": CALL_INCLUDES["vllm"], "heads": vrun.status.get("heads")}
     conds = [RemoteCondition({**common, "engine": MERGED, "n_adapters": 1, "mixing": "single adapter",
@@ -536,7 +535,7 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     for r in res["records"]:
         r.pop("_samples")
     res.update(config_hash=cfg.hash(), synthetic_arch=arch, adapter_source=source, model=cfg.model.source,
-               warmup=s.warmup, requests=s.requests, eager_requests=s.eager_requests or s.requests)
+               warmup=s.warmup, requests=s.requests, eager_requests=min(s.eager_requests or s.requests, s.requests))
     store.atomic_write_json(outdir / "overhead_analysis.json", ov)
     figures.serving_figures(res, ov, outdir)
     store.atomic_write_json(path, res)  # last: its presence marks the phase finished

@@ -105,9 +105,12 @@ def blocks(n: int, repeats: int) -> list[int]:
     return [len(x) for x in np.array_split(np.arange(n), r)]
 
 
-def interleave(conds: list[Condition], repeats: int, warmup: int) -> list[list[np.ndarray]]:
+def interleave(conds: list[Condition], repeats: int, warmup: int,
+               on_block: Callable[[float], None] | None = None) -> list[list[np.ndarray]]:
     """Warm every condition (``min(warmup, n)`` units), then time repeat after repeat, each condition's block r in
-    an order rotated by r. Returns per condition its list of blocks (ms per unit)."""
+    an order rotated by r. Returns per condition its list of blocks (ms per unit). ``on_block(fraction)`` is called
+    after each timed block with the fraction of its condition it was (a progress bar advances by conditions, and
+    with blocks interleaved every condition ends only in the last repeat)."""
     for c in conds:
         c.warm(min(warmup, c.n))
     sizes = [blocks(c.n, repeats) for c in conds]
@@ -116,6 +119,8 @@ def interleave(conds: list[Condition], repeats: int, warmup: int) -> list[list[n
         for j in [(i + r) % len(conds) for i in range(len(conds))]:
             if r < len(sizes[j]):
                 out[j].append(conds[j].time(sizes[j][r]))
+                if on_block is not None:
+                    on_block(1.0 / len(sizes[j]))
     return out
 
 
