@@ -6,16 +6,18 @@
 #   source .carry1/device-env.sh && DEADLINE=$(( $(date +%s) + 1260 )) Q0="mrpc" Q1="rte sst2" \
 #     setsid bash benchmarks/gpu/study.sh run > /tmp/lorastudy/study.log 2>&1 < /dev/null &
 # Poll with later calls:      source /tmp/lorastudy/env.sh && bash benchmarks/gpu/study.sh status
-# Bring results back:         bash benchmarks/gpu/study.sh pack     (one .tgz per shard and the logs, to $OUT)
+# Bring results back:         bash benchmarks/gpu/study.sh pack     (one .tgz per shard, the export of the merged
+#                             dir (`lorastudy export`: what studies/ holds) and the logs, to $OUT; each < 16 MiB)
 # A later lease continues a shard from its pack: carry it as .carryr/shard-<tasks>.tgz; `run` unpacks it first.
 #
 # Qi: the shards GPU i runs one after the other (a shard = tasks joined by ','; shards separated by spaces; a shard
 # written TASKS@PHASE stops after PHASE, e.g. sst2@tune: its tuning now, its training in a later lease).
-# A shard runs phases sanity .. drift with `lorastudy run --only P --time-budget S`; when every queue has ended, the
-# shards whose drift is done are merged (merge-shards --allow-partial) into $R/merged, which gets serving (GPU 0)
-# and the report. Phase wall times: each shard's run_summary.json, and $R/phases.tsv (one line per phase pass).
-# The packs hold each shard's small artifacts only (no full-FT weights, checkpoints or representations), which is
-# what merge-shards and the report read.
+# A shard runs phases sanity .. drift with `lorastudy run --only P --time-budget S`. As soon as every shard that runs
+# up to drift has ended, those whose drift is done are merged (merge-shards --allow-partial) into $R/merged, which
+# gets serving (GPU 0, when 5 minutes are left), the report and an export. Phase wall times: each shard's
+# run_summary.json, and $R/phases.tsv (one line per phase pass).
+# The packs hold each shard's small artifacts (no full-FT weights or checkpoints, no representations): what
+# merge-shards and the report read, and LoRA checkpoints, so that a paused LoRA run goes on in the next lease.
 set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
 R=${R:-/tmp/lorastudy/study}
@@ -60,13 +62,15 @@ queue() {  # queue GPU SHARD...
       [ "$p" = "$last" ] && break
     done
     pack_one "$dir"
+    touch "$dir.done"
   done
 }
 
 pack_one() {  # the small artifacts of a shard dir, as $R/<name>.tgz
   local dir=$1
-  tar czf "$R/$(basename "$dir").tgz" -C "$dir" --exclude='phase3' --exclude='*.ckpt' \
-    --exclude='phase2/*/full/*/model/model.safetensors' --exclude='phase4/deployment/*/models' . 2>/dev/null
+  # (LoRA checkpoints travel: a few MB each, so a LoRA run can go on in the next lease; full-FT ones cannot)
+  tar czf "$R/$(basename "$dir").tgz" -C "$dir" --exclude='*/representations.safetensors' \
+    --exclude='./phase2/*/full/*.ckpt' --exclude='./phase2/*/full/*/model/model.safetensors' . 2>/dev/null
 }
 
 case "${1:-status}" in
@@ -79,7 +83,12 @@ case "${1:-status}" in
     queue 0 ${Q0:-mrpc,rte} &
     pids=($!)
     if [ -n "${Q1:-}" ]; then queue 1 $Q1 & pids+=($!); fi
-    wait "${pids[@]}"
+    # merge as soon as every shard that runs up to drift has ended (tune-only shards may still be running)
+    for spec in ${Q0:-mrpc,rte} ${Q1:-}; do
+      [ "$spec" != "${spec%@*}" ] && continue
+      t=${spec//,/-}
+      while [ ! -f "$R/shard-$t.done" ] && [ "$(left)" -gt 0 ]; do sleep 10; done
+    done
     shards=()
     for d in "$R"/shard-*/; do [ -f "$d/phase4/drift/hypothesis_test_results.json" ] && shards+=("${d%/}"); done
     if [ ${#shards[@]} -gt 0 ]; then
@@ -87,14 +96,16 @@ case "${1:-status}" in
       python3 -m lorastudy.cli merge-shards "$CFG" "${shards[@]}" --out "$R/merged" --allow-partial \
         --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" >> "$R/merged.log" 2>&1
       printf 'merged\tmerge-shards\t%s\t%s\t%s\n' "$?" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
-      if [ "$(left)" -gt 240 ]; then
+      if [ "$(left)" -gt 300 ]; then  # (on a GPU the first shard's queue has ended: GPU 0 is free)
         phase 0 "$R/merged" "" serve
       fi
       python3 -m lorastudy.cli report "$R/merged" >> "$R/merged.log" 2>&1
       python3 -m lorastudy.cli report "$R/merged" --check >> "$R/merged.log" 2>&1
       echo "report --check rc=$?" | tee -a "$R/phases.tsv"
-      pack_one "$R/merged"
+      python3 -m lorastudy.cli export "$R/merged" --out "$R/export" >> "$R/merged.log" 2>&1
+      tar czf "$R/export.tgz" -C "$R/export" .
     fi
+    wait "${pids[@]}"
     kill $mon
     echo "study.sh: done $(date +%T)" | tee -a "$R/phases.tsv"
     ;;
@@ -104,8 +115,10 @@ case "${1:-status}" in
     ;;
   pack)
     mkdir -p "$OUT"
-    for d in "$R"/shard-*/ "$R/merged/"; do [ -d "$d" ] && pack_one "${d%/}"; done
-    tar czf "$OUT/logs.tgz" -C "$R" --exclude='*.tgz' --exclude='shard-*' --exclude='merged' . 2>/dev/null
+    for d in "$R"/shard-*/; do [ -d "$d" ] && pack_one "${d%/}"; done
+    [ -d "$R/export" ] && tar czf "$R/export.tgz" -C "$R/export" .
+    tar czf "$OUT/logs.tgz" -C "$R" --exclude='*.tgz' --exclude='shard-*' --exclude='merged' \
+      --exclude='export' . 2>/dev/null
     cp "$R"/*.tgz "$OUT/" 2>/dev/null
     ls -la "$OUT"
     ;;
