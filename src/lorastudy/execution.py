@@ -213,14 +213,24 @@ def _child(conn, fn, arg, ctx: Context, threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)  # share the CPU cores between workers instead of oversubscribing them
+    interrupted = False
     try:
         with checkpoint_on_signal():  # the parent's terminate() (SIGTERM): checkpoint at a step boundary, stop
-            value = fn(arg, ctx)
+            try:
+                value = fn(arg, ctx)
+            finally:
+                interrupted = interrupt_requested()  # (leaving checkpoint_on_signal clears the request)
         conn.send(("ok", value))
     except BaseException as e:  # report, never hang the parent
+        interrupted = interrupted or isinstance(e, KeyboardInterrupt)
         conn.send(("err", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}"))
     finally:
         conn.close()
+        if interrupted:
+            # runs' daemon threads may still be inside torch calls: interpreter shutdown beside them can hang until
+            # the parent's join times out (30 s; seen once as test_sigterm_stops_parallel_tune_and_frees_its_trials
+            # [processes_x_threads_group_signal] taking 30.2 s), so leave at once
+            exit_if_threads_alive(130)
 
 
 def run_threads(chunk: list[tuple[str, Any]], ctx: Context | None, fn: Callable[[Any, Context], Any]
