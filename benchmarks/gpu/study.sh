@@ -55,6 +55,11 @@ queue() {  # queue GPU SHARD...
       mkdir -p "$dir" && tar xzf ".carryr/shard-${tasks//,/-}.tgz" -C "$dir"
     fi
     mkdir -p "$dir"
+    if [ "$last" = drift ] && [ -f "$dir/phase4/drift/hypothesis_test_results.json" ]; then
+      # a finished shard carried from an earlier lease: its pack has no full-FT weights or representations, so a
+      # phase pass here would retrain and re-extract; it only joins the merge
+      echo "$(date +%T) $tasks: finished in an earlier lease"; touch "$dir.done"; continue
+    fi
     for p in sanity baselines tune train extract drift; do
       phase "$gpu" "$dir" "$tasks" "$p" || { echo "$(date +%T) $tasks: stopped at $p"; break; }
       # (--only P never marks its phase budget_stopped: a pass that ran into the deadline may have left work)
@@ -106,7 +111,7 @@ case "${1:-status}" in
       tar czf "$R/export.tgz" -C "$R/export" .
     fi
     wait "${pids[@]}"
-    kill $mon
+    kill $mon 2>/dev/null
     echo "study.sh: done $(date +%T)" | tee -a "$R/phases.tsv"
     ;;
   status)
