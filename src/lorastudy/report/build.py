@@ -174,7 +174,7 @@ def wall_times(out: Path, shards: list[dict] | None) -> dict:
 
     cols: dict[str, dict] = {}
     for sh in shards or []:
-        cols[f"{sh.get('dir')}"] = sh.get("phases_seconds") or {}
+        cols[str(sh.get("dir"))] = sh.get("phases_seconds") or {}
     own = (_read(out / "run_summary.json") or {}).get("phases") or {}
     own = {k: v.get("seconds") for k, v in own.items() if isinstance(v, dict)}
     if own:
