@@ -177,6 +177,19 @@ def test_export_keeps_what_the_report_reads_and_leaves_weights_out(merged, tmp_p
     assert r.exit_code == 2 and "not empty" in r.output and (other / "notes.txt").is_file()
     r = _cli("export", merged, "--out", merged / "inside")
     assert r.exit_code == 2 and "inside" in r.output
+    r = _cli("export", merged, "--out", other / "notes.txt")
+    assert r.exit_code == 2 and "not a directory" in r.output
+    # a results dir inside the earlier export is never deleted by replacing it
+    inner = Path(shutil.copytree(merged, out / "inner"))
+    r = _cli("export", inner, "--out", out)
+    assert r.exit_code == 2 and "lies inside --out" in r.output and (inner / "manifest.json").is_file()
+    shutil.rmtree(inner)
+    # a damaged source is refused before anything is written: the earlier export stays whole
+    damaged = Path(shutil.copytree(merged, tmp_path / "damaged"))
+    (damaged / "phase2/rte/lora/seed42/metrics.json").unlink()
+    r = _cli("export", damaged, "--out", out)
+    assert r.exit_code == 2 and "phase2/rte/lora/seed42" in r.output
+    assert _cli("report", out, "--check").exit_code == 0 and not list(tmp_path.glob(".*.partial"))
 
 
 

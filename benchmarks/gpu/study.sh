@@ -38,7 +38,7 @@ phase() {  # phase GPU RESULTS_DIR TASKS P   (TASKS empty: the recorded config's
   budget=$(( $(left) - 60 ))
   if [ "$budget" -lt 30 ]; then echo "$(date +%T) $tasks $p: no time left" ; return 3; fi
   t0=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$gpu python3 -m lorastudy.cli run "$CFG" --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" \
+  CUDA_VISIBLE_DEVICES=$gpu python3 -m lorastudy.cli run "$CFG" --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" "${SERVE[@]}" \
     "${only[@]}" --set "output_dir=$dir" --only "$p" --time-budget "$budget" >> "$dir.log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\t%s\t%s\n' "${tasks:-merged}" "$p" "$rc" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
@@ -80,6 +80,8 @@ pack_one() {  # the small artifacts of a shard dir, as $R/<name>.tgz
 
 case "${1:-status}" in
   run)
+    : "${DEADLINE:?DEADLINE: epoch seconds by which every phase must have stopped}"
+    rm -f "$R"/*.done  # markers of an earlier pass on this machine
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$R/gpu.txt"
     (while command -v nvidia-smi > /dev/null; do nvidia-smi --query-gpu=index,utilization.gpu,memory.used \
       --format=csv,noheader | sed "s/^/$(date +%T), /" >> "$R/gpu_util.txt"; sleep 20; done) &
@@ -107,8 +109,9 @@ case "${1:-status}" in
       python3 -m lorastudy.cli report "$R/merged" >> "$R/merged.log" 2>&1
       python3 -m lorastudy.cli report "$R/merged" --check >> "$R/merged.log" 2>&1
       echo "report --check rc=$?" | tee -a "$R/phases.tsv"
-      python3 -m lorastudy.cli export "$R/merged" --out "$R/export" >> "$R/merged.log" 2>&1
-      tar czf "$R/export.tgz" -C "$R/export" .
+      python3 -m lorastudy.cli export "$R/merged" --out "$R/export" >> "$R/merged.log" 2>&1 \
+        && tar czf "$R/export.tgz" -C "$R/export" .
+      echo "export rc=$?" | tee -a "$R/phases.tsv"
     fi
     wait "${pids[@]}"
     kill $mon 2>/dev/null

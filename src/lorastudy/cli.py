@@ -484,9 +484,9 @@ def export_cmd(
     enough to commit next to the code (studies/). `lorastudy report OUT --check` passes on it."""
     from lorastudy.merge import export_study
 
-    res = export_study(results_dir, out)
+    res = export_study(results_dir, out, log=console.print)
     console.print(f"exported {res['runs']} run dir(s) to {res['out']} "
-                  f"({res['omitted_bytes'] / 2**20:.1f} MiB of weights and adapters not in it)")
+                  f"({res['omitted_bytes'] / 2**20:.1f} MiB of weights and adapters not in it)", markup=False)
 
 
 @app.command()

@@ -22,7 +22,9 @@ The merged ``manifest.json`` records the shards (dir name, config hash, code ver
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -349,45 +351,76 @@ EXPORT_OMIT = ("model/", "adapter/", "base_model/")
 EXPORTED = "EXPORTED.json"
 
 
-def export_study(src: Path, out: Path) -> dict:
+def export_study(src: Path, out: Path, log=print) -> dict:
     """A copy of the results dir ``src`` at ``out`` that holds what the report reads and nothing heavy, for
-    committing a study next to the code (``studies/``): every run dir without weights or adapters
+    committing a study next to the code (``studies/``): every complete run dir without weights or adapters
     (``EXPORT_OMIT``; each run's ``MERGED.json`` lists what was left out), phase 3 without representations (its
     ``probe.json`` only), no checkpoints, partial dirs, lock or tracking store; every other artifact, the reports
-    and figures as they are (``lorastudy report OUT --check`` passes when it passes on ``src``).
+    and figures as they are (``lorastudy report OUT --check`` passes when it passes on ``src``). Unfinished run dirs
+    (no COMPLETE marker) are left out and named through ``log``. The copy is built beside ``out`` and moved into
+    place at the end: a failed export leaves an earlier export at ``out`` as it was.
 
-    Returns ``{"out", "runs", "omitted_bytes"}``. Raises MergeError (exit 2) when ``src`` is not a results dir,
-    when ``out`` is ``src`` or inside it, or when ``out`` is neither empty nor an earlier export; StoreError when a
-    run dir of ``src`` is damaged or ``out`` cannot be written."""
+    Returns ``{"out", "runs", "omitted_bytes", "unfinished"}``. Raises MergeError (exit 2) when ``src`` is not a
+    results dir, when ``out`` is ``src``, inside it or holds it, is a file or a symlink, or is neither empty nor an
+    earlier export; StoreError when a run dir of ``src`` is damaged (nothing is written then) or ``out`` cannot be
+    written."""
     src, out = Path(src), Path(out)
-    load_shard(src)  # a results dir (config.yaml, manifest.json), else MergeError
-    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+    if not src.is_dir() or not (src / "config.yaml").is_file() or not (src / "manifest.json").is_file():
+        raise MergeError(f"{src}: not a results dir of `lorastudy run` or `merge-shards` (no config.yaml and "
+                         "manifest.json there)")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise MergeError(f"--out {out}: {'a symbolic link' if out.is_symlink() else 'not a directory'}; give a "
+                         "directory path")
+    s_res, o_res = src.resolve(), out.resolve()
+    if o_res == s_res or s_res in o_res.parents:
         raise MergeError(f"--out {out} lies inside the results dir {src}; export to another directory")
-    if out.exists() and any(out.iterdir()):
-        if not (out / EXPORTED).is_file():
-            raise MergeError(f"--out {out} is not empty and not an earlier export; export into an empty directory")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs, omitted = 0, 0
-    skip_dirs = {"tracking", "phase3"}
-    for p in sorted(src.iterdir()):
-        if p.name.startswith(".") or p.name in skip_dirs or p.name == "phase2":
-            continue
-        (_copytree if p.is_dir() else _copyfile)(p, out / p.name)
-    for probe in sorted((src / "phase3").glob("*/probe.json")):
-        _copyfile(probe, out / probe.relative_to(src))
+    if o_res in s_res.parents:
+        raise MergeError(f"the results dir {src} lies inside --out {out}, which exporting replaces; export to "
+                         "another directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORTED).is_file():
+        raise MergeError(f"--out {out} is not empty and not an earlier export; export into an empty directory")
+    # every run dir is checked before anything is written
     p2 = src / "phase2"
-    for f in sorted(p2.glob("*.json")) if p2.is_dir() else []:
-        _copyfile(f, out / "phase2" / f.name)
+    runs, unfinished = [], []
     for rd in sorted(p2.glob("*/*/seed*")) if p2.is_dir() else []:
-        rel = rd.relative_to(src)
-        if rd.name.endswith(store.FAILED) and rd.is_file():
-            _copyfile(rd, out / rel)
-        elif rd.is_dir() and not rd.name.endswith(".ckpt") and \
-                store.check_not_damaged(rd, "`lorastudy run CONFIG --only train`"):
-            _copy_run(rd, out / rel, src.name, EXPORT_OMIT)
-            runs += 1
-            omitted += sum(v.get("size", 0) for v in store.read_json(out / rel / MERGED)["omitted"].values())
-    store.atomic_write_json(out / EXPORTED, {"from": str(src), "runs": runs, "omitted_bytes": omitted,
-                                             "omitted_per_run": list(EXPORT_OMIT)})
-    return {"out": str(out), "runs": runs, "omitted_bytes": omitted}
+        if rd.is_dir() and not rd.name.endswith(".ckpt"):
+            if store.check_not_damaged(rd, "`lorastudy run CONFIG --only train`"):
+                runs.append(rd)
+            else:
+                unfinished.append(str(rd.relative_to(src)))
+    for u in unfinished:
+        log(f"export: {u} is not finished (no COMPLETE marker): left out")
+    try:
+        o_res.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{o_res.name}.", suffix=".partial", dir=o_res.parent))
+    except OSError as e:
+        raise store.write_error(out, e) from e
+    omitted = 0
+    try:
+        for p in sorted(src.iterdir()):
+            if p.name.startswith(".") or p.name in ("tracking", "phase3", "phase2"):
+                continue
+            (_copytree if p.is_dir() else _copyfile)(p, tmp / p.name)
+        for probe in sorted((src / "phase3").glob("*/probe.json")):
+            _copyfile(probe, tmp / probe.relative_to(src))
+        for f in sorted(p2.glob("*.json")) if p2.is_dir() else []:
+            _copyfile(f, tmp / "phase2" / f.name)
+        for f in sorted(p2.glob(f"*/*/seed*.{store.FAILED}")) if p2.is_dir() else []:
+            _copyfile(f, tmp / f.relative_to(src))
+        for rd in runs:
+            rel = rd.relative_to(src)
+            _copy_run(rd, tmp / rel, src.name, EXPORT_OMIT)
+            omitted += sum(v.get("size", 0) for v in store.read_json(tmp / rel / MERGED)["omitted"].values())
+        store.atomic_write_json(tmp / EXPORTED, {"from": src.name, "runs": len(runs), "omitted_bytes": omitted,
+                                                 "omitted_per_run": list(EXPORT_OMIT), "unfinished": unfinished})
+        os.chmod(tmp, 0o755)  # (mkdtemp makes it owner-only)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, o_res)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise store.write_error(out, e) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "runs": len(runs), "omitted_bytes": omitted, "unfinished": unfinished}

@@ -151,6 +151,7 @@ def collect(cfg) -> dict:
     # the pooled H1b is over the others only, which the summary must say
     ctx["tasks_without_drift"] = ([t for t in cfg.tasks if t not in ctx["hyp"]["H1b"]["per_task"]]
                                   if ctx["hyp"] else [])
+    ctx["tuning_failed"] = _failed_trials(out, ctx["tuning"])
     ctx["prior"] = PRIOR_CLAIMS
     ctx["wall"] = wall_times(out, ctx["shards"])
     ctx["run_devices"] = sorted({f"{r['device']} ({r['step_mode']})" for r in runs if not r["failed"]
@@ -164,6 +165,18 @@ def collect(cfg) -> dict:
 # drift reduction 1 - D_LoRA/D_full per task, and LoRA minus full FT test accuracy. Its report contradicted its
 # own CSV files and averaged representations over padding, so these are claims to compare with, not evidence.
 PRIOR_CLAIMS = {"drift_reduction": {"sst2": 0.286, "mrpc": 0.016, "rte": 0.001}, "accuracy_points": (-5.0, -1.0)}
+
+
+def _failed_trials(out: Path, tuning: dict | None) -> dict:
+    """Per ``task/method``: failed tuning trials in its trials table (replaced by others; not in the count of
+    complete ones) and how many of them diverged (non-finite loss)."""
+    res = {}
+    for st in (tuning or {}).get("studies", []):
+        rows = (_read(out / "phase1" / f"{st['task']}_{st['method']}" / "trials.json") or {}).get("trials", [])
+        bad = [r for r in rows if r.get("state") == "FAIL"]
+        res[f"{st['task']}/{st['method']}"] = {"n": len(bad),
+                                               "diverged": sum("non-finite" in str(r.get("error", "")) for r in bad)}
+    return res
 
 
 def wall_times(out: Path, shards: list[dict] | None) -> dict:
