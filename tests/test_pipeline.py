@@ -164,6 +164,22 @@ def test_time_budget_stops_between_units_and_resumes(glue_dir, tmp_path):
     assert r.exit_code == 0
 
 
+def test_budget_exhausted_before_a_phase_is_recorded(glue_dir, tmp_path, monkeypatch):
+    """The budget found exhausted at the start of a phase (not at the end of the one before): run_summary.json
+    says so (it is written after every phase and once more at the end)."""
+    from lorastudy import pipeline
+
+    answers = iter([False, False, True])  # before sanity, after sanity, before baselines
+    monkeypatch.setattr(pipeline.Budget, "exhausted", lambda self: next(answers, True))
+    out = tmp_path / "results"
+    r = _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--set", "tasks=[rte]",
+             "--time-budget", "100")
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["stopped"].startswith("time budget exhausted before phase baselines")
+    assert list(summary["phases"]) == ["sanity"]
+
+
 def test_results_dir_of_another_config_is_refused(glue_dir, tmp_path):
     out = tmp_path / "results"
     assert _cli("run", TINY, "--data-dir", str(glue_dir), "--set", f"output_dir={out}", "--only", "baselines",

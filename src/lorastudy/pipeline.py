@@ -125,15 +125,21 @@ def _run_locked(cfg, only, from_, time_budget, workers, force, console, streams)
         if stopped:
             recorded[ph]["budget_stopped"] = True  # may have work left: the next pass adds its time
             summary["stopped"] = f"time budget exhausted after phase {ph}; rerun to continue"
-        # written after every phase (the report phase reads the wall times of those before it; a killed pass
-        # keeps the record of the phases it finished); phases this pass did not run keep their earlier record,
-        # so the file describes the whole study
-        phases_all = {p: recorded.get(p, earlier.get(p)) for p in PHASES if p in recorded or p in earlier}
-        store.atomic_write_json(cfg.out / "run_summary.json", {**summary, "phases": phases_all})
+        # written after every phase: the report phase reads the wall times of those before it, and a killed pass
+        # keeps the record of the phases it finished
+        _write_run_summary(cfg, summary, recorded, earlier)
         if stopped:
             break
+    _write_run_summary(cfg, summary, recorded, earlier)  # (also when the budget ran out before a phase)
     tracking.log_study_artifacts(cfg)  # drift, serving, report: artifacts of the study run (never raises)
     return summary
+
+
+def _write_run_summary(cfg, summary: dict, recorded: dict, earlier: dict) -> None:
+    """run_summary.json: this pass's summary, with the phases it did not run keeping their earlier record (so the
+    file describes the whole study)."""
+    phases_all = {p: recorded.get(p, earlier.get(p)) for p in PHASES if p in recorded or p in earlier}
+    store.atomic_write_json(cfg.out / "run_summary.json", {**summary, "phases": phases_all})
 
 
 def _earlier_phases(cfg) -> dict:
