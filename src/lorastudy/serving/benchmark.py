@@ -197,6 +197,12 @@ def _record(c, blks: list[np.ndarray], seq_len: int, dtype, device, mem_kind: st
             "peak_memory_bytes": peak, "memory_kind": mem_kind, "dtype": str(dtype), "device": str(device)}
 
 
+def eager_calls(requests: int, eager_requests: int | None) -> int:
+    """Timed calls of a row without CUDA graphs: ``eager_requests`` (None: as many as ``requests``), at most
+    ``requests``."""
+    return min(eager_requests or requests, requests)
+
+
 def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batched"), batch_sizes=(1, 2, 4, 8, 16),
                   seq_len: int = 64, warmup: int = 100, requests: int = 1000, eager_requests: int | None = None,
                   repeats: int = 10, cuda_graphs: bool = True, fuse: bool = True,
@@ -212,6 +218,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     ``max_abs_logit_diff`` is against ``merged`` on HF's plain modules, on one mixed batch."""
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    eager_requests = eager_calls(requests, eager_requests)
     names = [e for e in engines if e != "vllm"]
     base = base.to(dtype=dtype).eval()
     vocab, N = base.config.vocab_size, len(adapters)
@@ -228,7 +235,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         opts = vllm or VllmOptions()
         opts = dataclasses.replace(opts, cuda_graphs=opts.cuda_graphs and device.type == "cuda")
         vsetup = _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes, requests,
-                             eager_requests, seq_len, dtype, opts, log)
+                             seq_len, dtype, opts, log)
     try:
         eng = build_engines(base, adapters, targets, names, device, dtype, fuse=fuse)
         weights = {k: _weights_bytes(v) for k, v in eng.items()}
@@ -260,7 +267,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         sizes = sorted(batch_sizes)
         for bi, b in enumerate(batch_sizes):
             conds = _local_conditions(eng, b, batches[b], device, graphs_ok, fuse, requests,
-                                      min(eager_requests or requests, requests), sizes, N, weights, log)
+                                      eager_requests, sizes, N, weights, log)
             if vrun is not None:
                 conds += _vllm_conditions(vrun, b, N, requests, eager_requests, device)
             if progress is not None and bi == 0:
@@ -370,7 +377,7 @@ def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, 
     return out
 
 
-def _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes, requests, eager_requests,
+def _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes, requests,
                 seq_len, dtype, opts: VllmOptions, log) -> VllmRun:
     """The vLLM workers with every condition they will time (the same token-id batches as the other engines)."""
     N = len(adapters)
@@ -397,10 +404,10 @@ def _start_vllm(base, adapters, targets, vb, vidx, batches, traffic, batch_sizes
     return run
 
 
-def _vllm_conditions(vrun: VllmRun, b: int, N: int, requests: int, eager_requests: int | None,
+def _vllm_conditions(vrun: VllmRun, b: int, N: int, requests: int, eager_requests: int,
                      device) -> list[RemoteCondition]:
     graphs = vrun.opts.cuda_graphs
-    n = requests if graphs else min(eager_requests or requests, requests)
+    n = requests if graphs else eager_requests
     common = {"cuda_graph": graphs, "fused": None, "batch_size": b, "weights_bytes": None,
               "includes": CALL_INCLUDES["vllm"], "heads": vrun.status.get("heads")}
     conds = [RemoteCondition({**common, "engine": MERGED, "n_adapters": 1, "mixing": "single adapter",
@@ -535,7 +542,7 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     for r in res["records"]:
         r.pop("_samples")
     res.update(config_hash=cfg.hash(), synthetic_arch=arch, adapter_source=source, model=cfg.model.source,
-               warmup=s.warmup, requests=s.requests, eager_requests=min(s.eager_requests or s.requests, s.requests))
+               warmup=s.warmup, requests=s.requests, eager_requests=eager_calls(s.requests, s.eager_requests))
     store.atomic_write_json(outdir / "overhead_analysis.json", ov)
     figures.serving_figures(res, ov, outdir)
     store.atomic_write_json(path, res)  # last: its presence marks the phase finished
