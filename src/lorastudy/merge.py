@@ -22,9 +22,7 @@ The merged ``manifest.json`` records the shards (dir name, config hash, code ver
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -390,13 +388,9 @@ def export_study(src: Path, out: Path, log=print) -> dict:
                 unfinished.append(str(rd.relative_to(src)))
     for u in unfinished:
         log(f"export: {u} is not finished (no COMPLETE marker): left out")
-    try:
-        o_res.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{o_res.name}.", suffix=".partial", dir=o_res.parent))
-    except OSError as e:
-        raise store.write_error(out, e) from e
     omitted = 0
-    try:
+    # (no COMPLETE marker: an export is not a unit of work; EXPORTED.json marks it)
+    with store.staging_dir(o_res, marker=False) as tmp:
         for p in sorted(src.iterdir()):
             if p.name.startswith(".") or p.name in ("tracking", "phase3", "phase2"):
                 continue
@@ -413,14 +407,4 @@ def export_study(src: Path, out: Path, log=print) -> dict:
             omitted += sum(v.get("size", 0) for v in store.read_json(tmp / rel / MERGED)["omitted"].values())
         store.atomic_write_json(tmp / EXPORTED, {"from": src.name, "runs": len(runs), "omitted_bytes": omitted,
                                                  "omitted_per_run": list(EXPORT_OMIT), "unfinished": unfinished})
-        os.chmod(tmp, 0o755)  # (mkdtemp makes it owner-only)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, o_res)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise store.write_error(out, e) from e
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "runs": len(runs), "omitted_bytes": omitted, "unfinished": unfinished}

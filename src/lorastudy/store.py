@@ -203,10 +203,11 @@ def _publish_tree(root: Path) -> None:
 
 
 @contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """Build a directory under a temporary sibling name; on success list its artifacts in a COMPLETE marker and
-    rename it to ``final``. On failure the temporary directory is removed and ``final`` is untouched. A failed write
-    (disk full, read-only, no permission) inside or while finishing raises StoreError naming ``final``."""
+def staging_dir(final: Path, marker: bool = True) -> Iterator[Path]:
+    """Build a directory under a temporary sibling name; on success list its artifacts in a COMPLETE marker (unless
+    ``marker`` is False) and rename it to ``final``. On failure the temporary directory is removed and ``final`` is
+    untouched. A failed write (disk full, read-only, no permission) inside or while finishing raises StoreError
+    naming ``final``."""
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -215,8 +216,9 @@ def staging_dir(final: Path) -> Iterator[Path]:
         raise write_error(final, e) from e
     try:
         yield tmp
-        inv = {"files": _inventory(tmp), "finished": datetime.datetime.now().isoformat(timespec="seconds")}
-        (tmp / COMPLETE).write_text(json.dumps(inv, indent=1) + "\n")
+        if marker:
+            inv = {"files": _inventory(tmp), "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+            (tmp / COMPLETE).write_text(json.dumps(inv, indent=1) + "\n")
         _publish_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
