@@ -111,6 +111,7 @@ def _run_locked(cfg, only, from_, time_budget, workers, force, console, streams)
     for ph in phases:
         if budget.exhausted():
             summary["stopped"] = f"time budget exhausted before phase {ph}; rerun to continue"
+            _write_run_summary(cfg, summary, recorded, earlier)
             break
         t0 = time.monotonic()
         up_to_date = _up_to_date(cfg, ph)
@@ -130,7 +131,6 @@ def _run_locked(cfg, only, from_, time_budget, workers, force, console, streams)
         _write_run_summary(cfg, summary, recorded, earlier)
         if stopped:
             break
-    _write_run_summary(cfg, summary, recorded, earlier)  # (also when the budget ran out before a phase)
     tracking.log_study_artifacts(cfg)  # drift, serving, report: artifacts of the study run (never raises)
     return summary
 
