@@ -81,6 +81,23 @@ def test_hash_ignores_output_dir():
     assert StudyConfig(seeds=[1]).hash() != a.hash()
 
 
+def test_hash_leaves_out_how_runs_are_executed_but_not_what_they_compute():
+    """EXECUTION_KEYS (step path, fusion, levers, compile options, checkpoint interval) do not enter the hash, so a
+    phase may switch a lever on in a results dir whose earlier phases ran without it; what runs compute does."""
+    from lorastudy.config import EXECUTION_KEYS
+
+    base = StudyConfig().hash()
+    other = {"fast_step": "eager", "fuse": "off", "fuse_max_runs": 8, "step_levers": ["fused_kernels"],
+             "compile_mode": "max-autotune-no-cudagraphs", "compile_dynamic": True, "compile_cache_dir": "elsewhere",
+             "checkpoint_every_min": 1.0}
+    assert sorted(f"train.{k}" for k in other) == sorted(EXECUTION_KEYS)
+    for key, value in other.items():
+        assert StudyConfig(train={key: value}).hash() == base, key
+    for key, value in {"max_grad_norm": 1.0, "precision": "fp32", "patience": 5, "device": "cpu",
+                       "eval_batch_size": 8}.items():
+        assert StudyConfig(train={key: value}).hash() != base, key
+
+
 # -- values and their ranges ------------------------------------------------------------------------------------------
 def _numeric_leaves(model, prefix=""):
     """(dotted field, constrained?) for every int/float in the config schema, inside dicts, lists and Optionals."""

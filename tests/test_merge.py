@@ -232,6 +232,12 @@ def test_merge_refuses_what_is_not_one_study(shards, glue_dir, tmp_path):
     shutil.rmtree(partial / "phase2/rte/lora/seed42")
     r = merge(a, partial)
     assert r.exit_code == 2 and str(partial) in r.output and "covers other runs" in r.output and "rte" in r.output
+    lever = _copy(b, tmp_path / "lever")  # how runs were executed may differ between shards (not in the hash)
+    _edit_yaml(lever / "config.yaml", lambda d: d["train"].update(fuse_max_runs=3, step_levers=["lora_fused"]))
+    from lorastudy.merge import check_shards, load_shard
+
+    owners = check_shards(load_config(TINY, [f"data.source={glue_dir}"]), [load_shard(a), load_shard(lever)])
+    assert {t: sh.path for t, sh in owners.items()} == {"sst2": a, "mrpc": lever, "rte": lever}
     damaged = _copy(b, tmp_path / "damaged")  # a listed artifact other than full-FT weights went missing
     (damaged / "phase2/mrpc/lora/seed42/metrics.json").unlink()
     r = merge(a, damaged)
@@ -297,3 +303,34 @@ def test_serving_hint_after_a_merge_names_the_same_config_and_data(monkeypatch, 
     hint = re.sub(r"\s+", " ", r.output).split("serving: `", 1)[1].split("`", 1)[0]
     assert hint == (f"lorastudy run {TINY} --only serve --set drift.n_resamples=400 --data-dir '{data}' "
                     f"--set output_dir={tmp_path / 'm'}")
+
+
+def test_rehash_script_migrates_a_results_dir_written_with_the_old_hash(merged, glue_dir, tmp_path):
+    """scripts/rehash_results.py: a dir whose records carry the old hash (execution keys included) is rewritten to
+    the new one, shard records included; a second pass changes nothing; a dir of another config is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rehash", REPO / "scripts" / "rehash_results.py")
+    rh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rh)
+    old = Path(shutil.copytree(merged, tmp_path / "old"))
+    cfg = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={old}"])
+    mapping = rh.hash_map(cfg, [["sst2"], ["mrpc", "rte"]])
+    assert len(mapping) == 3 and all(a != b for a, b in mapping.items())
+    for path in old.rglob("*.json"):  # as written before the change
+        text = path.read_text()
+        for a, b in mapping.items():
+            text = text.replace(b, a)
+        path.write_text(text)
+    assert _json(old / "manifest.json")["config_hash"] == rh.legacy_hash(cfg) != cfg.hash()
+    assert rh.main([str(old), "--data-dir", str(glue_dir)]) == 0
+    man = _json(old / "manifest.json")
+    assert man["config_hash"] == cfg.hash()
+    assert sorted(s["config_hash"] for s in man["shards"]) == sorted(
+        cfg.model_copy(update={"tasks": t}).hash() for t in (["sst2"], ["mrpc", "rte"]))
+    assert not any(a in p.read_text() for p in old.rglob("*.json") for a in mapping)
+    assert rh.migrate(old, str(glue_dir)) == []  # already current
+    other = Path(shutil.copytree(merged, tmp_path / "other"))
+    _edit_yaml(other / "config.yaml", lambda d: d["drift"].update(n_resamples=400))
+    assert rh.main([str(other), "--data-dir", str(glue_dir)]) == 2
+    assert rh.main([str(tmp_path / "missing")]) == 2

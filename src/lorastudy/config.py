@@ -45,6 +45,16 @@ def _has_bool(v) -> bool:
     return any(isinstance(x, bool) for x in items)
 
 
+# How runs are executed, not what they compute: the fast step (static shapes, CUDA graphs), fused multi-run training,
+# the step levers and their compile options, and the checkpoint interval. Each is tested to compute the same thing
+# as the reference path (up to floating-point summation order; tests/test_fast_step.py, test_fused.py,
+# test_step_levers.py), so they stay out of the config hash (a study may change them between phases or task
+# shards: merge.SHARD_FREE_KEYS) and every run's metrics.json records the ones it ran with (step_mode,
+# step_levers). Dotted keys of the resolved config.
+EXECUTION_KEYS = ("train.fast_step", "train.fuse", "train.fuse_max_runs", "train.step_levers", "train.compile_mode",
+                  "train.compile_dynamic", "train.compile_cache_dir", "train.checkpoint_every_min")
+
+
 class _Strict(BaseModel):
     # validate_default: defaults pass the same checks (a default of 3 for a float field becomes 3.0, so nothing
     # downstream casts with type(default)); no inf/nan anywhere
@@ -215,7 +225,7 @@ class TrainConfig(_Strict):
     fuse: Literal["auto", "on", "off"] = "auto"
     fuse_max_runs: int = Field(32, ge=1, le=1024)  # runs (slots) per fused group
     # Minutes between a run's mid-run checkpoints (checkpoint.py; 0 = none: runs still checkpoint on SIGTERM/SIGINT
-    # and at --time-budget). Not in the config hash: it does not change results.
+    # and at --time-budget). Like the other EXECUTION_KEYS, not in the config hash: it does not change results.
     checkpoint_every_min: float = Field(10.0, ge=0, le=1440)
     # Speed levers of the static / CUDA-graph step (step_levers.py; ignored by the eager path): any of
     # bf16_weights, flat_optimizer, compile, fused_kernels (CUDA + liger-kernel), lora_fused, fused_projections.
@@ -383,7 +393,9 @@ class StudyConfig(_Strict):
         """Hash of everything that changes results (not where they are written): the data enters by its content
         (``data.data_fingerprint``: file checksums, or the hub dataset id and revision), not by ``data.source``,
         so ``--data-dir DIR``, ``--set data.source=DIR`` and ``LORASTUDY_GLUE_DIR=DIR`` hash alike and other data
-        hashes differently. Raises DataError when the data files cannot be read."""
+        hashes differently. ``EXECUTION_KEYS`` (how the runs are executed: step path, fusion, levers, checkpoint
+        interval) are left out: each is tested to compute the same thing, so phase 1 of a study may run without a
+        lever and phase 2 with it in one results dir. Raises DataError when the data files cannot be read."""
         from lorastudy.data import data_fingerprint
 
         d = self.resolved()
@@ -391,7 +403,8 @@ class StudyConfig(_Strict):
         d.pop("serve", None)  # benchmark knobs do not change trained models
         d["data"]["source"] = data_fingerprint(self)
         d.pop("tracking", None)  # nor does where runs are also logged
-        d["train"].pop("checkpoint_every_min", None)  # nor how often runs checkpoint
+        for key in EXECUTION_KEYS:  # nor how runs are executed (each run's metrics.json records it)
+            d["train"].pop(key.split(".", 1)[1], None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorastudy import store
-from lorastudy.config import StudyConfig, config_differences
+from lorastudy.config import EXECUTION_KEYS, StudyConfig, config_differences
 
 # Keys of the resolved config that may differ between the shards of one study: the tasks (what shards split),
 # where results and data lie (the data are compared by identity instead), and what does not change results
-# (the config hash leaves out serving knobs and experiment tracking too).
-SHARD_FREE_KEYS = ("tasks", "output_dir", "data.source", "serve", "tracking")
+# (the config hash leaves out serving knobs, experiment tracking and how runs are executed too: each run's
+# metrics.json records its step path and levers).
+SHARD_FREE_KEYS = ("tasks", "output_dir", "data.source", "serve", "tracking", *EXECUTION_KEYS)
 MERGED = "MERGED.json"
 WEIGHTS = ("model/",)  # full fine-tuned weights in a run dir: not merged (GBs), not needed by drift or the report
 

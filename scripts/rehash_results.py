@@ -1,0 +1,110 @@
+"""Migrate results directories to the config hash without the execution keys (config.EXECUTION_KEYS).
+
+Why: until this change the config hash covered how runs are executed (``train.fast_step``, ``fuse``,
+``fuse_max_runs``, ``step_levers``, the compile options); it now leaves them out, so that a study may run its
+phase 2 with a step lever its phase 1 ran without. A results directory written before the change records the old
+hash in its manifest, phase files, run summary, serving results and model cards, and ``lorastudy run`` would refuse
+it ("holds results of a different config"). This script rewrites those records, and only those: for each
+directory it computes the old hash of the recorded config (config.yaml), checks that the manifest holds it, and
+replaces it by the new one in every ``*.json`` and ``*.md`` file below the directory; a merged directory's shard
+records (``manifest.json`` "shards", ``MERGED.json``) get their shards' new hashes (the recorded config with the
+shard's tasks). A directory already on the new hash is left alone.
+
+    python scripts/rehash_results.py RESULTS_DIR [RESULTS_DIR ...] [--data-dir GLUE] [--dry-run]
+
+Exit 0 when every directory is migrated or already current; 2 (naming the directory and the file) when a
+directory is not a results dir, its manifest holds neither hash, or its data cannot be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from lorastudy import store
+from lorastudy.config import ConfigError, StudyConfig
+from lorastudy.data import DataError, data_fingerprint
+
+
+def legacy_hash(cfg: StudyConfig) -> str:
+    """The config hash as computed before the execution keys left it (only ``train.checkpoint_every_min`` was
+    left out of ``train``); the rest is StudyConfig.hash's."""
+    d = cfg.resolved()
+    d.pop("output_dir", None)
+    d.pop("serve", None)
+    d["data"]["source"] = data_fingerprint(cfg)
+    d.pop("tracking", None)
+    d["train"].pop("checkpoint_every_min", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def hash_map(cfg: StudyConfig, shard_tasks: list[list[str]]) -> dict[str, str]:
+    """Old hash -> new hash for the config and for each shard's task subset of it (merged directories)."""
+    out = {}
+    for tasks in [cfg.tasks, *shard_tasks]:
+        c = cfg.model_copy(update={"tasks": list(tasks)})
+        old, new = legacy_hash(c), c.hash()
+        if old != new:
+            out[old] = new
+    return out
+
+
+def migrate(out: Path, data_dir: str | None, dry_run: bool = False) -> list[Path]:
+    """Rewrite the old hash of results dir ``out`` to the new one; returns the files changed. Raises
+    store.StoreError (not a results dir, manifest with another hash), ConfigError or DataError."""
+    from lorastudy.report.build import recorded_config
+
+    cfg = recorded_config(out)
+    if data_dir:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data_dir})})
+    man_path = out / "manifest.json"
+    man = store.read_json(man_path) if man_path.is_file() else {}
+    have = man.get("config_hash")
+    if have == cfg.hash():
+        return []
+    old = legacy_hash(cfg)
+    if have != old:
+        raise store.StoreError(f"{man_path}: config_hash {have!r} is neither the recorded config's old hash ({old}) "
+                               f"nor its new one ({cfg.hash()}): not migrated")
+    shard_tasks = [s.get("tasks") or [] for s in man.get("shards") or [] if isinstance(s, dict)]
+    mapping = hash_map(cfg, shard_tasks)
+    changed = []
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".md")):
+        try:
+            text = path.read_text()
+        except (UnicodeDecodeError, OSError):
+            continue
+        new = text
+        for a, b in mapping.items():
+            new = new.replace(a, b)
+        if new != text:
+            changed.append(path)
+            if not dry_run:
+                store.atomic_write_text(path, new)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--data-dir", help="where the GLUE files are, if not where the recorded config says")
+    ap.add_argument("--dry-run", action="store_true", help="list the files that would change")
+    a = ap.parse_args(argv)
+    rc = 0
+    for d in a.dirs:
+        try:
+            changed = migrate(d, a.data_dir, a.dry_run)
+        except (store.StoreError, ConfigError, DataError) as e:
+            print(f"error: {d}: {e}", file=sys.stderr)
+            rc = 2
+            continue
+        print(f"{d}: {'already on the new hash' if not changed else f'{len(changed)} file(s) rewritten'}"
+              + (" (dry run)" if a.dry_run and changed else ""))
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
