@@ -15,6 +15,9 @@ Parts (``--parts``):
               (--fused-streams K) K lone runs on K streams; the trainer's own loop on real SST-2 batches
               (--fused-group-n); peak memory; and a fused run vs the same run alone over real SST-2 steps
               (--fused-trajectory-steps). ``--smoke``: the tiny random model, a few steps, on any device.
+  phase2      the trainer's own loop for SST-2's phase-2 groups of configs/smollm2.yaml (3 seeds; LoRA batch 1,
+              dropout 0.12; full FT batch 2) on real SST-2 batches, per variant: host batches through pageable or
+              pinned memory, with or without step levers (--phase2-variants), side by side.
   levers      the step levers of issue 20 (train.step_levers), each alone and cumulatively, at the protocol's
               SST-2 shapes (full FT batch 2, LoRA batch 1, 24 tokens): ms per step, CUDA kernels per step, us per
               kernel, first-step seconds (capture + compile); then 200 real SST-2 steps with all levers against
@@ -520,10 +523,12 @@ def lone_point(cfg, method: str, bs: int, seq: int, device, steps: int, warm: in
 
 
 def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, warm: int, init: dict,
-                      dropout: float = 0.0) -> dict:
+                      dropout: float = 0.0, pin: bool = True) -> dict:
     """The trainer's own loop (FusedGroup._step: each run's next real batch from its own order, the host batch,
-    the schedules; no evaluation) for N tuning-like runs on SST-2's 3,000-row search subset."""
+    the schedules; no evaluation) for N tuning-like runs on SST-2's 3,000-row search subset. ``pin``: host batches
+    through pinned memory (fast_step.h2d) or pageable copies; the config's train.step_levers apply."""
     g = FusedGroup(cfg, method, 2, n, bs, device=device, dropout=dropout > 0)
+    g.stepper.pin_host = pin
     hp = lambda i: HParams.from_config(cfg, method, {"batch_size": bs, "lora_dropout": dropout,  # noqa: E731
                                                      "epochs": 4, "lr": 1e-5 * (1 + i % 4)})
     for i in range(n):  # every seed's initial weights (the values do not change the speed): no rebuilds
@@ -534,18 +539,53 @@ def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, war
         g._step()
     sync(device)
     t0 = time.perf_counter()
+    widths_warm = set(g.stepper.inputs)
     for _ in range(steps):
         g._step()
     sync(device)
     ms = (time.perf_counter() - t0) / steps * 1e3
     widths = sorted(g.stepper.inputs)
+    levers = list(g.stepper.lever_names)
     g.stepper.close()
     release([], device)
-    print(f"group  {method:4s} N={n:<3d} b={bs} real SST-2 {ms:8.2f} ms/step  {n / ms * 1e3:8.0f} run-steps/s  "
-          f"(widths captured {widths})", flush=True)
+    late = sorted(set(widths) - widths_warm)  # captured while timed: their capture is inside the time
+    print(f"group  {method:4s} N={n:<3d} b={bs} real SST-2 {'pinned' if pin else 'pageable':8s} "
+          f"levers={'+'.join(levers) or 'none':13s} {ms:8.2f} ms/step  {n / ms * 1e3:8.0f} run-steps/s  "
+          f"(widths captured {widths}; during timing {late})", flush=True)
     return {"kind": "group", "method": method, "n": n, "batch_size": bs, "data": "sst2 search subset (3000 rows)",
             "lora_dropout": dropout, "fused_step_ms": ms, "run_steps_per_s": n / ms * 1e3, "widths": widths,
-            "warmup_steps": warm, "steps": steps}
+            "widths_captured_while_timed": late, "warmup_steps": warm, "steps": steps, "pinned": pin,
+            "levers": levers}
+
+
+# the SST-2 phase-2 groups of configs/smollm2.yaml (its phase-1 best: benchmarks/results/study_smollm2_h200x2/
+# sst2_phase1/): LoRA batch 1 with dropout 0.12, full FT batch 2; three seeds each
+PHASE2_GROUPS = (("lora", 1, 0.12), ("full", 2, 0.0))
+
+
+def phase2_part(a, device, save) -> dict:
+    """The trainer's own loop for SST-2's phase-2 groups (3 seeds) under each variant of ``--phase2-variants``
+    (``pageable`` / ``pinned``, ``+lever`` for train.step_levers), in one run: ms per fused step, so the ratios
+    between variants are measured side by side."""
+    out: dict = {"points": [], "n": a.phase2_n}
+    for method, bs, dropout in PHASE2_GROUPS:
+        if method not in a.methods:
+            continue
+        for variant in a.phase2_variants:
+            pin_word, *levers = variant.split("+")
+            cfg = bench_cfg(a.smoke, a.glue, f"train.step_levers=[{','.join(levers)}]")
+            init = initial_state(cfg, method)
+            try:
+                point = fused_group_point(cfg, method, a.phase2_n, bs, device, a.phase2_steps, a.phase2_warmup,
+                                          init, dropout=dropout, pin=pin_word == "pinned")
+            except (ValueError, RuntimeError) as e:  # e.g. a lever that cannot run here: recorded, next variant
+                point = {"kind": "group", "method": method, "n": a.phase2_n, "batch_size": bs,
+                         "error": f"{type(e).__name__}: {str(e)[:300]}"}
+                print(f"group  {method} {variant}: {point['error']}", flush=True)
+            point["variant"] = variant
+            out["points"].append(point)
+            save(out)
+    return out
 
 
 def fused_trajectory(method: str, n_steps: int, others: int, device, glue: str | None, smoke: bool,
@@ -1005,7 +1045,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["steps", "trajectory", "workers"],
-                    choices=["steps", "trajectory", "workers", "fused", "levers"])
+                    choices=["steps", "trajectory", "workers", "fused", "phase2", "levers"])
     ap.add_argument("--models", nargs="+", default=["smollm2", "tinyllama"])
     ap.add_argument("--methods", nargs="+", default=["full", "lora"])
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 2, 4, 16])
@@ -1036,6 +1076,12 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="fused and levers parts: the tiny random model, a few steps, every code path (CPU check)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/train_step.json"))
+    p2 = ap.add_argument_group("phase2 part")
+    p2.add_argument("--phase2-n", type=int, default=3, help="runs per group (the seeds)")
+    p2.add_argument("--phase2-variants", nargs="+", default=["pageable", "pinned", "pinned+fused_kernels"],
+                    help="pageable|pinned, then +LEVER for each step lever")
+    p2.add_argument("--phase2-steps", type=int, default=300)
+    p2.add_argument("--phase2-warmup", type=int, default=100)
     lv = ap.add_argument_group("levers part")
     lv.add_argument("--lever-steps", type=int, default=200, help="timed steps per point (graph replays)")
     lv.add_argument("--budget-s", type=float, default=1e9, help="stop starting points after this many seconds")
@@ -1086,6 +1132,9 @@ def main() -> None:
             save()
     if "fused" in a.parts:
         result["fused"] = fused_part(a, device, save=lambda f: (result.__setitem__("fused", f), save()))
+        save()
+    if "phase2" in a.parts:
+        result["phase2"] = phase2_part(a, device, save=lambda f: (result.__setitem__("phase2", f), save()))
         save()
     if "levers" in a.parts:
         if a.smoke:

@@ -209,3 +209,50 @@ def test_cuda_graph_fused_matches_static(tiny_cfg):
             for x, y in zip(a["curve"], b["curve"], strict=True):
                 assert y["train_loss"] == pytest.approx(x["train_loss"], rel=2e-2)
                 assert y["val_loss"] == pytest.approx(x["val_loss"], rel=2e-2)
+
+
+def test_fused_group_applies_its_step_levers_and_notes_the_others(tiny_cfg, monkeypatch):
+    """train.step_levers in a fused group: the levers that act on a fused step (fused_step.FUSED_LEVERS:
+    fused_kernels) patch the group's model and are entered around every training and evaluation forward; the others
+    are noted in the log; metrics.json records what was applied. Liger needs CUDA, so a stand-in computing HF's
+    SwiGLU counts the calls: with it the runs equal the runs without the lever."""
+    from lorastudy import layer_kernels, step_levers
+
+    calls = {"mlp": 0, "scoped": 0}
+
+    def stand_in(model):
+        patches = M.ForwardPatches()
+        for layer in layer_kernels.decoder_layers(model):
+            mlp = layer.mlp
+
+            def forward(x, mlp=mlp):
+                calls["mlp"] += 1
+                return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+            patches.set(mlp, forward)
+
+        import contextlib
+
+        @contextlib.contextmanager
+        def scoped():
+            calls["scoped"] += 1
+            yield
+
+        return patches.undo, scoped
+
+    monkeypatch.setattr(layer_kernels, "use_liger_kernels", stand_in)
+    monkeypatch.setitem(step_levers.LEVERS, "fused_kernels", step_levers.Lever("fused_kernels", "stand-in"))
+    logs = []
+    cfg = _cfg(tiny_cfg, "train.step_levers=[fused_kernels,lora_fused]")
+    plain = _cfg(tiny_cfg)
+    runs = [(0, _hp(cfg, "lora", lr=3e-3, max_steps=12)), (1, _hp(cfg, "lora", lr=1e-3, max_steps=12))]
+    specs = [{"task": "rte", "method": "lora", "seed": s, "hp": hp} for s, hp in runs]
+    with_lever = fused.train_runs(cfg, specs, log=logs.append)
+    assert calls["scoped"] > 12 and calls["mlp"] > 0  # training steps and evaluation batches
+    assert any("lora_fused" in line and "lone runs only" in line for line in logs), logs
+    without = fused.train_runs(plain, specs)
+    for a, b in zip(without, with_lever, strict=True):
+        assert isinstance(b, dict), b
+        assert b["step_levers"] == ["fused_kernels"] and a["step_levers"] == []
+        assert b["test_predictions"] == a["test_predictions"]
+        assert [c["train_loss"] for c in b["curve"]] == pytest.approx([c["train_loss"] for c in a["curve"]], rel=REL)

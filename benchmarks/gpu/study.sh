@@ -26,6 +26,11 @@ CFG=${CFG:-configs/smollm2.yaml}
 # Eight fused slots per method: a full-FT group's step grows ~3.5 ms per slot (optimizer-bound), so wide groups
 # would stretch the longest trials (batch 1, 4 epochs: 13,204 steps) past the lease (docs/PROTOCOL.md).
 KNOBS=(--set "train.fuse_max_runs=${SLOTS:-8}")
+# LEVERS: step levers for the phases run here (e.g. fused_kernels; execution keys, not in the config hash, so a
+# shard whose phase 1 ran without them continues with them). GPUS/WORKERS: a queue whose shard trains on several
+# GPUs (CUDA_VISIBLE_DEVICES=GPUS, --workers WORKERS: phase 2 deals its fused groups, longest first, one process
+# per GPU). PHASES: the phases a queue runs (default all; a carried shard whose phase 1 is done: train extract drift).
+[ -n "${LEVERS:-}" ] && KNOBS+=(--set "train.step_levers=[${LEVERS}]")
 SERVE=(--set "serve.engines=[merged,peft,batched]")  # vLLM needs its own staging (benchmarks/gpu/vllm.sh)
 mkdir -p "$R"
 
@@ -38,8 +43,9 @@ phase() {  # phase GPU RESULTS_DIR TASKS P   (TASKS empty: the recorded config's
   budget=$(( $(left) - 60 ))
   if [ "$budget" -lt 30 ]; then echo "$(date +%T) $tasks $p: no time left" ; return 3; fi
   t0=$(date +%s)
-  CUDA_VISIBLE_DEVICES=$gpu python3 -m lorastudy.cli run "$CFG" --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" "${SERVE[@]}" \
-    "${only[@]}" --set "output_dir=$dir" --only "$p" --time-budget "$budget" >> "$dir.log" 2>&1
+  CUDA_VISIBLE_DEVICES=${GPUS:-$gpu} python3 -m lorastudy.cli run "$CFG" --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" \
+    "${SERVE[@]}" "${only[@]}" --set "output_dir=$dir" --only "$p" --time-budget "$budget" --workers "${WORKERS:-1}" \
+    >> "$dir.log" 2>&1
   rc=$?
   printf '%s\t%s\t%s\t%s\t%s\n' "${tasks:-merged}" "$p" "$rc" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
   return $rc
@@ -60,7 +66,7 @@ queue() {  # queue GPU SHARD...
       # phase pass here would retrain and re-extract; it only joins the merge
       echo "$(date +%T) $tasks: finished in an earlier lease"; touch "$dir.done"; continue
     fi
-    for p in sanity baselines tune train extract drift; do
+    for p in ${PHASES:-sanity baselines tune train extract drift}; do
       phase "$gpu" "$dir" "$tasks" "$p" || { echo "$(date +%T) $tasks: stopped at $p"; break; }
       # (--only P never marks its phase budget_stopped: a pass that ran into the deadline may have left work)
       [ "$(left)" -le 90 ] && { echo "$(date +%T) $tasks: deadline after $p"; break; }
@@ -104,7 +110,7 @@ case "${1:-status}" in
         --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" >> "$R/merged.log" 2>&1
       printf 'merged\tmerge-shards\t%s\t%s\t%s\n' "$?" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
       if [ "$(left)" -gt 300 ]; then  # (on a GPU the first shard's queue has ended: GPU 0 is free)
-        phase 0 "$R/merged" "" serve
+        GPUS=0 WORKERS=1 phase 0 "$R/merged" "" serve
       fi
       python3 -m lorastudy.cli report "$R/merged" >> "$R/merged.log" 2>&1
       python3 -m lorastudy.cli report "$R/merged" --check >> "$R/merged.log" 2>&1

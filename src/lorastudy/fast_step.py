@@ -131,13 +131,26 @@ def _static_inputs(batch_size: int, width: int, device: torch.device) -> dict[st
             "position_ids": torch.zeros(batch_size, width, **z)}
 
 
+def h2d(dst: torch.Tensor, src: torch.Tensor, pin: bool = True) -> None:
+    """``dst.copy_(src)`` for a host tensor ``src`` and a static device buffer ``dst``, without a host sync.
+
+    Why pinned: a copy from pageable host memory may make the driver wait for the stream (CUDA's "API
+    synchronization behavior": pageable memory is staged, and the driver may synchronize with the stream to do it),
+    so the host could not prepare step t+1 while the GPU runs step t. From page-locked memory the copy is
+    asynchronous; PyTorch's caching host allocator reuses the pinned block only after the copy's event completed.
+    ``pin=False`` keeps the pageable copy (benchmarks/train_step.py measures the difference)."""
+    if pin and dst.is_cuda and not src.is_pinned():
+        src = src.pin_memory()
+    dst.copy_(src, non_blocking=True)
+
+
 def _fill(static: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> int:
     """Copy a collated batch (rows <= static rows, same width) into the static buffers; surplus rows repeat row 0."""
     n = batch["input_ids"].shape[0]
     for k in ("input_ids", "attention_mask", "position_ids"):
-        static[k][:n].copy_(batch[k], non_blocking=True)
+        h2d(static[k][:n], batch[k])
         if n < static[k].shape[0]:
-            static[k][n:].copy_(batch[k][:1].expand(static[k].shape[0] - n, -1), non_blocking=True)
+            h2d(static[k][n:], batch[k][:1].expand(static[k].shape[0] - n, -1).contiguous())
     return n
 
 
@@ -265,8 +278,8 @@ class StaticTrainStep:
                                               after_warmup=self._restore_after_fwd_warmup,
                                               generators=self.generators) if self.cuda_graph else fn
         _fill(self.inputs[width], batch)
-        self.labels[:n].copy_(labels, non_blocking=True)
-        self.labels[n:].copy_(labels[:1].expand(self.batch_size - n), non_blocking=True)
+        h2d(self.labels[:n], labels)
+        h2d(self.labels[n:], labels[:1].expand(self.batch_size - n).contiguous())
         self.weights.zero_()
         self.weights[:n] = 1.0
         self.fwd_bwd[width]()

@@ -46,6 +46,8 @@ from transformers import get_linear_schedule_with_warmup
 from lorastudy import checkpoint as CK
 from lorastudy import data as D
 from lorastudy.fused_step import (  # noqa: F401 - re-exported: the fused API lives here
+    FUSED_LEVERS,
+    INHERENT_LEVERS,
     FusedModel,
     FusedStepper,
     FusionError,
@@ -53,6 +55,7 @@ from lorastudy.fused_step import (  # noqa: F401 - re-exported: the fused API li
     trainable_state,
     unfusable_reason,
 )
+from lorastudy.step_levers import StepLevers
 from lorastudy.training import (
     HParams,
     RunData,
@@ -171,8 +174,13 @@ class FusedGroup:
         self.buckets = run_buckets(cfg, self.mode)
         self.fm = FusedModel(cfg, method, num_labels, slots, device, self.amp)
         dropout = dropout and method == "lora"
+        # train.step_levers: those that act on a fused step (fused_step.FUSED_LEVERS; the others are noted once)
+        levers = StepLevers.from_config(cfg.train, cfg.out)
+        skipped = sorted(levers.names - FUSED_LEVERS - INHERENT_LEVERS)
+        if skipped:
+            self.log(f"fused: step levers {skipped} act on lone runs only; this group runs without them")
         self.stepper = FusedStepper(self.fm, rows, cfg.train.max_grad_norm, cfg.train.eval_batch_size,
-                                    cuda_graph=self.mode == "cuda_graph", dropout=dropout)
+                                    cuda_graph=self.mode == "cuda_graph", dropout=dropout, levers=levers)
         self.runs: list[_SlotRun | None] = [None] * slots
         self._data: dict[tuple, RunData] = {}
         self._init: dict[tuple, tuple[dict, int, int]] = {}
@@ -398,6 +406,7 @@ class FusedGroup:
                                       device=self.device, amp=self.amp, mode=self.stepper.mode,
                                       trainable=run.trainable, total=run.total)
                 m.update(tests.get(i, {}))
+                m["step_levers"] = list(self.stepper.lever_names)
                 m["wall_time_s"] = time.perf_counter() - run.t_start
                 if run.job.keep_model:
                     m["_model"], m["_tokenizer"] = self.lone_model(run, i)

@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorastudy import modeling as M
-from lorastudy.fast_step import _Replayable, fuse_rms_norms
+from lorastudy.fast_step import _Replayable, fuse_rms_norms, h2d
+from lorastudy.step_levers import StepLevers, prepare_model
+
+# Step levers (step_levers.py) the fused step applies. ``bf16_weights`` and ``flat_optimizer`` are how the fused
+# step always works (compute copies refreshed once per optimizer step; flat [N, P] buffers, one clipping and AdamW
+# pass); ``lora_fused``, ``fused_projections`` and ``compile`` act on plain PEFT / HF modules that a fused group
+# replaces by stacked ones, so they do not apply here.
+FUSED_LEVERS = frozenset({"fused_kernels"})
+INHERENT_LEVERS = frozenset({"bf16_weights", "flat_optimizer"})
 
 # The stacked weights are views into flat [N, P] buffers (so per-run operations are one kernel per buffer); their
 # gradients are views with the same strides, which autograd's layout check flags as possibly slower. It is not.
@@ -412,9 +420,15 @@ class FusedStepper:
     slots, ``close()`` frees the graphs."""
 
     def __init__(self, fm: FusedModel, rows: int, max_norm: float, eval_batch_size: int, cuda_graph: bool,
-                 dropout: bool) -> None:
+                 dropout: bool, levers: StepLevers | None = None) -> None:
         if cuda_graph and fm.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device; train.fuse=on runs the static path on CPU")
+        levers = levers or StepLevers()
+        # the levers that act here (FUSED_LEVERS) are applied to the group's model; ValueError when one cannot run
+        # here (fused_kernels without CUDA or liger-kernel). lever_names: what a run's metrics.json records
+        self.model_levers = prepare_model(fm.model, StepLevers(levers.names & FUSED_LEVERS), fm.device)
+        self.lever_names = sorted(levers.names & FUSED_LEVERS)
+        self.pin_host = True  # host batches staged through pinned memory (fast_step.h2d); False: pageable copies
         self.fm, self.n, self.rows, self.max_norm = fm, fm.n, rows, max_norm
         self.eval_batch_size, self.cuda_graph, self.dropout = eval_batch_size, cuda_graph, dropout
         self.mode = "fused-cuda_graph" if cuda_graph else "fused-static"
@@ -528,7 +542,7 @@ class FusedStepper:
         self.fm.slots.masks = self._draw_masks(width)
         try:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
-                                cache_enabled=not self.cuda_graph):
+                                cache_enabled=not self.cuda_graph), self.model_levers.context():
                 logits = M.classifier_logits(self.fm.model, batch)
             ce = F.cross_entropy(logits.float(), self.labels, reduction="none").view(self.n, self.rows)
             loss = (ce * self.weights).sum(1) / self.weights.sum(1)  # each run's mean over its real rows
@@ -566,15 +580,16 @@ class FusedStepper:
             self.fwd_bwd[width] = _Replayable(fn, self.pool, before_warmup=self._save_for_warmup,
                                               after_warmup=self._restore_after_warmup,
                                               generators=self.generators) if self.cuda_graph else fn
-        self.inputs[width].copy_(host, non_blocking=True)
-        self.labels.copy_(labels, non_blocking=True)
-        self.weights.copy_(weights, non_blocking=True)
-        self.decay.copy_(torch.tensor(decays, dtype=torch.float32), non_blocking=True)
+        pin = self.pin_host
+        h2d(self.inputs[width], host, pin)
+        h2d(self.labels, labels, pin)
+        h2d(self.weights, weights, pin)
+        h2d(self.decay, torch.tensor(decays, dtype=torch.float32), pin)
         if isinstance(self.lr, list):
             for g, lr in zip(self.opt.param_groups, lrs, strict=True):
                 g["lr"] = lr
         else:
-            self.lr.copy_(torch.tensor(lrs, dtype=torch.float32), non_blocking=True)
+            h2d(self.lr, torch.tensor(lrs, dtype=torch.float32), pin)
         self.fwd_bwd[width]()
         self.opt_step()
 
@@ -604,7 +619,7 @@ class FusedStepper:
         self.fm.slots.index = self.eval_index[k]
         try:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
-                                cache_enabled=not self.cuda_graph):
+                                cache_enabled=not self.cuda_graph), self.model_levers.context():
                 self.eval_out[k].copy_(M.classifier_logits(self.fm.model, batch).float())
         finally:
             self.fm.slots.index = None
@@ -628,8 +643,8 @@ class FusedStepper:
         rows = torch.stack([batch["input_ids"], batch["attention_mask"], batch["position_ids"]])
         if b < e:  # filler rows: copies of the first (their logits are dropped)
             rows = torch.cat([rows, rows[:, :1].expand(3, e - b, width)], dim=1)
-        self.eval_inputs[key].copy_(rows.repeat(1, k, 1), non_blocking=True)
-        self.eval_index[k].copy_(torch.tensor(list(slots) + [slots[0]] * (k - len(slots))), non_blocking=True)
+        h2d(self.eval_inputs[key], rows.repeat(1, k, 1), self.pin_host)
+        h2d(self.eval_index[k], torch.tensor(list(slots) + [slots[0]] * (k - len(slots))), self.pin_host)
         was = self.fm.model.training
         self.fm.model.eval()
         try:
