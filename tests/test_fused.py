@@ -129,6 +129,32 @@ def test_fused_train_all_writes_what_single_runs_write_and_reloads(tiny_cfg):
             assert logits.argmax(-1).tolist() == m["test_predictions"]
 
 
+def test_train_all_a_method_now_and_the_rest_later(tiny_cfg):
+    """`train-all --method lora` trains only the LoRA runs (one lease), a later `train-all` the rest and skips
+    them (another lease: LoRA adapters travel, full-FT weights do not); an unknown --method exits 2."""
+    from typer.testing import CliRunner
+
+    from lorastudy import store
+    from lorastudy.cli import app
+
+    cfg = _cfg(tiny_cfg, "train.fuse=on", "tasks=[rte]", "seeds=[42]", "train.epochs=1")
+    args = ["train-all", str(REPO / "configs" / "tiny.yaml"), "--set", f"data.source={tiny_cfg.data.source}",
+            "--set", f"output_dir={cfg.out}", "--set", "train.fast_step=static", "--set", "train.fuse=on",
+            "--set", "tasks=[rte]", "--set", "seeds=[42]", "--set", "train.epochs=1"]
+    r = CliRunner().invoke(app, [*args, "--method", "lora"])
+    assert r.exit_code == 0, r.output
+    lora, full = (store.run_dir(cfg.out, "rte", m, 42) for m in ("lora", "full"))
+    assert store.is_complete(lora) and not full.exists()
+    summary = json.loads((cfg.out / "phase2" / "summary.json").read_text())
+    assert summary["trained"] == ["rte/lora/seed42"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((cfg.out / "phase2" / "summary.json").read_text())
+    assert summary["trained"] == ["rte/full/seed42"] and summary["skipped_complete"] == ["rte/lora/seed42"]
+    r = CliRunner().invoke(app, [*args, "--method", "qlora"])
+    assert r.exit_code == 2 and "--method 'qlora'" in r.output
+
+
 def test_fused_tune_runs_exact_trial_counts_with_slot_reuse(tiny_cfg):
     """Tuning with fusion: three slots for six trials (a freed slot takes the next trial); exactly n_trials complete
     per study, as ordinary Optuna trials with their metrics."""

@@ -293,12 +293,25 @@ StreamsOpt = Annotated[int | None, typer.Option(
                       "(default: 8 when runs train on a GPU, else 1)")]
 
 
+TaskSel = Annotated[list[str] | None, typer.Option("--task", help="Only these tasks")]
+MethodSel = Annotated[list[str] | None, typer.Option("--method", help="Only these methods")]
+
+
+def _check_selection(cfg, tasks: list[str] | None, methods: list[str] | None) -> None:
+    for t in tasks or []:
+        if t not in cfg.tasks:
+            raise ConfigError(f"--task {t!r} is not in the config's tasks {cfg.tasks}")
+    for m in methods or []:
+        if m not in cfg.methods:
+            raise ConfigError(f"--method {m!r} is not in the config's methods {cfg.methods}")
+
+
 @app.command()
 @_handle_errors
 def tune(
     config: ConfigArg,
-    task: Annotated[list[str] | None, typer.Option("--task", help="Only these tasks")] = None,
-    method: Annotated[list[str] | None, typer.Option("--method", help="Only these methods")] = None,
+    task: TaskSel = None,
+    method: MethodSel = None,
     workers: WorkersOpt = 1,
     streams: StreamsOpt = None,
     storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL (default: sqlite in the results dir)")] = None,
@@ -314,12 +327,7 @@ def tune(
 
     sets = list(set_ or []) + ([f"search.storage={storage}"] if storage else [])
     cfg = _load(config, sets, data_dir)
-    for t in task or []:
-        if t not in cfg.tasks:
-            raise ConfigError(f"--task {t!r} is not in the config's tasks {cfg.tasks}")
-    for m in method or []:
-        if m not in cfg.methods:
-            raise ConfigError(f"--method {m!r} is not in the config's methods {cfg.methods}")
+    _check_selection(cfg, task, method)
     store.check_manifest(cfg, force=force)
     with Progress("tune (trials)", console=console) as prog:
         res = run_tune(cfg, task or None, method or None, workers=workers, progress=prog,
@@ -337,20 +345,24 @@ def tune(
 
 @app.command("train-all")
 @_handle_errors
-def train_all_cmd(config: ConfigArg, workers: WorkersOpt = 1, streams: StreamsOpt = None,
+def train_all_cmd(config: ConfigArg, task: TaskSel = None, method: MethodSel = None, workers: WorkersOpt = 1,
+                  streams: StreamsOpt = None,
                   force: Annotated[bool, typer.Option(help="Reuse a results dir made by a different config")] = False,
                   set_: SetOpt = None, data_dir: DataDirOpt = None) -> None:
-    """Phase 2: every task x method x seed with the phase-1 best hyperparameters; finished runs are skipped."""
+    """Phase 2: every task x method x seed with the phase-1 best hyperparameters; finished runs are skipped.
+    --task/--method train a part now (e.g. the LoRA runs on one machine, the full-FT runs later on another: LoRA
+    adapters travel, full-FT weights do not); a later call without them trains the rest."""
     from lorastudy import store
     from lorastudy.pipeline import train_all
     from lorastudy.progress import Progress
 
     cfg = _load(config, set_, data_dir)
+    _check_selection(cfg, task, method)
     with store.results_lock(cfg.out):
         store.check_manifest(cfg, force=force)
         with Progress("train-all (runs)", console=console) as prog, checkpoint_on_signal():
             res = train_all(cfg, workers, progress=prog, log=console.print,
-                            streams=default_streams(streams, cfg.train.device))
+                            streams=default_streams(streams, cfg.train.device), tasks=task, methods=method)
     console.print(f"trained {len(res['trained'])}, skipped {len(res['skipped_complete'])} complete, "
                   f"failed {len(res['failures'])}")
     for f in res["failures"]:

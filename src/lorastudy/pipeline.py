@@ -43,8 +43,9 @@ def _train_unit(arg, ctx, stop: Callable[[], bool] | None = None):
 
 
 def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | None = None, log=print,
-              streams: int = 1) -> dict:
-    """Phase 2: every task x method x seed with the phase-1 best hyperparameters on the full training split.
+              streams: int = 1, tasks: list[str] | None = None, methods: list[str] | None = None) -> dict:
+    """Phase 2: every task x method x seed with the phase-1 best hyperparameters on the full training split
+    (``tasks`` / ``methods``: only those; the summary then covers only them).
 
     ``stop()`` (the time budget) is checked between runs and, inside runs, at every step boundary: a run it stops
     writes its checkpoint (``paused`` in the summary) and the next invocation resumes it."""
@@ -55,6 +56,8 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
 
     units, skipped, warned = [], [], set()
     for t, m, s in production_units(cfg):
+        if (tasks and t not in tasks) or (methods and m not in methods):
+            continue
         if store.is_complete(store.run_dir(cfg.out, t, m, s)):
             skipped.append(f"{t}/{m}/seed{s}")
             checkpoint.remove(checkpoint.path_for(store.run_dir(cfg.out, t, m, s)))  # left by a kill after saving
