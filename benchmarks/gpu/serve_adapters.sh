@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the H200 (issue 18): RQ2's serving measurement on the study's trained LoRA adapters (every task x seed), in
+# a lease where not every task's full-FT runs exist yet. Serving reads only the LoRA adapters and the base model
+# (serving/build.py study_adapters), so it runs on a results dir holding just the phase-2 LoRA run dirs of the
+# shards, with the study's config: its phase4/deployment/ results carry the study's config hash (the hash leaves
+# out serving knobs and execution keys) and are what `run --only serve` on the merged dir would write; the merged dir
+# takes them (copy phase4/deployment/ in; `run --only serve` then finds them current and skips).
+#
+#   SHARDS="/tmp/lorastudy/study/shard-sst2 .carryr2/shard-mrpc.tgz .carryr2/shard-rte.tgz" T=380 \
+#     bash benchmarks/gpu/serve_adapters.sh        (a shard: its results dir, or its pack)
+# Output: $OUT/serve_adapters.tgz (phase4/deployment/ and the log).
+set -u
+export LORASTUDY_CACHE=/tmp/lorastudy/cache
+X=${X:-/tmp/lorastudy/serve_adapters}
+mkdir -p "$X/phase2" "$OUT" /tmp/lorastudy/unpacked
+for s in ${SHARDS:?SHARDS: shard dirs or packs}; do
+  src=$s
+  if [ -f "$s" ]; then src=/tmp/lorastudy/unpacked/$(basename "$s" .tgz); mkdir -p "$src"; tar xzf "$s" -C "$src"; fi
+  for t in "$src"/phase2/*/; do
+    [ -d "$t/lora" ] && mkdir -p "$X/phase2/$(basename "$t")" && cp -r "$t/lora" "$X/phase2/$(basename "$t")/"
+  done
+done
+find "$X/phase2" -name adapter -type d | sort
+t0=$(date +%s)
+timeout -s INT "${T:-380}" python3 -m lorastudy.cli serve-bench "${CFG:-configs/smollm2.yaml}" \
+  --data-dir "$LORASTUDY_GLUE_DIR" --set "output_dir=$X" --set "serve.engines=[merged,peft,batched]" \
+  2>&1 | tr '\r' '\n' | grep -v "Loading weights\|^\s*$" > "$X/serve.log"
+echo "serve-bench rc=${PIPESTATUS[0]} $(( $(date +%s) - t0 )) s" | tee -a "$X/serve.log"
+tail -40 "$X/serve.log"
+tar czf "$OUT/serve_adapters.tgz" -C "$X" phase4 serve.log manifest.json config.yaml 2>/dev/null
+ls -la "$OUT"
