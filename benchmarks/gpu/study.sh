@@ -8,7 +8,8 @@
 # Poll with later calls:      source /tmp/lorastudy/env.sh && bash benchmarks/gpu/study.sh status
 # Bring results back:         bash benchmarks/gpu/study.sh pack     (one .tgz per shard, the export of the merged
 #                             dir (`lorastudy export`: what studies/ holds) and the logs, to $OUT; each < 16 MiB)
-# A later lease continues a shard from its pack: carry it as .carryr/shard-<tasks>.tgz; `run` unpacks it first.
+# A later lease continues a shard from its pack: carry it as .carryr/shard-<tasks>.tgz (or .carryr2/); `run` unpacks
+# it first. A finished shard (drift done) only joins the merge: queue it too (e.g. Q1="mrpc rte").
 #
 # Qi: the shards GPU i runs one after the other (a shard = tasks joined by ','; shards separated by spaces; a shard
 # written TASKS@PHASE stops after PHASE, e.g. sst2@tune: its tuning now, its training in a later lease).
@@ -57,9 +58,11 @@ queue() {  # queue GPU SHARD...
     local tasks=${spec%@*} last=drift
     [ "$spec" != "$tasks" ] && last=${spec#*@}
     local dir="$R/shard-${tasks//,/-}"
-    if [ -f ".carryr/shard-${tasks//,/-}.tgz" ] && [ ! -d "$dir" ]; then
-      mkdir -p "$dir" && tar xzf ".carryr/shard-${tasks//,/-}.tgz" -C "$dir"
-    fi
+    for c in .carryr .carryr2; do  # (two carried folders: one call carries at most 64 MiB)
+      if [ -f "$c/shard-${tasks//,/-}.tgz" ] && [ ! -d "$dir" ]; then
+        mkdir -p "$dir" && tar xzf "$c/shard-${tasks//,/-}.tgz" -C "$dir"
+      fi
+    done
     mkdir -p "$dir"
     if [ "$last" = drift ] && [ -f "$dir/phase4/drift/hypothesis_test_results.json" ]; then
       # a finished shard carried from an earlier lease: its pack has no full-FT weights or representations, so a
