@@ -323,6 +323,8 @@ def test_rehash_script_migrates_a_results_dir_written_with_the_old_hash(merged, 
             text = text.replace(b, a)
         path.write_text(text)
     assert _json(old / "manifest.json")["config_hash"] == rh.legacy_hash(cfg) != cfg.hash()
+    with pytest.raises(store.StoreError, match="rehash_results.py"):  # the refusal names the way out
+        store.check_manifest(cfg)
     assert rh.main([str(old), "--data-dir", str(glue_dir)]) == 0
     man = _json(old / "manifest.json")
     assert man["config_hash"] == cfg.hash()

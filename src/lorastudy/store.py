@@ -285,7 +285,8 @@ def check_manifest(cfg, force: bool = False) -> None:
             raise StoreError(
                 f"{out} holds results of a different config (hash {old.get('config_hash')} != {cfg.hash()}); "
                 "use another output_dir, or --force to reuse it (finished units will be recomputed only where "
-                "their own recorded config differs)"
+                "their own recorded config differs); a dir written before the hash left out the execution keys "
+                "(train.fast_step, fuse, step_levers, ...) is migrated by `python scripts/rehash_results.py DIR`"
             )
         if old.get("config_hash") == cfg.hash() and "shards" in old:
             kept["shards"] = old["shards"]  # a dir merged from task shards (lorastudy.merge) keeps their record
