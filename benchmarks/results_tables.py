@@ -530,7 +530,7 @@ def phase2() -> list[str]:
         return []
     pts = d["phase2"]["points"]
     ref = {(p["method"]): p["fused_step_ms"] for p in pts if p.get("variant") == "pageable" and "fused_step_ms" in p}
-    steps = {"lora": 130698, "full": 65349}
+    steps = {"lora": 130698, "full": 65350}  # 2 epochs of 65,349 rows at batch 1 and 2
     out = ["## SST-2 phase 2 of configs/smollm2.yaml: the 3-seed fused groups in the trainer's own loop (H200)", "",
            "Command: `bash benchmarks/gpu/sst2_phase2.sh start lora` (its first step: "
            f"`{d['meta']['command']}`; device {d['meta']['device']}, torch {d['meta']['torch']}; working tree at "
@@ -551,6 +551,15 @@ def phase2() -> list[str]:
                    f"{'pinned' if p['pinned'] else 'pageable'} | {'+'.join(p['levers']) or 'none'} | {ms:.2f} | "
                    f"{p['run_steps_per_s']:.0f} | {ref[p['method']] / ms:.2f}x | "
                    f"{steps[p['method']] * ms / 1e3:,.0f} |")
+    st = _load("sst2_phase2_h200/study_time_phase2.json")
+    if st and st.get("phase2_groups"):
+        out += ["", "Every phase-2 chain of the study at the fastest measured group step (`python "
+                "benchmarks/study_time.py configs/smollm2.yaml --glue ../shared/data/glue --rates "
+                "benchmarks/results/train_step_workers_h200.json --phase2 benchmarks/results/sst2_phase2_h200/phase2_h200.json --best-dir "
+                "benchmarks/results/sst2_phase2_h200/best --out benchmarks/results/sst2_phase2_h200/"
+                "study_time_phase2.json`; evaluations not included): "
+                + "; ".join(f"{r['task']} {r['method']} {r['steps']:,} steps = {r['minutes']:.1f} min"
+                            for r in st["phase2_groups"] if r["minutes"]) + "."]
     ck = _load("sst2_phase2_h200/lora_checkpoints.json")
     if ck:
         out += ["", "The LoRA group in `lorastudy train-all --method lora` (fused_kernels, checkpoints every 2 min), "

@@ -44,6 +44,7 @@ from itertools import product
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from lorastudy import data as D
 from lorastudy.config import load_config
@@ -201,6 +202,29 @@ def critical_path(cfg, n_train: dict, hpo_n: dict, trials: list | None, lat: dic
                                                             "chain_min_all")}}
 
 
+def phase2_chains(cfg, rows: list[dict], measured: dict, best_dir: Path | None) -> list[dict]:
+    """Per task x method: its phase-2 run's steps (best hyperparameters of ``best_dir``, else the config's) x the
+    fastest measured step of a fused group of that method and batch size (benchmarks/train_step.py part phase2)."""
+    fastest: dict = {}
+    for p in measured.get("phase2", {}).get("points", []):
+        if "fused_step_ms" in p:
+            key = (p["method"], p["batch_size"])
+            if key not in fastest or p["fused_step_ms"] < fastest[key][0]:
+                fastest[key] = (p["fused_step_ms"], p.get("variant"))
+    out = []
+    for task in cfg.tasks:
+        n = next(r["n_train"] for r in rows if r["phase"] == "train-all" and r["task"] == task)
+        for method in cfg.methods:
+            best = best_dir / f"{task}_{method}_optimal.yaml" if best_dir else None
+            hp = (yaml.safe_load(best.read_text()) or {}).get("hparams", {}) if best and best.is_file() else {}
+            bs, ep = hp.get("batch_size", cfg.train.batch_size), hp.get("epochs", cfg.train.epochs)
+            steps = planned_steps(n, bs, ep)
+            ms, variant = fastest.get((method, bs), (None, None))
+            out.append({"task": task, "method": method, "batch": bs, "steps": steps, "ms_per_step": ms,
+                        "variant": variant, "minutes": steps * ms / 60e3 if ms else None})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", type=Path)
@@ -210,6 +234,8 @@ def main() -> None:
     ap.add_argument("--fused", type=Path, help="JSON of benchmarks/train_step.py --parts fused")
     ap.add_argument("--best-dir", type=Path, help="directory of <task>_<method>_optimal.yaml (phase-1 best)")
     ap.add_argument("--levers", type=Path, help="levers JSON of benchmarks/train_step.py: the critical path")
+    ap.add_argument("--phase2", type=Path, help="phase2 JSON of benchmarks/train_step.py (3-seed groups in the "
+                    "trainer's loop): phase-2 chains at the measured group step")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     cfg = load_config(a.config, [f"data.source={a.glue}"])
@@ -303,6 +329,15 @@ def main() -> None:
         print(f"critical path: {c['task']}/{c['method']}, {c['chain_steps']} sequential steps = "
               f"{fmt(c['chain_min_none'], '.1f')} min without levers, {fmt(c['chain_min_all'], '.1f')} min with "
               f"all levers; total work {sum(work.values()):.0f} run-steps ({work})")
+    if a.phase2:
+        out["phase2_groups"] = phase2_chains(cfg, rows, json.loads(a.phase2.read_text()), a.best_dir)
+        out["phase2_from"] = str(a.phase2)
+        print(f"\nphase-2 chains at the measured step of their fused group in the trainer's loop ({a.phase2}; the "
+              "fastest variant per method and batch; evaluations not included):")
+        for r in out["phase2_groups"]:
+            print(f"{r['task']:5s} {r['method']:6s} batch {r['batch']} {r['steps']:8d} steps x "
+                  + (f"{r['ms_per_step']:.2f} ms ({r['variant']}) = {r['minutes']:.1f} min" if r["ms_per_step"]
+                     else "(no group of this method and batch measured)"))
     if a.out:
         a.out.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {a.out}")
