@@ -555,7 +555,8 @@ def phase2() -> list[str]:
     if st and st.get("phase2_groups"):
         out += ["", "Every phase-2 chain of the study at the fastest measured group step (`python "
                 "benchmarks/study_time.py configs/smollm2.yaml --glue ../shared/data/glue --rates "
-                "benchmarks/results/train_step_workers_h200.json --phase2 benchmarks/results/sst2_phase2_h200/phase2_h200.json --best-dir "
+                "benchmarks/results/train_step_workers_h200.json --phase2 "
+                "benchmarks/results/sst2_phase2_h200/phase2_h200.json --best-dir "
                 "benchmarks/results/sst2_phase2_h200/best --out benchmarks/results/sst2_phase2_h200/"
                 "study_time_phase2.json`; evaluations not included): "
                 + "; ".join(f"{r['task']} {r['method']} {r['steps']:,} steps = {r['minutes']:.1f} min"
