@@ -74,6 +74,25 @@ def test_lone_run_paused_twice_and_resumed_is_exact(tiny_cfg, tmp_path, method):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("before,after", [([], ["flat_optimizer"]), (["flat_optimizer"], [])])
+def test_a_checkpoint_is_not_resumed_under_other_step_levers(tiny_cfg, tmp_path, before, after):
+    """The config hash leaves the step levers out, but flat_optimizer keeps AdamW's state in another layout: a run
+    paused under one set of levers starts afresh under another (as the run with those levers, uninterrupted)."""
+    sets = ("train.fuse=off", "train.fast_step=static")
+    cfg = _cfg(tiny_cfg, *sets, f"train.step_levers=[{','.join(before)}]")
+    later = _cfg(tiny_cfg, *sets, f"train.step_levers=[{','.join(after)}]")
+    assert cfg.hash() == later.hash()
+    hp = HParams.from_config(cfg, "lora")
+    run = tmp_path / "run"
+    with pytest.raises(CK.RunPaused):
+        run_and_save(cfg, "rte", "lora", 42, hp, run, stop=stop_at(5))
+    assert json.loads((CK.path_for(run) / CK.IDENTITY).read_text()).get("levers", []) == before
+    m = run_and_save(later, "rte", "lora", 42, hp, run)
+    ref = run_and_save(later, "rte", "lora", 42, hp, tmp_path / "ref")
+    _same(m, ref)
+    assert m["step_levers"] == after
+
+
 def test_interrupt_request_writes_a_checkpoint_and_raises(tiny_cfg, tmp_path):
     cfg = _cfg(tiny_cfg, "train.fuse=off")
     hp = HParams.from_config(cfg, "lora")

@@ -736,7 +736,8 @@ def train_run(
             if checkpoint is not None:
                 ckpt = LoneCheckpoint(cfg, checkpoint, CK.identity(cfg, task, method, seed, hp, path=mode,
                                                                    train_subset=train_subset,
-                                                                   evaluate_test=evaluate_test), stop)
+                                                                   evaluate_test=evaluate_test,
+                                                                   levers=stepper.lever_names), stop)
                 _, best = ckpt.restore(state, stepper, s.model)
             # fit
             t_train = time.perf_counter()
