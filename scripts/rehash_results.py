@@ -6,9 +6,11 @@ phase 2 with a step lever its phase 1 ran without. A results directory written b
 hash in its manifest, phase files, run summary, serving results and model cards, and ``lorastudy run`` would refuse
 it ("holds results of a different config"). This script rewrites those records, and only those: for each
 directory it computes the old hash of the recorded config (config.yaml), checks that the manifest holds it, and
-replaces it by the new one in every ``*.json`` and ``*.md`` file below the directory; a merged directory's shard
+replaces it by the new one in every ``*.json`` and ``*.md`` file below the directory (the manifest last), refreshing
+the COMPLETE markers that list a rewritten file (model cards, checkpoint identities); a merged directory's shard
 records (``manifest.json`` "shards", ``MERGED.json``) get their shards' new hashes (the recorded config with the
-shard's tasks). A directory already on the new hash is left alone.
+shard's tasks). A directory already migrated is left alone; one whose migration was interrupted is finished. The
+report's HTML keeps the old hash: regenerate it (``lorastudy report DIR``).
 
     python scripts/rehash_results.py RESULTS_DIR [RESULTS_DIR ...] [--data-dir GLUE] [--dry-run]
 
@@ -52,29 +54,53 @@ def hash_map(cfg: StudyConfig, shard_tasks: list[list[str]]) -> dict[str, str]:
     return out
 
 
+def _refresh_markers(out: Path, path: Path, old_sha: str) -> None:
+    """Update the entry of ``path`` in the COMPLETE marker of every unit dir above it (up to ``out``) that listed
+    its old content (a run dir's model card, a checkpoint's identity.json): otherwise the unit would no longer count
+    as complete (store.is_complete checks sizes and checksums) and would be recomputed or refused."""
+    for unit in path.parents:
+        marker = unit / store.COMPLETE
+        if marker.is_file():
+            try:
+                doc = json.loads(marker.read_text())
+            except (json.JSONDecodeError, OSError):
+                doc = None
+            entry = (doc or {}).get("files", {}).get(str(path.relative_to(unit))) if isinstance(doc, dict) else None
+            if isinstance(entry, dict) and entry.get("sha256", old_sha) == old_sha:
+                size = path.stat().st_size
+                entry["size"] = size
+                if size <= store.CHECKSUM_MAX_BYTES:
+                    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+                store.atomic_write_json(marker, doc)
+        if unit == out:
+            break
+
+
 def migrate(out: Path, data_dir: str | None, dry_run: bool = False) -> list[Path]:
-    """Rewrite the old hash of results dir ``out`` to the new one; returns the files changed. Raises
-    store.StoreError (not a results dir, manifest with another hash), ConfigError or DataError."""
+    """Rewrite the old hash of results dir ``out`` to the new one; returns the files changed. The manifest is
+    written last, so an interrupted migration is finished by running it again. Raises store.StoreError (not a
+    results dir, manifest with another hash), ConfigError or DataError."""
     from lorastudy.report.build import recorded_config
 
+    out = Path(out)
     cfg = recorded_config(out)
     if data_dir:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": data_dir})})
     man_path = out / "manifest.json"
     man = store.read_json(man_path) if man_path.is_file() else {}
-    have = man.get("config_hash")
-    if have == cfg.hash():
-        return []
-    old = legacy_hash(cfg)
-    if have != old:
-        raise store.StoreError(f"{man_path}: config_hash {have!r} is neither the recorded config's old hash ({old}) "
-                               f"nor its new one ({cfg.hash()}): not migrated")
+    have, old = man.get("config_hash"), legacy_hash(cfg)
+    if have not in (old, cfg.hash()):
+        raise store.StoreError(f"config_hash {have!r} in manifest.json is neither the recorded config's old hash "
+                               f"({old}) nor its new one ({cfg.hash()}): not migrated")
     shard_tasks = [s.get("tasks") or [] for s in man.get("shards") or [] if isinstance(s, dict)]
     mapping = hash_map(cfg, shard_tasks)
     changed = []
-    for path in sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".md")):
+    files = sorted(p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".md")
+                   and p.name != store.COMPLETE and p != man_path)
+    for path in [*files, man_path]:
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
+            text = raw.decode()
         except (UnicodeDecodeError, OSError):
             continue
         new = text
@@ -84,6 +110,7 @@ def migrate(out: Path, data_dir: str | None, dry_run: bool = False) -> list[Path
             changed.append(path)
             if not dry_run:
                 store.atomic_write_text(path, new)
+                _refresh_markers(out, path, hashlib.sha256(raw).hexdigest())
     return changed
 
 
@@ -98,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             changed = migrate(d, a.data_dir, a.dry_run)
         except (store.StoreError, ConfigError, DataError) as e:
-            print(f"error: {d}: {e}", file=sys.stderr)
+            msg = str(e)
+            print(f"error: {msg if msg.startswith(str(d)) else f'{d}: {msg}'}", file=sys.stderr)
             rc = 2
             continue
         print(f"{d}: {'already on the new hash' if not changed else f'{len(changed)} file(s) rewritten'}"
-              + (" (dry run)" if a.dry_run and changed else ""))
+              + (" (dry run)" if a.dry_run and changed else "")
+              + (f"; regenerate its report: lorastudy report {d}" if changed and not a.dry_run
+                 and (d / "ANALYSIS_REPORT.md").is_file() else ""))
     return rc
 
 

@@ -317,21 +317,35 @@ def test_rehash_script_migrates_a_results_dir_written_with_the_old_hash(merged, 
     cfg = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={old}"])
     mapping = rh.hash_map(cfg, [["sst2"], ["mrpc", "rte"]])
     assert len(mapping) == 3 and all(a != b for a, b in mapping.items())
-    for path in old.rglob("*.json"):  # as written before the change
+    for path in [*old.rglob("*.json"), *old.rglob("*.md")]:  # as written before the change ...
         text = path.read_text()
         for a, b in mapping.items():
             text = text.replace(b, a)
         path.write_text(text)
+    units = sorted(m.parent for m in old.rglob(store.COMPLETE))
+    for unit in units:  # ... with COMPLETE markers listing those contents
+        marker = unit / store.COMPLETE
+        doc = _json(marker)
+        doc["files"] = store._inventory(unit)
+        marker.write_text(json.dumps(doc))
+    cards = [p for p in old.rglob("README.md") if any(a in p.read_text() for a in mapping)]
+    assert cards and units and all(store.is_complete(u) for u in units)  # model cards carry the hash
     assert _json(old / "manifest.json")["config_hash"] == rh.legacy_hash(cfg) != cfg.hash()
     with pytest.raises(store.StoreError, match="rehash_results.py"):  # the refusal names the way out
         store.check_manifest(cfg)
     assert rh.main([str(old), "--data-dir", str(glue_dir)]) == 0
+    assert all(store.is_complete(u) for u in units)  # markers refreshed: no unit looks damaged
+    assert not any(a in p.read_text() for p in cards for a in mapping)
     man = _json(old / "manifest.json")
     assert man["config_hash"] == cfg.hash()
     assert sorted(s["config_hash"] for s in man["shards"]) == sorted(
         cfg.model_copy(update={"tasks": t}).hash() for t in (["sst2"], ["mrpc", "rte"]))
     assert not any(a in p.read_text() for p in old.rglob("*.json") for a in mapping)
     assert rh.migrate(old, str(glue_dir)) == []  # already current
+    left = old / "phase0" / "sanity.json"  # a migration interrupted after the manifest: rerunning finishes it
+    a, b = next(iter(mapping.items()))
+    left.write_text(left.read_text().replace(b, a))
+    assert rh.migrate(old, str(glue_dir)) == [left] and a not in left.read_text()
     other = Path(shutil.copytree(merged, tmp_path / "other"))
     _edit_yaml(other / "config.yaml", lambda d: d["drift"].update(n_resamples=400))
     assert rh.main([str(other), "--data-dir", str(glue_dir)]) == 2
