@@ -350,3 +350,23 @@ def test_rehash_script_migrates_a_results_dir_written_with_the_old_hash(merged, 
     _edit_yaml(other / "config.yaml", lambda d: d["drift"].update(n_resamples=400))
     assert rh.main([str(other), "--data-dir", str(glue_dir)]) == 2
     assert rh.main([str(tmp_path / "missing")]) == 2
+
+
+def test_a_serving_result_is_current_only_for_the_adapters_there_are(merged, glue_dir, tmp_path):
+    """serving.current_result: a result measured on fewer LoRA runs than the dir now holds (copied from elsewhere,
+    or measured before some runs finished; benchmarks/gpu/serve_adapters.sh) is not current: `run --only serve`
+    measures again instead of skipping."""
+    from lorastudy.serving.benchmark import current_result
+    from lorastudy.serving.build import study_adapter_names
+
+    out = Path(shutil.copytree(merged, tmp_path / "m"))
+    cfg = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={out}"])
+    res = out / "phase4" / "deployment" / "benchmark_results.json"
+    doc = _json(res)
+    assert doc["adapters"] == study_adapter_names(cfg) and current_result(cfg) is not None
+    doc["adapters"] = doc["adapters"][:-1]
+    res.write_text(json.dumps(doc))
+    assert current_result(cfg) is None
+    cut = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={out}",
+                             f"serve.max_adapters={len(doc['adapters'])}"])
+    assert current_result(cut) is not None  # what max_adapters asks for

@@ -89,6 +89,21 @@ def test_wall_times_devices_and_the_prior_implementation_comparison(study):
     assert re.search(r"^\| rte \| 0\.1% \| -?[0-9.]+% \[", sec, re.M), sec  # (the module's study is RTE only)
 
 
+def test_the_runs_step_levers_are_named(copy):
+    """A run trained with step levers (not in the config hash) shows them beside its device and step path."""
+    mt = copy / "phase2" / "rte" / "lora" / "seed42" / "metrics.json"
+    doc = json.loads(mt.read_text())
+    doc["step_levers"] = ["fused_kernels"]
+    mt.chmod(0o644)
+    mt.write_text(json.dumps(doc))
+    (mt.parent / store.COMPLETE).unlink()  # (an edited artifact: keep the unit readable, not "damaged")
+    (mt.parent / store.COMPLETE).write_text("ok")
+    r = _cli("report", copy)
+    assert r.exit_code == 0, r.output
+    text = (copy / build.REPORT).read_text()
+    assert f"({doc['step_mode']}, levers fused_kernels)" in text, _section(text, "How to reproduce")
+
+
 STUDY = REPO / "studies" / "smollm2"
 
 

@@ -4,7 +4,8 @@
 # (serving/build.py study_adapters), so it runs on a results dir holding just the phase-2 LoRA run dirs of the
 # shards, with the study's config: its phase4/deployment/ results carry the study's config hash (the hash leaves
 # out serving knobs and execution keys) and are what `run --only serve` on the merged dir would write; the merged dir
-# takes them (copy phase4/deployment/ in; `run --only serve` then finds them current and skips).
+# takes them (copy phase4/deployment/ in; `run --only serve` then finds them current and skips, but only when they
+# measured exactly the complete LoRA runs the merged dir holds: serving.current_result compares the adapter list).
 #
 #   SHARDS="/tmp/lorastudy/study/shard-sst2 .carryr2/shard-mrpc.tgz .carryr2/shard-rte.tgz" T=380 \
 #     bash benchmarks/gpu/serve_adapters.sh        (a shard: its results dir, or its pack)

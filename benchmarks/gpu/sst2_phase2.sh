@@ -22,7 +22,9 @@ case "${1:-status}" in
   start)
     method=${2:?METHOD: lora or full}
     mkdir -p "$OUT" "$D"
-    [ -f "$D/manifest.json" ] || tar xzf .carryr/shard-sst2.tgz -C "$D"
+    # the shard's phase 1 must be there: without it train-all would train with the config's settings
+    [ -f "$D/manifest.json" ] || tar xzf .carryr/shard-sst2.tgz -C "$D" || { rm -rf "$D"; exit 2; }
+    ls "$D"/phase1/sst2_"$method"/best.yaml > /dev/null || { echo "no phase-1 best.yaml in $D: carry .carryr"; exit 2; }
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv | tee "$R/gpu.txt"
     python3 -c "from lorastudy import modeling as M; print(M.resolve_source('smollm2-135m'))"  # GGUF -> HF once
     timeout "${T_BENCH:-200}" python3 benchmarks/train_step.py --parts phase2 --methods lora full \

@@ -23,7 +23,8 @@ set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
 R=${R:-/tmp/lorastudy/study}
 CFG=${CFG:-configs/smollm2.yaml}
-# Execution knobs the config hash covers: the same on every shard of the study (merge-shards compares them).
+# Execution knobs (config.EXECUTION_KEYS: not in the config hash, and shards may differ in them; each run's
+# metrics.json records what it ran with).
 # Eight fused slots per method: a full-FT group's step grows ~3.5 ms per slot (optimizer-bound), so wide groups
 # would stretch the longest trials (batch 1, 4 epochs: 13,204 steps) past the lease (docs/PROTOCOL.md).
 KNOBS=(--set "train.fuse_max_runs=${SLOTS:-8}")

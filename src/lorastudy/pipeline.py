@@ -79,7 +79,8 @@ def train_all(cfg, workers: int = 1, progress=None, stop: Callable[[], bool] | N
     failures = [{"unit": r.name, "error": r.error} for r in res if not r.ok]
     paused = [r.name for r in res if r.ok and isinstance(r.value, dict) and "paused" in r.value]
     summary = {"trained": [r.name for r in res if r.ok and r.name not in paused], "paused": paused,
-               "skipped_complete": skipped, "failures": failures, "not_started": len(units) - len(res)}
+               "skipped_complete": skipped, "failures": failures, "not_started": len(units) - len(res),
+               "selection": {"tasks": list(tasks or cfg.tasks), "methods": list(methods or cfg.methods)}}
     store.atomic_write_json(cfg.out / "phase2" / "summary.json", summary)
     # a run that failed on the results dir itself (disk full, read-only): nothing later can succeed, so stop here
     # with the path and the cause instead of going on to a later phase's traceback

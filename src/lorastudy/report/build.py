@@ -123,7 +123,7 @@ def collect(cfg) -> dict:
                                  "train_time_s": mt["train_time_s"], "trainable_params": mt["trainable_params"],
                                  "hparams": mt["hparams"], "failed": False,
                                  "device": mt.get("device_name") or mt.get("device"),
-                                 "step_mode": mt.get("step_mode")})
+                                 "step_mode": mt.get("step_mode"), "step_levers": mt.get("step_levers") or []})
                     for k, v in test.items():
                         vals.setdefault(k, []).append(v)
                 elif failed.is_file():
@@ -154,8 +154,10 @@ def collect(cfg) -> dict:
     ctx["tuning_failed"] = _failed_trials(out, ctx["tuning"])
     ctx["prior"] = PRIOR_CLAIMS
     ctx["wall"] = wall_times(out, ctx["shards"])
-    ctx["run_devices"] = sorted({f"{r['device']} ({r['step_mode']})" for r in runs if not r["failed"]
-                                 and r.get("device")})
+    # the step path and levers of each run (the config hash leaves them out: phases and shards may differ)
+    ctx["run_devices"] = sorted({f"{r['device']} ({r['step_mode']}"
+                                 + (f", levers {'+'.join(r['step_levers'])}" if r["step_levers"] else "") + ")"
+                                 for r in runs if not r["failed"] and r.get("device")})
     ctx["tasks_in_no_shard"] = ([t for t in cfg.tasks if not any(t in sh.get("tasks", []) for sh in ctx["shards"])]
                                 if ctx["shards"] else [])
     return ctx

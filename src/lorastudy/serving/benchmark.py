@@ -488,13 +488,24 @@ def probe_median_length(cfg) -> int:
 
 def current_result(cfg, synthetic_arch: str | None = None) -> dict | None:
     """The stored ``phase4/deployment/benchmark_results.json`` when it was measured for this config (hash) and
-    architecture (``synthetic_arch``, default the config's), else None: the serving phase's "already done" test."""
+    architecture (``synthetic_arch``, default the config's) and, on the study's own adapters, on exactly the complete
+    LoRA runs there are now; else None: the serving phase's "already done" test."""
     path = cfg.out / "phase4" / "deployment" / "benchmark_results.json"
     if not path.is_file():
         return None
     old = store.read_json(path)
     arch = synthetic_arch or cfg.serve.synthetic_arch
-    return old if old.get("config_hash") == cfg.hash() and old.get("synthetic_arch") == arch else None
+    if old.get("config_hash") != cfg.hash() or old.get("synthetic_arch") != arch:
+        return None
+    if arch is None:  # measured on the study's adapters: only if on every one there is now (a result copied from
+        # a dir with fewer runs, or measured before some finished, is not current)
+        from lorastudy.serving.build import study_adapter_names
+
+        want = study_adapter_names(cfg)[: cfg.serve.max_adapters or None]
+        synthetic = str(old.get("adapter_source", "")).startswith("synthetic")  # no LoRA runs then
+        if (old.get("adapters") or []) != want and not (synthetic and not want):
+            return None
+    return old
 
 
 def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = None, force: bool = False) -> dict:
