@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from lorastudy.config import ConfigError, StudyConfig, load_config
 from tests.conftest import REPO
@@ -207,7 +208,11 @@ def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir)
                         (["train-all", tiny, "--workers", "-1"], "--workers"),
                         (["run", tiny, "--workers", "0"], "--workers"),
                         (["extract", tiny, "--batch-size", "-3"], "--batch-size"),
-                        (["extract", tiny, "--batch-size", "0"], "--batch-size")):
+                        (["extract", tiny, "--batch-size", "0"], "--batch-size"),
+                        # a lever that needs CUDA, on a CPU-only machine: refused before anything runs
+                        *([(["train-all", tiny, "--set", "train.step_levers=[fused_kernels]"], "train.step_levers"),
+                           (["run", tiny, "--set", "train.step_levers=[fused_kernels]"], "train.step_levers")]
+                          if not torch.cuda.is_available() else [])):
         r = CliRunner().invoke(app, [*args, "--set", out, "--data-dir", str(glue_dir)])
         assert r.exit_code == 2 and named in r.output, (args, r.output)
         assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (args, r.output)

@@ -69,6 +69,21 @@ def _load(config: Path, sets: list[str] | None, data_dir: Path | None = None) ->
     return load_config(config, sets)
 
 
+def _check_levers_here(cfg: StudyConfig) -> None:
+    """Training commands: a step lever that needs CUDA (train.step_levers) on a machine where the runs would train on
+    the CPU is a ConfigError (exit 2) before anything is written, not a failure of every run."""
+    from lorastudy.execution import resolve_device
+    from lorastudy.step_levers import LEVERS
+
+    if cfg.train.fast_step == "eager":  # the eager reference path ignores the levers
+        return
+    dev = resolve_device(cfg.train.device)
+    bad = [n for n in cfg.train.step_levers if LEVERS[n].cuda_only and dev.type != "cuda"]
+    if bad:
+        raise ConfigError(f"train.step_levers {bad}: need a CUDA device, and train.device={cfg.train.device!r} is "
+                          f"{dev} on this machine (--set train.step_levers=[] here)")
+
+
 def _setup_logging(verbose: bool = False) -> None:
     from rich.logging import RichHandler
 
@@ -196,6 +211,7 @@ def train(
 
     cfg_sets, hp_over = _parse_hp(set_)
     cfg = _load(config, cfg_sets, data_dir)
+    _check_levers_here(cfg)
     if task not in cfg.tasks and task not in cfg.custom_tasks:
         raise ConfigError(f"--task {task!r} is not in the config's tasks {cfg.tasks}")
     if method not in ("full", "lora"):
@@ -327,6 +343,7 @@ def tune(
 
     sets = list(set_ or []) + ([f"search.storage={storage}"] if storage else [])
     cfg = _load(config, sets, data_dir)
+    _check_levers_here(cfg)
     _check_selection(cfg, task, method)
     store.check_manifest(cfg, force=force)
     with Progress("tune (trials)", console=console) as prog:
@@ -357,6 +374,7 @@ def train_all_cmd(config: ConfigArg, task: TaskSel = None, method: MethodSel = N
     from lorastudy.progress import Progress
 
     cfg = _load(config, set_, data_dir)
+    _check_levers_here(cfg)
     _check_selection(cfg, task, method)
     with store.results_lock(cfg.out):
         store.check_manifest(cfg, force=force)
@@ -530,6 +548,9 @@ def run(
     if time_budget is not None and not time_budget > 0:
         raise ConfigError(f"--time-budget {time_budget:g}: must be a positive number of seconds")
     cfg = _load(config, set_, data_dir)
+    first = PHASES.index(only or from_ or PHASES[0])
+    if any(p in ("sanity", "tune", "train") for p in ([only] if only else PHASES[first:])):
+        _check_levers_here(cfg)
     with checkpoint_on_signal():  # runs training at a signal checkpoint first (the next invocation resumes them)
         res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,
                            console=console, streams=default_streams(streams, cfg.train.device))
