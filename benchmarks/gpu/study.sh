@@ -31,7 +31,8 @@ KNOBS=(--set "train.fuse_max_runs=${SLOTS:-8}")
 # LEVERS: step levers for the phases run here (e.g. fused_kernels; execution keys, not in the config hash, so a
 # shard whose phase 1 ran without them continues with them). GPUS/WORKERS: a queue whose shard trains on several
 # GPUs (CUDA_VISIBLE_DEVICES=GPUS, --workers WORKERS: phase 2 deals its fused groups, longest first, one process
-# per GPU). PHASES: the phases a queue runs (default all; a carried shard whose phase 1 is done: train extract drift).
+# per GPU; GPUS applies to every queue, so give it with one queue that trains, beside queues of finished shards
+# only). PHASES: the phases a queue runs (default all; a carried shard whose phase 1 is done: train extract drift).
 [ -n "${LEVERS:-}" ] && KNOBS+=(--set "train.step_levers=[${LEVERS}]")
 SERVE=(--set "serve.engines=[merged,peft,batched]")  # vLLM needs its own staging (benchmarks/gpu/vllm.sh)
 mkdir -p "$R"
