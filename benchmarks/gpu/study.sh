@@ -5,7 +5,9 @@
 # Start it detached after staging (the device's commands stop at 10 minutes; the machine keeps /tmp while warm):
 #   source .carry1/device-env.sh && DEADLINE=$(( $(date +%s) + 1260 )) Q0="mrpc" Q1="rte sst2" \
 #     setsid bash benchmarks/gpu/study.sh run > /tmp/lorastudy/study.log 2>&1 < /dev/null &
-# Poll with later calls:      source /tmp/lorastudy/env.sh && bash benchmarks/gpu/study.sh status
+# Poll with later calls:      sleep 280; source /tmp/lorastudy/env.sh && bash benchmarks/gpu/study.sh status
+#   (one after the other, with no pause between them: a machine idle for 30 s is given back, /tmp and the detached
+#   study with it; and carry in the same call whatever that call reads: carried paths do not stay for later calls)
 # Bring results back:         bash benchmarks/gpu/study.sh pack     (one .tgz per shard, the export of the merged
 #                             dir (`lorastudy export`: what studies/ holds) and the logs, to $OUT; each < 16 MiB)
 # A later lease continues a shard from its pack: carry it as .carryr/shard-<tasks>.tgz (or .carryr2/); `run` unpacks
