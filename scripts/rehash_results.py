@@ -76,6 +76,37 @@ def _refresh_markers(out: Path, path: Path, old_sha: str) -> None:
             break
 
 
+def _repair_markers(out: Path, mapping: dict[str, str], dry_run: bool) -> list[Path]:
+    """COMPLETE markers whose entry for a JSON / Markdown file lists the file's content before its rewrite (a pass
+    stopped between writing the file and refreshing the marker): refreshed. Returns the markers changed."""
+    fixed = []
+    for marker in sorted(out.rglob(store.COMPLETE)):
+        try:
+            doc = json.loads(marker.read_text())
+            files = doc["files"]
+        except (json.JSONDecodeError, OSError, KeyError, TypeError):
+            continue
+        changed = False
+        for rel, entry in files.items():
+            p = marker.parent / rel
+            if not (isinstance(entry, dict) and "sha256" in entry and p.suffix in (".json", ".md") and p.is_file()):
+                continue
+            raw = p.read_bytes()
+            if hashlib.sha256(raw).hexdigest() == entry["sha256"]:
+                continue
+            before = raw.decode(errors="replace")
+            for a, b in mapping.items():
+                before = before.replace(b, a)
+            if hashlib.sha256(before.encode()).hexdigest() == entry["sha256"]:
+                entry["size"], entry["sha256"] = len(raw), hashlib.sha256(raw).hexdigest()
+                changed = True
+        if changed:
+            fixed.append(marker)
+            if not dry_run:
+                store.atomic_write_json(marker, doc)
+    return fixed
+
+
 def migrate(out: Path, data_dir: str | None, dry_run: bool = False) -> list[Path]:
     """Rewrite the old hash of results dir ``out`` to the new one; returns the files changed. The manifest is
     written last, so an interrupted migration is finished by running it again. Raises store.StoreError (not a
@@ -111,7 +142,7 @@ def migrate(out: Path, data_dir: str | None, dry_run: bool = False) -> list[Path
             if not dry_run:
                 store.atomic_write_text(path, new)
                 _refresh_markers(out, path, hashlib.sha256(raw).hexdigest())
-    return changed
+    return changed + _repair_markers(out, mapping, dry_run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -210,13 +210,30 @@ def test_cli_refuses_bad_method_seed_and_workers_with_exit_2(tmp_path, glue_dir)
                         (["extract", tiny, "--batch-size", "-3"], "--batch-size"),
                         (["extract", tiny, "--batch-size", "0"], "--batch-size"),
                         # a lever that needs CUDA, on a CPU-only machine: refused before anything runs
-                        *([(["train-all", tiny, "--set", "train.step_levers=[fused_kernels]"], "train.step_levers"),
-                           (["run", tiny, "--set", "train.step_levers=[fused_kernels]"], "train.step_levers")]
+                        *([(["train-all", tiny, "--set", "train.step_levers=[fused_kernels]", "--set",
+                             "train.fast_step=static"], "train.step_levers"),
+                           (["run", tiny, "--set", "train.step_levers=[fused_kernels]", "--set", "train.fuse=on"],
+                            "train.step_levers")]
                           if not torch.cuda.is_available() else [])):
         r = CliRunner().invoke(app, [*args, "--set", out, "--data-dir", str(glue_dir)])
         assert r.exit_code == 2 and named in r.output, (args, r.output)
         assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output, (args, r.output)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cuda_lever_is_refused_only_where_a_levered_step_would_run_on_the_cpu():
+    """The eager path ignores step levers (fast_step eager, or auto on a CPU): no refusal there; the static and
+    fused steps apply them, so a lever that needs CUDA is refused where they would run on the CPU."""
+    from lorastudy.cli import _check_levers_here
+
+    if torch.cuda.is_available():
+        pytest.skip("checks what a CPU-only machine refuses")
+    lever = "train.step_levers=[fused_kernels]"
+    for ok in ([], ["train.fast_step=eager"], ["train.fuse=off"]):
+        _check_levers_here(load_config(REPO / "configs" / "tiny.yaml", [lever, *ok]))  # auto on a CPU: eager
+    for bad in (["train.fast_step=static"], ["train.fuse=on"]):
+        with pytest.raises(ConfigError, match="need a CUDA device"):
+            _check_levers_here(load_config(REPO / "configs" / "tiny.yaml", [lever, *bad]))
 
 
 def test_cli_refuses_unclear_overrides_and_run_options_with_exit_2(tmp_path):

@@ -3,6 +3,7 @@
 The one-machine run is the session's tiny study (conftest ``tiny_study``); the shards run the same config with
 ``tasks=[sst2]`` and ``tasks=[mrpc,rte]`` into their own results dirs (~40 s of CPU in all)."""
 
+import hashlib
 import json
 import re
 import shutil
@@ -346,6 +347,18 @@ def test_rehash_script_migrates_a_results_dir_written_with_the_old_hash(merged, 
     a, b = next(iter(mapping.items()))
     left.write_text(left.read_text().replace(b, a))
     assert rh.migrate(old, str(glue_dir)) == [left] and a not in left.read_text()
+    card = cards[0]  # ... or stopped between rewriting a model card and refreshing its unit's marker
+    unit = next(u for u in units if card.is_relative_to(u))
+    marker = unit / store.COMPLETE
+    doc = _json(marker)
+    text = card.read_text()
+    for a, b in mapping.items():
+        text = text.replace(b, a)
+    doc["files"][str(card.relative_to(unit))]["sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    doc["files"][str(card.relative_to(unit))]["size"] = len(text.encode())
+    marker.write_text(json.dumps(doc))
+    assert not store.is_complete(unit)
+    assert rh.migrate(old, str(glue_dir)) == [marker] and store.is_complete(unit)
     other = Path(shutil.copytree(merged, tmp_path / "other"))
     _edit_yaml(other / "config.yaml", lambda d: d["drift"].update(n_resamples=400))
     assert rh.main([str(other), "--data-dir", str(glue_dir)]) == 2
@@ -370,3 +383,8 @@ def test_a_serving_result_is_current_only_for_the_adapters_there_are(merged, glu
     cut = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={out}",
                              f"serve.max_adapters={len(doc['adapters'])}"])
     assert current_result(cut) is not None  # what max_adapters asks for
+    r = _cli("export", out, "--out", tmp_path / "exported")  # adapters left out: the result stays current
+    assert r.exit_code == 0, r.output
+    exp = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={tmp_path / 'exported'}",
+                             f"serve.max_adapters={len(doc['adapters'])}"])
+    assert not study_adapter_names(exp) and current_result(exp) is not None

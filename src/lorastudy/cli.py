@@ -70,15 +70,16 @@ def _load(config: Path, sets: list[str] | None, data_dir: Path | None = None) ->
 
 
 def _check_levers_here(cfg: StudyConfig) -> None:
-    """Training commands: a step lever that needs CUDA (train.step_levers) on a machine where the runs would train on
-    the CPU is a ConfigError (exit 2) before anything is written, not a failure of every run."""
-    from lorastudy.execution import resolve_device
+    """Training commands: a step lever that needs CUDA (train.step_levers) where the runs would train on the CPU
+    through the static or fused step (which apply the levers) is a ConfigError (exit 2) before anything is written,
+    not a failure of every run. The eager path (fast_step eager, or auto on a CPU) ignores the levers: no error."""
+    from lorastudy.execution import fuse_enabled, resolve_device
     from lorastudy.step_levers import LEVERS
 
-    if cfg.train.fast_step == "eager":  # the eager reference path ignores the levers
-        return
     dev = resolve_device(cfg.train.device)
-    bad = [n for n in cfg.train.step_levers if LEVERS[n].cuda_only and dev.type != "cuda"]
+    if dev.type == "cuda" or not (cfg.train.fast_step in ("static", "cuda_graph") or fuse_enabled(cfg)):
+        return
+    bad = [n for n in cfg.train.step_levers if LEVERS[n].cuda_only]
     if bad:
         raise ConfigError(f"train.step_levers {bad}: need a CUDA device, and train.device={cfg.train.device!r} is "
                           f"{dev} on this machine (--set train.step_levers=[] here)")
@@ -549,7 +550,7 @@ def run(
         raise ConfigError(f"--time-budget {time_budget:g}: must be a positive number of seconds")
     cfg = _load(config, set_, data_dir)
     first = PHASES.index(only or from_ or PHASES[0])
-    if any(p in ("sanity", "tune", "train") for p in ([only] if only else PHASES[first:])):
+    if any(p in ("tune", "train") for p in ([only] if only else PHASES[first:])):  # (sanity steps eagerly)
         _check_levers_here(cfg)
     with checkpoint_on_signal():  # runs training at a signal checkpoint first (the next invocation resumes them)
         res = run_pipeline(cfg, only=only, from_=from_, time_budget=time_budget, workers=workers, force=force,

@@ -503,6 +503,8 @@ def current_result(cfg, synthetic_arch: str | None = None) -> dict | None:
 
         want = study_adapter_names(cfg)[: cfg.serve.max_adapters or None]
         synthetic = str(old.get("adapter_source", "")).startswith("synthetic")  # no LoRA runs then
+        if not want and not synthetic and study_adapter_names(cfg, with_adapter=False):
+            return old  # runs whose adapters were left out (an export): nothing here to measure it against
         if (old.get("adapters") or []) != want and not (synthetic and not want):
             return None
     return old

@@ -130,13 +130,15 @@ def build_engines(base, adapters: list[Adapter], targets: list[str], names: list
     return engines
 
 
-def study_adapter_names(cfg) -> list[str]:
+def study_adapter_names(cfg, with_adapter: bool = True) -> list[str]:
     """The names ``study_adapters`` gives the study's complete phase-2 LoRA runs, in its order (seed-major, tasks
-    interleaved), without loading them: what a serving result must have measured to be current."""
+    interleaved), without loading them: what a serving result must have measured to be current. ``with_adapter``
+    False: also complete runs whose adapter is not there (an exported dir leaves adapters out)."""
     from lorastudy import store
 
     return [f"{task}-s{seed}" for seed in cfg.seeds for task in cfg.tasks
-            if store.is_complete(rd := store.run_dir(cfg.out, task, "lora", seed)) and (rd / "adapter").exists()]
+            if store.is_complete(rd := store.run_dir(cfg.out, task, "lora", seed))
+            and (not with_adapter or (rd / "adapter").exists())]
 
 
 def study_adapters(cfg, tokenizer) -> tuple[object, list[Adapter]]:
