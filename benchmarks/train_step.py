@@ -589,9 +589,12 @@ def phase2_part(a, device, save) -> dict:
 
 
 def fused_trajectory(method: str, n_steps: int, others: int, device, glue: str | None, smoke: bool,
-                     noise_ref: Path | None) -> dict:
+                     noise_ref: Path | None, levers: list[str] | None = None) -> dict:
     """A run trained inside a fused group (beside ``others`` runs of other seeds and learning rates) vs the same
-    run alone, on the same real SST-2 batches (batch 4, dropout 0): per-step training losses."""
+    run alone, on the same real SST-2 batches (batch 4, dropout 0): per-step training losses. With ``levers``, the
+    same group again with those step levers (train.step_levers): the levers' difference to the fused run without
+    them, judged against fusion's own difference to the lone run (both bf16 rounding: within the band when the
+    levers' max relative difference over the first k steps is <= max(2 x fusion's, 0.01) for every k)."""
     mode = "cuda_graph" if device.type == "cuda" else "static"
     cfg = bench_cfg(smoke, glue, "data.validation_max=32", "data.train_limit.sst2=8000", "train.patience=1000000",
                     "train.evals_per_epoch=1000000", f"train.fast_step={mode}", "train.fuse=on")
@@ -623,6 +626,24 @@ def fused_trajectory(method: str, n_steps: int, others: int, device, glue: str |
         res["noise_reference"] = {"file": str(noise_ref), "method": ref["method"],
                                   "padded_vs_eager_max_rel_diff_first_k": {str(k): float(r[:k].max()) for k in ks
                                                                            if k <= len(r)}}
+    if levers:
+        with_levers = fused.train_runs(bench_cfg(smoke, glue, "data.validation_max=32", "data.train_limit.sst2=8000",
+                                                 "train.patience=1000000", "train.evals_per_epoch=1000000",
+                                                 f"train.fast_step={mode}", "train.fuse=on",
+                                                 f"train.step_levers=[{','.join(levers)}]"), specs)
+        if not isinstance(with_levers[0], dict):
+            raise RuntimeError(f"fused trajectory run with levers {levers} failed: {with_levers[0]}")
+        ll = np.array([c["train_loss"] for c in with_levers[0]["curve"]])
+        rl = np.abs(ll - lg) / np.maximum(np.abs(lg), 1e-8)
+        band = {str(k): max(2 * float(rel[:k].max()), 0.01) for k in ks}
+        res["levers"] = {"levers": sorted(levers), "applied": with_levers[0].get("step_levers"),
+                         "losses": ll.tolist(),
+                         "max_rel_diff_vs_fused_first_k": {str(k): float(rl[:k].max()) for k in ks},
+                         "within_band": all(float(rl[:k].max()) <= band[str(k)] for k in ks),
+                         "mean_loss_last_20": float(ll[-20:].mean())}
+        print(f"trajectory {method}: fused with {levers} vs fused without, max rel diff over the first k steps "
+              f"{res['levers']['max_rel_diff_vs_fused_first_k']}; within the band (<= max(2 x fused vs alone, "
+              f"0.01)): {res['levers']['within_band']}", flush=True)
     print(f"trajectory {method}: fused (in a group of {others + 1}) vs alone, max rel diff over the first k steps "
           f"{res['max_rel_diff_first_k']}; last-20 mean loss {res['mean_loss_last_20']}", flush=True)
     if "noise_reference" in res:
@@ -704,7 +725,7 @@ def fused_part(a, device, save) -> dict:
             save(out)
     for method in a.methods if a.fused_trajectory_steps else []:
         out["trajectory"].append(fused_trajectory(method, a.fused_trajectory_steps, a.fused_trajectory_others,
-                                                  device, a.glue, a.smoke, a.noise_ref))
+                                                  device, a.glue, a.smoke, a.noise_ref, a.fused_trajectory_levers))
         save(out)
     fused_table(out)
     return out
@@ -1071,6 +1092,8 @@ def main() -> None:
     ap.add_argument("--fused-streams", type=int, default=8, help="lone runs on this many streams (0: skip)")
     ap.add_argument("--fused-trajectory-steps", type=int, default=200, help="0: skip the trajectory check")
     ap.add_argument("--fused-trajectory-others", type=int, default=7, help="other runs in the trajectory's group")
+    ap.add_argument("--fused-trajectory-levers", nargs="*", default=[],
+                    help="also the same group with these step levers (e.g. fused_kernels), against it without")
     ap.add_argument("--noise-ref", type=Path, default=Path("benchmarks/results/train_step_trajectory_lora_h200.json"),
                     help="trajectory JSON whose padded-vs-eager difference is the bf16 noise band")
     ap.add_argument("--smoke", action="store_true",
