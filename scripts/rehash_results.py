@@ -28,19 +28,13 @@ from pathlib import Path
 
 from lorastudy import store
 from lorastudy.config import ConfigError, StudyConfig
-from lorastudy.data import DataError, data_fingerprint
+from lorastudy.data import DataError
 
 
 def legacy_hash(cfg: StudyConfig) -> str:
-    """The config hash as computed before the execution keys left it (only ``train.checkpoint_every_min`` was
-    left out of ``train``); the rest is StudyConfig.hash's."""
-    d = cfg.resolved()
-    d.pop("output_dir", None)
-    d.pop("serve", None)
-    d["data"]["source"] = data_fingerprint(cfg)
-    d.pop("tracking", None)
-    d["train"].pop("checkpoint_every_min", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+    """The config hash as computed before the execution keys left it: of ``train`` only ``checkpoint_every_min``
+    was left out."""
+    return cfg.hash(leave_out=("train.checkpoint_every_min",))
 
 
 def hash_map(cfg: StudyConfig, shard_tasks: list[list[str]]) -> dict[str, str]:
@@ -54,31 +48,11 @@ def hash_map(cfg: StudyConfig, shard_tasks: list[list[str]]) -> dict[str, str]:
     return out
 
 
-def _refresh_markers(out: Path, path: Path, old_sha: str) -> None:
-    """Update the entry of ``path`` in the COMPLETE marker of every unit dir above it (up to ``out``) that listed
-    its old content (a run dir's model card, a checkpoint's identity.json): otherwise the unit would no longer count
-    as complete (store.is_complete checks sizes and checksums) and would be recomputed or refused."""
-    for unit in path.parents:
-        marker = unit / store.COMPLETE
-        if marker.is_file():
-            try:
-                doc = json.loads(marker.read_text())
-            except (json.JSONDecodeError, OSError):
-                doc = None
-            entry = (doc or {}).get("files", {}).get(str(path.relative_to(unit))) if isinstance(doc, dict) else None
-            if isinstance(entry, dict) and entry.get("sha256", old_sha) == old_sha:
-                size = path.stat().st_size
-                entry["size"] = size
-                if size <= store.CHECKSUM_MAX_BYTES:
-                    entry["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-                store.atomic_write_json(marker, doc)
-        if unit == out:
-            break
-
-
 def _repair_markers(out: Path, mapping: dict[str, str], dry_run: bool) -> list[Path]:
-    """COMPLETE markers whose entry for a JSON / Markdown file lists the file's content before its rewrite (a pass
-    stopped between writing the file and refreshing the marker): refreshed. Returns the markers changed."""
+    """COMPLETE markers whose entry for a JSON / Markdown file lists the file's content before its rewrite (a model
+    card, a checkpoint's identity.json; also after a pass stopped before this step): refreshed, else the unit would
+    no longer count as complete (store.is_complete checks checksums) and would be recomputed or refused. The
+    rewrite keeps sizes (a 12-character hash for another). Returns the markers changed."""
     fixed = []
     for marker in sorted(out.rglob(store.COMPLETE)):
         try:
@@ -130,8 +104,7 @@ def migrate(out: Path, data_dir: str | None, dry_run: bool = False) -> list[Path
                    and p.name != store.COMPLETE and p != man_path)
     for path in [*files, man_path]:
         try:
-            raw = path.read_bytes()
-            text = raw.decode()
+            text = path.read_text()
         except (UnicodeDecodeError, OSError):
             continue
         new = text
@@ -141,7 +114,6 @@ def migrate(out: Path, data_dir: str | None, dry_run: bool = False) -> list[Path
             changed.append(path)
             if not dry_run:
                 store.atomic_write_text(path, new)
-                _refresh_markers(out, path, hashlib.sha256(raw).hexdigest())
     return changed + _repair_markers(out, mapping, dry_run)
 
 

@@ -389,13 +389,15 @@ class StudyConfig(_Strict):
     def resolved(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-    def hash(self) -> str:
+    def hash(self, leave_out: tuple[str, ...] = EXECUTION_KEYS) -> str:
         """Hash of everything that changes results (not where they are written): the data enters by its content
         (``data.data_fingerprint``: file checksums, or the hub dataset id and revision), not by ``data.source``,
         so ``--data-dir DIR``, ``--set data.source=DIR`` and ``LORASTUDY_GLUE_DIR=DIR`` hash alike and other data
         hashes differently. ``EXECUTION_KEYS`` (how the runs are executed: step path, fusion, levers, checkpoint
         interval) are left out: each is tested to compute the same thing, so phase 1 of a study may run without a
-        lever and phase 2 with it in one results dir. Raises DataError when the data files cannot be read."""
+        lever and phase 2 with it in one results dir. ``leave_out``: the dotted keys left out besides output_dir,
+        serve and tracking (scripts/rehash_results.py computes the older hash, which left out only
+        ``train.checkpoint_every_min``). Raises DataError when the data files cannot be read."""
         from lorastudy.data import data_fingerprint
 
         d = self.resolved()
@@ -403,8 +405,12 @@ class StudyConfig(_Strict):
         d.pop("serve", None)  # benchmark knobs do not change trained models
         d["data"]["source"] = data_fingerprint(self)
         d.pop("tracking", None)  # nor does where runs are also logged
-        for key in EXECUTION_KEYS:  # nor how runs are executed (each run's metrics.json records it)
-            d["train"].pop(key.split(".", 1)[1], None)
+        for key in leave_out:  # nor how runs are executed (each run's metrics.json records it)
+            *parents, leaf = key.split(".")
+            node = d
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(leaf, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
