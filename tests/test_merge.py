@@ -370,7 +370,10 @@ def test_a_serving_result_is_current_only_for_the_adapters_there_are(merged, glu
     or measured before some runs finished; benchmarks/gpu/serve_adapters.sh) is not current: `run --only serve`
     measures again instead of skipping."""
     from lorastudy.serving.benchmark import current_result
-    from lorastudy.serving.build import study_adapter_names
+    from lorastudy.serving.build import complete_lora_runs
+
+    def study_adapter_names(cfg):
+        return [name for name, _, rd in complete_lora_runs(cfg) if (rd / "adapter").exists()]
 
     out = Path(shutil.copytree(merged, tmp_path / "m"))
     cfg = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={out}"])

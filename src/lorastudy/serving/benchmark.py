@@ -499,11 +499,12 @@ def current_result(cfg, synthetic_arch: str | None = None) -> dict | None:
         return None
     if arch is None:  # measured on the study's adapters: only if on every one there is now (a result copied from
         # a dir with fewer runs, or measured before some finished, is not current)
-        from lorastudy.serving.build import study_adapter_names
+        from lorastudy.serving.build import complete_lora_runs
 
-        want = study_adapter_names(cfg)[: cfg.serve.max_adapters or None]
+        runs = complete_lora_runs(cfg)
+        want = [name for name, _, rd in runs if (rd / "adapter").exists()][: cfg.serve.max_adapters or None]
         synthetic = str(old.get("adapter_source", "")).startswith("synthetic")  # no LoRA runs then
-        if not want and not synthetic and study_adapter_names(cfg, with_adapter=False):
+        if not want and not synthetic and runs:
             return old  # runs whose adapters were left out (an export): nothing here to measure it against
         if (old.get("adapters") or []) != want and not (synthetic and not want):
             return None

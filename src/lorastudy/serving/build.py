@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -130,31 +131,27 @@ def build_engines(base, adapters: list[Adapter], targets: list[str], names: list
     return engines
 
 
-def study_adapter_names(cfg, with_adapter: bool = True) -> list[str]:
-    """The names ``study_adapters`` gives the study's complete phase-2 LoRA runs, in its order (seed-major, tasks
-    interleaved), without loading them: what a serving result must have measured to be current. ``with_adapter``
-    False: also complete runs whose adapter is not there (an exported dir leaves adapters out)."""
+def complete_lora_runs(cfg) -> list[tuple[str, str, Path]]:
+    """(adapter name, task, run dir) of the study's complete phase-2 LoRA runs, seed-major with the tasks
+    interleaved (so the first k adapters cover as many tasks as possible). A run dir may lack its ``adapter/``
+    (an exported dir leaves adapters out)."""
     from lorastudy import store
 
-    return [f"{task}-s{seed}" for seed in cfg.seeds for task in cfg.tasks
-            if store.is_complete(rd := store.run_dir(cfg.out, task, "lora", seed))
-            and (not with_adapter or (rd / "adapter").exists())]
+    return [(f"{task}-s{seed}", task, rd) for seed in cfg.seeds for task in cfg.tasks
+            if store.is_complete(rd := store.run_dir(cfg.out, task, "lora", seed))]
 
 
 def study_adapters(cfg, tokenizer) -> tuple[object, list[Adapter]]:
-    """The base model and every complete phase-2 LoRA run of the study, as adapters (tasks x seeds)."""
-    from lorastudy import store
-
+    """The base model and every complete phase-2 LoRA run of the study that has its adapter, as adapters (tasks x
+    seeds, in ``complete_lora_runs``'s order)."""
     adapters = []
     base = None
-    for seed in cfg.seeds:  # tasks interleaved, so the first k adapters cover as many tasks as possible
-        for task in cfg.tasks:
-            rd = store.run_dir(cfg.out, task, "lora", seed)
-            if not store.is_complete(rd) or not (rd / "adapter").exists():
-                continue
-            pm, _ = M.load_trained(cfg.model, cfg.task(task).num_labels, rd / "adapter", "lora", tokenizer=tokenizer)
-            adapters.append(adapter_from_peft(pm, f"{task}-s{seed}", task))
-            adapters[-1].path = rd / "adapter"
-            if base is None:
-                base, _ = M.load_base(cfg.model, cfg.task(task).num_labels, seed=0, tokenizer=tokenizer)
+    for name, task, rd in complete_lora_runs(cfg):
+        if not (rd / "adapter").exists():
+            continue
+        pm, _ = M.load_trained(cfg.model, cfg.task(task).num_labels, rd / "adapter", "lora", tokenizer=tokenizer)
+        adapters.append(adapter_from_peft(pm, name, task))
+        adapters[-1].path = rd / "adapter"
+        if base is None:
+            base, _ = M.load_base(cfg.model, cfg.task(task).num_labels, seed=0, tokenizer=tokenizer)
     return base, adapters
