@@ -71,12 +71,20 @@ def _step_ms(points: list[dict], n: int) -> float:
     return pts[-1][1] * n / pts[-1][0]  # beyond the largest group: no better than its rate
 
 
+def best_hparams(cfg, best_dir: Path | None, task: str, method: str):
+    """A phase-2 run's hyperparameters (training.HParams): ``best_dir/<task>_<method>_optimal.yaml`` over the
+    config's train settings, as train-all takes them."""
+    from lorastudy.training import HParams
+
+    p = best_dir / f"{task}_{method}_optimal.yaml" if best_dir else None
+    over = (yaml.safe_load(p.read_text()) or {}).get("hparams", {}) if p and p.is_file() else {}
+    return HParams.from_config(cfg, method, over)
+
+
 def fused_estimate(cfg, measured: dict, best_dir: Path | None) -> dict:
     """Phase 1 and 2 times with fused groups, from measured fused step times (see the module docstring)."""
-    import yaml
 
     from lorastudy.execution import PlannedRun, plan_groups
-    from lorastudy.training import HParams
 
     f = measured.get("fused", measured)
     stepper = [p for p in f["points"] if "fused_step_ms" in p and not p.get("lora_dropout")]
@@ -106,9 +114,7 @@ def fused_estimate(cfg, measured: dict, best_dir: Path | None) -> dict:
     runs = []
     for t in cfg.tasks:
         for m in cfg.methods:
-            p = best_dir / f"{t}_{m}_optimal.yaml" if best_dir else None
-            over = (yaml.safe_load(p.read_text()) or {}).get("hparams", {}) if p and p.is_file() else {}
-            hp = HParams.from_config(cfg, m, over)
+            hp = best_hparams(cfg, best_dir, t, m)
             for s in cfg.seeds:
                 runs.append(PlannedRun(f"{t}/{m}/seed{s}", t, m, s, hp, planned_steps(n_train[t], hp.batch_size,
                                                                                        hp.epochs)))
@@ -215,10 +221,9 @@ def phase2_chains(cfg, rows: list[dict], measured: dict, best_dir: Path | None) 
     for task in cfg.tasks:
         n = next(r["n_train"] for r in rows if r["phase"] == "train-all" and r["task"] == task)
         for method in cfg.methods:
-            best = best_dir / f"{task}_{method}_optimal.yaml" if best_dir else None
-            hp = (yaml.safe_load(best.read_text()) or {}).get("hparams", {}) if best and best.is_file() else {}
-            bs, ep = hp.get("batch_size", cfg.train.batch_size), hp.get("epochs", cfg.train.epochs)
-            steps = planned_steps(n, bs, ep)
+            hp = best_hparams(cfg, best_dir, task, method)
+            bs = hp.batch_size
+            steps = planned_steps(n, bs, hp.epochs)
             ms, variant = fastest.get((method, bs), (None, None))
             out.append({"task": task, "method": method, "batch": bs, "steps": steps, "ms_per_step": ms,
                         "variant": variant, "minutes": steps * ms / 60e3 if ms else None})

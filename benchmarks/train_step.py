@@ -596,8 +596,9 @@ def fused_trajectory(method: str, n_steps: int, others: int, device, glue: str |
     them, judged against fusion's own difference to the lone run (both bf16 rounding: within the band when the
     levers' max relative difference over the first k steps is <= max(2 x fusion's, 0.01) for every k)."""
     mode = "cuda_graph" if device.type == "cuda" else "static"
-    cfg = bench_cfg(smoke, glue, "data.validation_max=32", "data.train_limit.sst2=8000", "train.patience=1000000",
-                    "train.evals_per_epoch=1000000", f"train.fast_step={mode}", "train.fuse=on")
+    sets = ("data.validation_max=32", "data.train_limit.sst2=8000", "train.patience=1000000",
+            "train.evals_per_epoch=1000000", f"train.fast_step={mode}", "train.fuse=on")
+    cfg = bench_cfg(smoke, glue, *sets)
     lr = 2e-5 if method == "full" else 5e-4
     hp = HParams(lr, 4, 1, 0.1, 0.0, 16, 0.0, max_steps=n_steps)
     alone = train_run(cfg, "sst2", method, 0, hp, evaluate_test=False)
@@ -627,10 +628,8 @@ def fused_trajectory(method: str, n_steps: int, others: int, device, glue: str |
                                   "padded_vs_eager_max_rel_diff_first_k": {str(k): float(r[:k].max()) for k in ks
                                                                            if k <= len(r)}}
     if levers:
-        with_levers = fused.train_runs(bench_cfg(smoke, glue, "data.validation_max=32", "data.train_limit.sst2=8000",
-                                                 "train.patience=1000000", "train.evals_per_epoch=1000000",
-                                                 f"train.fast_step={mode}", "train.fuse=on",
-                                                 f"train.step_levers=[{','.join(levers)}]"), specs)
+        with_levers = fused.train_runs(bench_cfg(smoke, glue, *sets, f"train.step_levers=[{','.join(levers)}]"),
+                                       specs)
         if not isinstance(with_levers[0], dict):
             raise RuntimeError(f"fused trajectory run with levers {levers} failed: {with_levers[0]}")
         ll = np.array([c["train_loss"] for c in with_levers[0]["curve"]])
