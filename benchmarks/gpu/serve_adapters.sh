@@ -9,7 +9,7 @@
 #
 #   SHARDS="/tmp/lorastudy/study/shard-sst2 .carryr2/shard-mrpc.tgz .carryr2/shard-rte.tgz" T=380 \
 #     bash benchmarks/gpu/serve_adapters.sh        (a shard: its results dir, or its pack)
-# Output: $OUT/serve_adapters.tgz (phase4/deployment/ and the log).
+# Output: $OUT/serve_adapters.tgz (phase4/deployment/ and the log). SERVE_SETS: more --set options (a CPU check).
 set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
 X=${X:-/tmp/lorastudy/serve_adapters}
@@ -24,7 +24,7 @@ done
 find "$X/phase2" -name adapter -type d | sort
 t0=$(date +%s)
 timeout -s INT "${T:-380}" python3 -m lorastudy.cli serve-bench "${CFG:-configs/smollm2.yaml}" \
-  --data-dir "$LORASTUDY_GLUE_DIR" --set "output_dir=$X" --set "serve.engines=[merged,peft,batched]" \
+  --data-dir "$LORASTUDY_GLUE_DIR" --set "output_dir=$X" --set "serve.engines=[merged,peft,batched]" ${SERVE_SETS:-} \
   2>&1 | tr '\r' '\n' | grep -v "Loading weights\|^\s*$" > "$X/serve.log"
 echo "serve-bench rc=${PIPESTATUS[0]} $(( $(date +%s) - t0 )) s" | tee -a "$X/serve.log"
 tail -40 "$X/serve.log"

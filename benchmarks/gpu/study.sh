@@ -8,6 +8,8 @@
 # Poll with later calls:      sleep 280; source /tmp/lorastudy/env.sh && bash benchmarks/gpu/study.sh status
 #   (one after the other, with no pause between them: a machine idle for 30 s is given back, /tmp and the detached
 #   study with it; and carry in the same call whatever that call reads: carried paths do not stay for later calls)
+# Two GPUs: EARLY_GPU=0 serves the trained adapters on GPU 0 as soon as the LoRA groups are done (a full-FT group still
+# training on GPU 1), TRAJ=1 then checks LEVERS' fused trajectory there; the merged dir takes that serving result.
 # Bring results back:         bash benchmarks/gpu/study.sh pack     (one .tgz per shard, the export of the merged
 #                             dir (`lorastudy export`: what studies/ holds) and the logs, to $OUT; each < 16 MiB)
 # A later lease continues a shard from its pack: carry it as .carryr/shard-<tasks>.tgz (or .carryr2/); `run` unpacks
@@ -84,6 +86,30 @@ queue() {  # queue GPU SHARD...
   done
 }
 
+early() {  # EARLY_GPU: serving (RQ2) on the GPU that the LoRA groups free, while a full-FT group still trains
+  # (serving reads only the LoRA adapters: serve_adapters.sh); the merged dir takes its phase4/deployment/ and its
+  # own serve pass then finds it current. TRAJ=1: then the 200-step fused trajectory check of LEVERS on that GPU.
+  local want=${EARLY_RUNS:-9} have
+  while [ "$(left)" -gt 400 ]; do
+    have=$(ls -d "$R"/shard-*/phase2/*/lora/seed*[0-9]/COMPLETE 2>/dev/null | wc -l)
+    [ "$have" -ge "$want" ] && break
+    sleep 15
+  done
+  [ "$(left)" -le 400 ] && { echo "$(date +%T) early serving: not started (LoRA runs $have of $want)"; return; }
+  local t0; t0=$(date +%s)
+  CUDA_VISIBLE_DEVICES=$EARLY_GPU X="$R/serve_early" OUT="$R/serve_early_out" T=$(( $(left) - 360 )) \
+    SHARDS="$(ls -d "$R"/shard-*/ | tr '\n' ' ')" bash benchmarks/gpu/serve_adapters.sh > "$R/serve_early.log" 2>&1
+  printf 'early\tserve-bench\t%s\t%s\t%s\n' "$?" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
+  if [ "${TRAJ:-0}" = 1 ] && [ -n "${LEVERS:-}" ] && [ "$(left)" -gt 300 ]; then
+    t0=$(date +%s)
+    CUDA_VISIBLE_DEVICES=$EARLY_GPU timeout $(( $(left) - 240 )) python3 benchmarks/train_step.py --parts fused \
+      --methods lora full --fused-n 1 --fused-batch-sizes 2 --fused-dropout-n --fused-group-n --fused-streams 0 \
+      --fused-trajectory-steps 200 --fused-trajectory-levers ${LEVERS//,/ } --glue "$LORASTUDY_GLUE_DIR" \
+      --out "$R/fused_levers_trajectory.json" > "$R/fused_levers_trajectory.log" 2>&1
+    printf 'early\ttrajectory\t%s\t%s\t%s\n' "$?" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
+  fi
+}
+
 pack_one() {  # the small artifacts of a shard dir, as $R/<name>.tgz
   local dir=$1
   # (LoRA checkpoints travel: a few MB each, so a LoRA run can go on in the next lease; full-FT ones cannot)
@@ -99,6 +125,7 @@ case "${1:-status}" in
     (while command -v nvidia-smi > /dev/null; do nvidia-smi --query-gpu=index,utilization.gpu,memory.used \
       --format=csv,noheader | sed "s/^/$(date +%T), /" >> "$R/gpu_util.txt"; sleep 20; done) &
     mon=$!
+    [ -n "${EARLY_GPU:-}" ] && { early & }
     python3 -c "from lorastudy import modeling as M; print(M.resolve_source('smollm2-135m'))"  # GGUF once
     queue 0 ${Q0:-mrpc,rte} &
     pids=($!)
@@ -116,6 +143,9 @@ case "${1:-status}" in
       python3 -m lorastudy.cli merge-shards "$CFG" "${shards[@]}" --out "$R/merged" --allow-partial \
         --data-dir "$LORASTUDY_GLUE_DIR" "${KNOBS[@]}" >> "$R/merged.log" 2>&1
       printf 'merged\tmerge-shards\t%s\t%s\t%s\n' "$?" "$(( $(date +%s) - t0 ))" "$(date +%T)" | tee -a "$R/phases.tsv"
+      if [ -d "$R/serve_early/phase4/deployment" ] && [ ! -d "$R/merged/phase4/deployment" ]; then
+        mkdir -p "$R/merged/phase4" && cp -r "$R/serve_early/phase4/deployment" "$R/merged/phase4/"
+      fi
       if [ "$(left)" -gt 300 ]; then  # (on a GPU the first shard's queue has ended: GPU 0 is free)
         GPUS=0 WORKERS=1 phase 0 "$R/merged" "" serve
       fi
