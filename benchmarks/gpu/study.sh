@@ -168,7 +168,7 @@ case "${1:-status}" in
     mkdir -p "$OUT"
     for d in "$R"/shard-*/; do [ -d "$d" ] && pack_one "${d%/}"; done
     [ -d "$R/export" ] && tar czf "$R/export.tgz" -C "$R/export" .
-    tar czf "$OUT/logs.tgz" -C "$R" --exclude='*.tgz' --exclude='shard-*' --exclude='merged' \
+    tar czf "$OUT/logs.tgz" -C "$R" --exclude='*.tgz' --exclude='shard-*' --exclude='merged' --exclude='serve_early' \
       --exclude='export' . 2>/dev/null
     cp "$R"/*.tgz "$OUT/" 2>/dev/null
     ls -la "$OUT"
