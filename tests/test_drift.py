@@ -49,6 +49,9 @@ def test_h1a_bootstrap():
     bad = {"t": {("full", s): rng.random(n) < 0.9 for s in (1, 2, 3)}}
     bad["t"].update({("lora", s): rng.random(n) < 0.6 for s in (1, 2, 3)})
     assert DR.h1a(bad, 3.0, 2000, 0, 0.05)["per_task"]["t"]["decision"] == "contradicted"
+    # a task's CI and p do not depend on the other tasks of the study (a shard reports what the merge reports)
+    both = DR.h1a({"a": bad["t"], "t": correct["t"]}, 3.0, 2000, 0, 0.05)["per_task"]["t"]
+    assert both["ci95_points"] == d["ci95_points"] and both["p_one_sided"] == d["p_one_sided"]
 
 
 def test_layer_groups():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -255,12 +256,14 @@ def _decide(p_adj: float, ci: tuple[float, float], threshold: float, alpha: floa
 def h1a(correct: dict[str, dict[tuple[str, int], np.ndarray]], margin_points: float, n_resamples: int, seed: int,
         alpha: float) -> dict:
     """LoRA loses at most ``margin_points`` accuracy points against full FT (per task). Bootstrap over test
-    examples (paired: same rows for every run) and seeds (resampled within each method)."""
-    rng = np.random.default_rng(seed)
+    examples (paired: same rows for every run) and seeds (resampled within each method). Each task's resamples
+    come from its own generator (``seed`` and the task's name), so a task's CI and p do not depend on which other
+    tasks the study holds or their order (a task shard reports what the merged study reports)."""
     per_task, pvals = {}, []
     tasks = [t for t in correct if {m for m, _ in correct[t]} >= {"full", "lora"}]
     for task in tasks:
         c = correct[task]
+        rng = np.random.default_rng([seed, zlib.crc32(task.encode())])  # crc32: stable across processes (hash is not)
         cf = np.stack([c[k] for k in sorted(c) if k[0] == "full"]).astype(np.float32)
         cl = np.stack([c[k] for k in sorted(c) if k[0] == "lora"]).astype(np.float32)
         n = cf.shape[1]
