@@ -64,11 +64,6 @@ queue() {  # queue GPU SHARD...
     local tasks=${spec%@*} last=drift
     [ "$spec" != "$tasks" ] && last=${spec#*@}
     local dir="$R/shard-${tasks//,/-}"
-    for c in .carryr .carryr2; do  # (two carried folders: one call carries at most 64 MiB)
-      if [ -f "$c/shard-${tasks//,/-}.tgz" ] && [ ! -d "$dir" ]; then
-        mkdir -p "$dir" && tar xzf "$c/shard-${tasks//,/-}.tgz" -C "$dir"
-      fi
-    done
     mkdir -p "$dir"
     if [ "$last" = drift ] && [ -f "$dir/phase4/drift/hypothesis_test_results.json" ]; then
       # a finished shard carried from an earlier lease: its pack has no full-FT weights or representations, so a
@@ -91,7 +86,9 @@ early() {  # EARLY_GPU: serving (RQ2) on the GPU that the LoRA groups free, whil
   # own serve pass then finds it current. TRAJ=1: then the 200-step fused trajectory check of LEVERS on that GPU.
   local want=${EARLY_RUNS:-9} have
   while [ "$(left)" -gt 400 ]; do
-    have=$(ls -d "$R"/shard-*/phase2/*/lora/seed*[0-9]/COMPLETE 2>/dev/null | wc -l)
+    # (a failed LoRA run counts as done: serving measures the complete ones)
+    have=$(ls -d "$R"/shard-*/phase2/*/lora/seed*[0-9]/COMPLETE "$R"/shard-*/phase2/*/lora/seed*.FAILED.json \
+      2>/dev/null | wc -l)
     [ "$have" -ge "$want" ] && break
     sleep 15
   done
@@ -120,6 +117,20 @@ pack_one() {  # the small artifacts of a shard dir, as $R/<name>.tgz
 case "${1:-status}" in
   run)
     : "${DEADLINE:?DEADLINE: epoch seconds by which every phase must have stopped}"
+    if [ "${STUDY_CODE:-}" != "$PWD" ]; then
+      # Run from a copy of the checkout: the device tool copies the working tree in again at every call, and a
+      # detached study importing from it failed mid-run (ModuleNotFoundError). Carried packs are unpacked first:
+      # carried paths exist only during the call that carries them.
+      for c in .carryr .carryr2; do
+        for f in "$c"/shard-*.tgz; do
+          d="$R/$(basename "$f" .tgz)"
+          [ -f "$f" ] && [ ! -d "$d" ] && mkdir -p "$d" && tar xzf "$f" -C "$d"
+        done
+      done
+      C=/tmp/lorastudy/code
+      rm -rf "$C" && mkdir -p "$C" && tar cf - --exclude='./.carry*' . | tar xf - -C "$C"
+      cd "$C" && STUDY_CODE=$C PYTHONPATH=$C/src${PYTHONPATH:+:$PYTHONPATH} exec bash benchmarks/gpu/study.sh run
+    fi
     rm -f "$R"/*.done  # markers of an earlier pass on this machine
     nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 | tee "$R/gpu.txt"
     (while command -v nvidia-smi > /dev/null; do nvidia-smi --query-gpu=index,utilization.gpu,memory.used \
