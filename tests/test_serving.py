@@ -137,6 +137,56 @@ def test_benchmark_smoke_schema():
     assert res["mixed_traffic"] and "A: merged per task" in res["mixed_traffic"][0]
 
 
+def test_an_interrupted_serve_bench_resumes_at_the_batch_size_it_stopped_in(tmp_path, monkeypatch):
+    """Serving on a study's adapters takes ~15 minutes on the H200 (88 conditions for 8 adapters): a pass cut by a
+    time limit keeps each finished batch size (phase4/deployment/partial/) and the next pass times only the rest."""
+    from lorastudy.serving import benchmark as B
+
+    sets = [f"output_dir={tmp_path / 'res'}", "serve.batch_sizes=[1, 2, 4]", "serve.seq_len=8", "serve.warmup=1",
+            "serve.requests=2", "serve.repeats=2", "serve.max_adapters=2", "serve.engines=[merged, batched]"]
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", sets)
+    real, timed = B.interleave, []
+
+    def stop_at_batch_size_2(conds, *a, **k):
+        b = conds[0].fields.get("batch_size")
+        timed.append(b)
+        if b == 2:
+            raise KeyboardInterrupt("time limit")
+        return real(conds, *a, **k)
+
+    monkeypatch.setattr(B, "interleave", stop_at_batch_size_2)
+    with pytest.raises(KeyboardInterrupt):
+        B.run_serve_bench(cfg, log=lambda *a: None)
+    dep = cfg.out / "phase4" / "deployment"
+    assert not (dep / "benchmark_results.json").exists()  # unfinished never looks finished
+    kept = json.loads((dep / "partial" / "b1.json").read_text())
+    assert sorted((dep / "partial").iterdir()) == [dep / "partial" / "b1.json"]
+
+    def count(conds, *a, **k):  # (mixed traffic's conditions have no batch size)
+        if "batch_size" in conds[0].fields:
+            timed.append(conds[0].fields["batch_size"])
+        return real(conds, *a, **k)
+
+    monkeypatch.setattr(B, "interleave", count)
+    timed.clear()
+    res = B.run_serve_bench(cfg, log=lambda *a: None)
+    assert timed == [2, 4] and res["resumed_batch_sizes"] == [1]
+    # (parity is measured again by every pass, on the same weights)
+    assert [{k: v for k, v in r.items() if k != "max_abs_logit_diff"} for r in res["records"]
+            if r["batch_size"] == 1] == kept["records"]
+    assert sorted({r["batch_size"] for r in res["records"]}) == [1, 2, 4]
+    assert not (dep / "partial").exists() and (dep / "benchmark_results.json").is_file()
+
+    # a checkpoint measured with other settings is not taken: everything is timed again
+    (dep / "benchmark_results.json").unlink()
+    (dep / "partial").mkdir()
+    (dep / "partial" / "b1.json").write_text(json.dumps(kept))
+    timed.clear()
+    other = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [*sets, "serve.requests=3"])
+    res = B.run_serve_bench(other, log=lambda *a: None, force=False)
+    assert timed == [1, 2, 4] and res["resumed_batch_sizes"] == []
+
+
 def test_seq_len_from_probe_texts(tiny_cfg):
     from lorastudy.serving.benchmark import probe_median_length
 

@@ -9,11 +9,14 @@
 #
 #   SHARDS="/tmp/lorastudy/study/shard-sst2 .carryr2/shard-mrpc.tgz .carryr2/shard-rte.tgz" T=380 \
 #     bash benchmarks/gpu/serve_adapters.sh        (a shard: its results dir, or its pack)
-# Output: $OUT/serve_adapters.tgz (phase4/deployment/ and the log). SERVE_SETS: more --set options (a CPU check).
+# Output: $OUT/serve_adapters.tgz (phase4/deployment/ and the log; when the time limit T cut it, the batch sizes
+# it finished, which RESUME=that.tgz in a later lease keeps). SERVE_SETS: more --set options (a CPU check).
 set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
 X=${X:-/tmp/lorastudy/serve_adapters}
 mkdir -p "$X/phase2" "$OUT" /tmp/lorastudy/unpacked
+# RESUME: an earlier pass's serve_adapters.tgz: the batch sizes it finished (phase4/deployment/partial/) are kept
+[ -n "${RESUME:-}" ] && tar xzf "$RESUME" -C "$X" phase4
 for s in ${SHARDS:?SHARDS: shard dirs or packs}; do
   src=$s
   if [ -f "$s" ]; then src=/tmp/lorastudy/unpacked/$(basename "$s" .tgz); mkdir -p "$src"; tar xzf "$s" -C "$src"; fi

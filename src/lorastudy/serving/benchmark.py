@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import shutil
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -207,7 +209,8 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                   seq_len: int = 64, warmup: int = 100, requests: int = 1000, eager_requests: int | None = None,
                   repeats: int = 10, cuda_graphs: bool = True, fuse: bool = True,
                   device: str | torch.device = "cpu", vllm: VllmOptions | None = None, progress=None,
-                  log=print) -> dict:
+                  log=print, done: dict[int, list[dict]] | None = None,
+                  on_batch_size: Callable[[int, list[dict]], None] | None = None) -> dict:
     """Time every engine per batch size and number of adapters mixed in a batch (``timing``: one host clock for
     every engine, repeats interleaved in time).
 
@@ -215,7 +218,12 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     replay on GPU; ``merged`` with a batch mixing adapters pads each adapter's sub-batch to a captured size); on GPU,
     ``-eager`` rows run HF's plain modules without graphs, like ``peft``; ``vllm`` / ``merged-vllm`` are vLLM with
     the adapters / with the merged model (``vllm_bench``; skipped with a message when vLLM is not importable).
-    ``max_abs_logit_diff`` is against ``merged`` on HF's plain modules, on one mixed batch."""
+    ``max_abs_logit_diff`` is against ``merged`` on HF's plain modules, on one mixed batch.
+
+    Resuming: ``done`` maps a batch size to its records from an earlier pass (not timed again: a batch size's
+    conditions are interleaved with each other, not with other batch sizes', so they stand alone);
+    ``on_batch_size(b, records)`` gets each batch size's records (without raw samples) once timed, for a caller that
+    checkpoints them. Returns ``resumed_batch_sizes`` (those taken from ``done``)."""
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     eager_requests = eager_calls(requests, eager_requests)
@@ -265,13 +273,18 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         records: list[dict] = []
         mem_kind = _mem_kind(device)
         sizes = sorted(batch_sizes)
-        for bi, b in enumerate(batch_sizes):
+        done = {b: done[b] for b in batch_sizes if done and b in done}
+        if progress is not None:
+            progress.set_total(_n_conditions(list(eng), [b for b in batch_sizes if b not in done], N, graphs_ok,
+                                             fuse, vrun is not None))
+        for b in batch_sizes:
+            if b in done:
+                records += [dict(r) for r in done[b]]
+                continue
             conds = _local_conditions(eng, b, batches[b], device, graphs_ok, fuse, requests,
                                       eager_requests, sizes, N, weights, log)
             if vrun is not None:
                 conds += _vllm_conditions(vrun, b, N, requests, eager_requests, device)
-            if progress is not None and bi == 0:
-                progress.set_total(_n_conditions(list(eng), batch_sizes, N, graphs_ok, fuse, vrun is not None))
             step = progress.advance_rows if progress is not None else None
             try:
                 timed = interleave(conds, repeats, warmup, step)
@@ -279,10 +292,12 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                 vrun = _drop_vllm(vsetup, e, f"timing at batch size {b}", records, parity, log)
                 conds = [c for c in conds if isinstance(c, LocalCondition)]
                 timed = interleave(conds, repeats, warmup, step)
-            for c, blks in zip(conds, timed, strict=True):
-                local = isinstance(c, LocalCondition)
-                records.append(_record(c, blks, seq_len, dtype, device, mem_kind if local else "",
-                                       c.fields["weights_bytes"] + c.activation_bytes if local else None))
+            new = [_record(c, blks, seq_len, dtype, device, mem_kind if isinstance(c, LocalCondition) else "",
+                           c.fields["weights_bytes"] + c.activation_bytes if isinstance(c, LocalCondition) else None)
+                   for c, blks in zip(conds, timed, strict=True)]
+            records += new
+            if on_batch_size is not None:
+                on_batch_size(b, [{k: v for k, v in r.items() if k != "_samples"} for r in new])
         for e in ("merged", "batched"):
             if e in eng:
                 eng[e].set_fused(fuse)
@@ -305,6 +320,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
             "timer": "host clock per call, from the call until its logits are on the host (every engine alike); "
                      "repeats interleaved in time",
             "memory_kind": mem_kind, "vllm": vsetup.status if vsetup is not None else None,
+            "resumed_batch_sizes": sorted(done),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
@@ -523,6 +539,9 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     if not force and (old := current_result(cfg, arch)) is not None:
         log(f"serve-bench: {path} exists; skipping (--force to re-measure)")
         return old
+    partial = outdir / "partial"  # one file per timed batch size: an interrupted pass loses at most one
+    if force:
+        shutil.rmtree(partial, ignore_errors=True)
     device = pick_device(cfg.train.device)
     n_max = s.max_adapters
     source = "synthetic"
@@ -546,18 +565,35 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
         if n_max:
             adapters = adapters[:n_max]
     seq_len = s.seq_len or probe_median_length(cfg)
+    # what a checkpointed batch size was measured on; any difference and it is measured again
+    ident = {"config_hash": cfg.hash(), "synthetic_arch": arch, "serve": s.model_dump(mode="json"),
+             "adapters": [a.name for a in adapters], "seq_len": seq_len, "device": str(device),
+             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    done = {}
+    for f in sorted(partial.glob("b*.json")) if partial.is_dir() else []:
+        d = store.read_json(f)
+        if d.get("identity") == ident:
+            done[d["batch_size"]] = d["records"]
+    if done:
+        log(f"serve-bench: batch sizes {sorted(done)} measured by an earlier pass ({partial}); timing the rest")
+
+    def checkpoint(b: int, records: list[dict]) -> None:
+        store.atomic_write_json(partial / f"b{b}.json", {"identity": ident, "batch_size": b, "records": records})
+
     res = run_benchmark(base, adapters, targets=cfg.lora.target_modules, engines=s.engines,
                         batch_sizes=s.batch_sizes, seq_len=seq_len, warmup=s.warmup, requests=s.requests,
                         eager_requests=s.eager_requests, repeats=s.repeats,
                         cuda_graphs=s.cuda_graphs, fuse=s.fuse, device=device, progress=progress, log=log,
                         vllm=VllmOptions(cuda_graphs=s.vllm_cuda_graphs, start_timeout_s=s.vllm_start_timeout_s,
-                                         gpu_memory_utilization=s.vllm_gpu_memory_utilization))
+                                         gpu_memory_utilization=s.vllm_gpu_memory_utilization),
+                        done=done, on_batch_size=checkpoint)
     ov = overhead_analysis(res["records"], seed=cfg.drift.seed, h2_max=s.h2_max_overhead, alpha=cfg.drift.alpha)
     for r in res["records"]:
-        r.pop("_samples")
+        r.pop("_samples", None)  # (records of resumed batch sizes were stored without them)
     res.update(config_hash=cfg.hash(), synthetic_arch=arch, adapter_source=source, model=cfg.model.source,
                warmup=s.warmup, requests=s.requests, eager_requests=eager_calls(s.requests, s.eager_requests))
     store.atomic_write_json(outdir / "overhead_analysis.json", ov)
     figures.serving_figures(res, ov, outdir)
     store.atomic_write_json(path, res)  # last: its presence marks the phase finished
+    shutil.rmtree(partial, ignore_errors=True)
     return res
