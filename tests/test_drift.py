@@ -106,3 +106,21 @@ def test_no_drift_anywhere_gives_an_undefined_reduction_not_nan():
     h = DR.h1b(summaries, 0.2, 0.05)
     assert h["per_task"] == {} and h["overall"] is None and "t" in h["not_estimable"]
     json.dumps(DR.json_safe(DR._strip_private({"s": summaries, "h": h})), allow_nan=False)
+
+
+def test_unsound_runs_names_failed_and_collapsed_runs(tmp_path):
+    """The drift figures say "no verdict" for the tasks the report withholds: this is where they learn which."""
+    import json as _json
+
+    from lorastudy import store
+    from lorastudy.config import load_config
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "tasks=[sst2, mrpc]", "seeds=[1, 2]"])
+    failed = store.run_dir(cfg.out, "sst2", "lora", 2)
+    failed.parent.mkdir(parents=True)
+    (failed.parent / f"{failed.name}.{store.FAILED}").write_text("{}")
+    for s, collapsed in ((1, True), (2, False)):
+        rd = store.run_dir(cfg.out, "mrpc", "full", s)
+        rd.mkdir(parents=True)
+        (rd / "metrics.json").write_text(_json.dumps({"collapsed": collapsed}))
+    assert DR.unsound_runs(cfg, ["sst2", "mrpc"]) == {"sst2": ["lora/seed2 failed"], "mrpc": ["full/seed1 collapsed"]}

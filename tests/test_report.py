@@ -289,7 +289,7 @@ def drawn(study, tmp_path, monkeypatch):
 
     monkeypatch.setattr(figures, "save", save)
     with plt.style.context("ggplot"):
-        figures.drift_figures(results, hyp, tmp_path)
+        figures.drift_figures(results, hyp, tmp_path, withheld={"rte": ["lora/seed2024 failed"]})
     return kept, small
 
 
@@ -308,6 +308,11 @@ def test_figure_text_labels_and_layout(drawn):
     texts = [t.get_text() for f in kept.values() for t in f.findobj(lambda o: hasattr(o, "get_text"))]
     assert not any("−-" in t or "--" in t for t in texts)
     assert any("reduction −118%" in t for t in texts)
+    # a task whose decision the report withholds (a failed run) says so on its panel, as the report does
+    titles = [ax.get_title() for ax in kept["lora_vs_full"].axes]
+    rte = next(t for t in titles if t.startswith("rte"))
+    assert "H1b: no verdict (lora/seed2024 failed)\nrule outcome: " in rte
+    assert not any("no verdict" in t for t in titles if not t.startswith("rte"))
     # every panel of the cosine figure has a y label
     assert all(ax.get_ylabel() for ax in kept["cka_vs_cosine"].axes)
     # the small task's curves and bars fill their own panel (no axis shared with a 100x larger task)

@@ -546,5 +546,22 @@ def run_drift(cfg, log=print) -> dict:
     store.atomic_write_json(outdir / "drift_analysis_results.json", json_safe(results))
     store.atomic_write_json(outdir / "hypothesis_test_results.json", json_safe(hyp))
     if summaries:
-        figures.drift_figures(results, hyp, outdir)
+        figures.drift_figures(results, hyp, outdir, withheld=unsound_runs(cfg, list(summaries)))
     return {"results": results, "hypotheses": hyp}
+
+
+def unsound_runs(cfg, tasks: list[str]) -> dict[str, list[str]]:
+    """Per task, its phase-2 runs that failed (``FAILED.json``) or collapsed to the majority class, as
+    ``"method/seedN failed|collapsed"``: the tasks whose decisions the report withholds (report.evidence.assess)."""
+    from lorastudy import store
+
+    out: dict[str, list[str]] = {}
+    for t in tasks:
+        for m in cfg.methods:
+            for s in cfg.seeds:
+                rd = store.run_dir(cfg.out, t, m, s)
+                if (rd.parent / f"{rd.name}.{store.FAILED}").is_file():
+                    out.setdefault(t, []).append(f"{m}/seed{s} failed")
+                elif (rd / "metrics.json").is_file() and store.read_json(rd / "metrics.json").get("collapsed"):
+                    out.setdefault(t, []).append(f"{m}/seed{s} collapsed")
+    return out

@@ -70,10 +70,13 @@ def _layer_ticks(ax, names: list[str], axis: str = "x") -> None:
 
 
 @styled
-def drift_figures(results: dict, hyp: dict, outdir: Path) -> list[str]:
+def drift_figures(results: dict, hyp: dict, outdir: Path, withheld: dict[str, list[str]] | None = None) -> list[str]:
     """The RQ1 figures from drift_analysis_results.json and hypothesis_test_results.json, one panel per task with
     its own scale (a task whose drift is 100x another's would otherwise be a flat line on a shared axis):
-    drift_heatmap, drift_profiles, cka_vs_cosine, lora_vs_full (PNG + PDF in ``outdir``); returns the paths."""
+    drift_heatmap, drift_profiles, cka_vs_cosine, lora_vs_full (PNG + PDF in ``outdir``); returns the paths.
+    ``withheld``: task -> its unsound runs (e.g. ``lora/seed2024 failed``); such a task's panel says "no verdict"
+    as the report does, with the rule's outcome beside it."""
+    withheld = withheld or {}
     tasks = list(results["tasks"])
     files = []
     per = hyp.get("H1b", {}).get("per_task", {})
@@ -151,8 +154,11 @@ def drift_figures(results: dict, hyp: dict, outdir: Path) -> list[str]:
         ax.margins(y=0.25)
         if t in per:
             d = per[t]
-            ax.set_title(f"{t}: reduction {_signed_pct(d['estimate'])} {_stars(d.get('p_holm'))}\n"
-                         f"H1b: {d.get('decision', 'n/a')}", fontsize=8)
+            verdict = f"H1b: {d.get('decision', 'n/a')}"
+            if withheld.get(t):
+                verdict = f"H1b: no verdict ({', '.join(withheld[t])})\nrule outcome: {d.get('decision', 'n/a')}"
+            ax.set_title(f"{t}: reduction {_signed_pct(d['estimate'])} {_stars(d.get('p_holm'))}\n{verdict}",
+                         fontsize=8)
         else:
             ax.set_title(t, fontsize=8)
         if j == 0:
