@@ -123,4 +123,7 @@ def test_unsound_runs_names_failed_and_collapsed_runs(tmp_path):
         rd = store.run_dir(cfg.out, "mrpc", "full", s)
         rd.mkdir(parents=True)
         (rd / "metrics.json").write_text(_json.dumps({"collapsed": collapsed}))
+        (rd / store.COMPLETE).write_text("ok")
+    # a failed retry beside a complete run (`train --force`): the report reads the complete run, and so do these
+    (rd.parent / f"{rd.name}.{store.FAILED}").write_text("{}")
     assert DR.unsound_runs(cfg, ["sst2", "mrpc"]) == {"sst2": ["lora/seed2 failed"], "mrpc": ["full/seed1 collapsed"]}

@@ -156,8 +156,13 @@ def test_export_keeps_what_the_report_reads_and_leaves_weights_out(merged, tmp_p
     adapters, representations or checkpoints; replaced when exported again; refused into a non-empty other dir or
     inside the results dir (exit 2)."""
     out = tmp_path / "export"
-    r = _cli("export", merged, "--out", out)
+    src = Path(shutil.copytree(merged, tmp_path / "src"))
+    (src / "phase4/deployment/partial").mkdir()  # an interrupted serving pass's batch sizes: unfinished work
+    (src / "phase4/deployment/partial/b1.json").write_text("{}")
+    r = _cli("export", src, "--out", out)
     assert r.exit_code == 0, r.output
+    assert not (out / "phase4/deployment/partial").exists() and "left out" in r.output
+    shutil.rmtree(src)
     r = _cli("report", out, "--check")
     assert r.exit_code == 0, r.output
     files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]

@@ -130,6 +130,13 @@ def test_the_seed_level_test_is_described_per_task():
         assert f"{t}: {n} relabelings" in text
 
 
+def test_a_task_with_failed_runs_and_none_collapsed_says_so():
+    """The committed study's SST-2 has one failed run and none collapsed: the summary read "0 of 6 runs collapsed
+    and 1 failed"."""
+    text = (STUDY / build.REPORT).read_text()
+    assert "**sst2: 1 of 6 runs failed** (lora/seed2024)" in text and "0 of 6 runs collapsed" not in text
+
+
 def test_check_passes_where_the_results_move(copy, tmp_path):
     moved = tmp_path / "elsewhere" / "study"
     shutil.move(copy, moved)
@@ -312,6 +319,7 @@ def test_figure_text_labels_and_layout(drawn):
     titles = [ax.get_title() for ax in kept["lora_vs_full"].axes]
     rte = next(t for t in titles if t.startswith("rte"))
     assert "H1b: no verdict (lora/seed2024 failed)\nrule outcome: " in rte
+    assert "*" not in rte and "n.s." not in rte  # no significance mark on a withheld decision
     assert not any("no verdict" in t for t in titles if not t.startswith("rte"))
     # every panel of the cosine figure has a y label
     assert all(ax.get_ylabel() for ax in kept["cka_vs_cosine"].axes)

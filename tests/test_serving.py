@@ -176,6 +176,15 @@ def test_an_interrupted_serve_bench_resumes_at_the_batch_size_it_stopped_in(tmp_
             if r["batch_size"] == 1] == kept["records"]
     assert sorted({r["batch_size"] for r in res["records"]}) == [1, 2, 4]
     assert not (dep / "partial").exists() and (dep / "benchmark_results.json").is_file()
+    # the report says which batch sizes an earlier pass timed
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+
+    r = CliRunner().invoke(app, ["report", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
+                                 *[x for s in sets for x in ("--set", s)]])
+    assert r.exit_code == 0, r.output
+    assert "Batch sizes 1 were timed by an earlier, interrupted pass" in (cfg.out / "ANALYSIS_REPORT.md").read_text()
 
     # a checkpoint measured with other settings is not taken: everything is timed again
     (dep / "benchmark_results.json").unlink()
@@ -185,6 +194,25 @@ def test_an_interrupted_serve_bench_resumes_at_the_batch_size_it_stopped_in(tmp_
     other = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [*sets, "serve.requests=3"])
     res = B.run_serve_bench(other, log=lambda *a: None, force=False)
     assert timed == [1, 2, 4] and res["resumed_batch_sizes"] == []
+
+
+def test_a_resumed_batch_size_keeps_vllm_rows_only_when_this_pass_runs_vllm():
+    """A batch size checkpointed by a pass whose vLLM ran is timed again by a pass without vLLM (and vice versa):
+    otherwise the result would say vLLM was skipped and still hold (and decide H2 on) vLLM rows."""
+    from lorastudy.serving.vllm_bench import ADAPTERS
+
+    cfg = load_config(None)
+    base, _ = M.load_base(cfg.model, 2, seed=0)
+    adapters = synthetic_adapters(base, 2, targets=TARGETS, tasks=["sst2", "mrpc"])
+    kw = dict(targets=TARGETS, batch_sizes=(1, 2), seq_len=8, warmup=1, requests=2, repeats=2,
+              engines=("merged", "batched"), log=lambda *a: None)
+    first = run_benchmark(base, adapters, **kw)
+    b1 = [{k: v for k, v in r.items() if k != "_samples"} for r in first["records"] if r["batch_size"] == 1]
+    res = run_benchmark(base, adapters, done={1: b1}, **kw)
+    assert res["resumed_batch_sizes"] == [1]
+    with_vllm = b1 + [{**b1[0], "engine": ADAPTERS}]
+    res = run_benchmark(base, adapters, done={1: with_vllm}, **kw)
+    assert res["resumed_batch_sizes"] == [] and not any(r["engine"] == ADAPTERS for r in res["records"])
 
 
 def test_seq_len_from_probe_texts(tiny_cfg):

@@ -29,7 +29,9 @@ t0=$(date +%s)
 timeout -s INT "${T:-380}" python3 -m lorastudy.cli serve-bench "${CFG:-configs/smollm2.yaml}" \
   --data-dir "$LORASTUDY_GLUE_DIR" --set "output_dir=$X" --set "serve.engines=[merged,peft,batched]" ${SERVE_SETS:-} \
   2>&1 | tr '\r' '\n' | grep -v "Loading weights\|^\s*$" > "$X/serve.log"
-echo "serve-bench rc=${PIPESTATUS[0]} $(( $(date +%s) - t0 )) s" | tee -a "$X/serve.log"
+rc=${PIPESTATUS[0]}
+echo "serve-bench rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$X/serve.log"
 tail -40 "$X/serve.log"
 tar czf "$OUT/serve_adapters.tgz" -C "$X" phase4 serve.log manifest.json config.yaml 2>/dev/null
 ls -la "$OUT"
+exit "$rc"  # (124: the time limit T cut it; the batch sizes it finished are in the tgz)

@@ -25,7 +25,7 @@
 # merge-shards and the report read, and LoRA checkpoints, so that a paused LoRA run goes on in the next lease.
 set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
-R=${R:-/tmp/lorastudy/study}
+R=$(realpath -m "${R:-/tmp/lorastudy/study}")  # (absolute: `run` continues from a copy of the checkout)
 CFG=${CFG:-configs/smollm2.yaml}
 # Execution knobs (config.EXECUTION_KEYS: not in the config hash, and shards may differ in them; each run's
 # metrics.json records what it ran with).
@@ -86,9 +86,10 @@ early() {  # EARLY_GPU: serving (RQ2) on the GPU that the LoRA groups free, whil
   # own serve pass then finds it current. TRAJ=1: then the 200-step fused trajectory check of LEVERS on that GPU.
   local want=${EARLY_RUNS:-9} have
   while [ "$(left)" -gt 400 ]; do
-    # (a failed LoRA run counts as done: serving measures the complete ones)
-    have=$(ls -d "$R"/shard-*/phase2/*/lora/seed*[0-9]/COMPLETE "$R"/shard-*/phase2/*/lora/seed*.FAILED.json \
-      2>/dev/null | wc -l)
+    # (a LoRA run that failed in this pass counts as done: serving measures the complete ones; a FAILED.json
+    # carried from an earlier lease does not, since train retries that run)
+    have=$(( $(ls -d "$R"/shard-*/phase2/*/lora/seed*[0-9]/COMPLETE 2>/dev/null | wc -l) + \
+      $(find "$R"/shard-*/phase2/*/lora -maxdepth 1 -name 'seed*.FAILED.json' -newer "$R/gpu.txt" 2>/dev/null | wc -l) ))
     [ "$have" -ge "$want" ] && break
     sleep 15
   done
@@ -127,8 +128,9 @@ case "${1:-status}" in
           [ -f "$f" ] && [ ! -d "$d" ] && mkdir -p "$d" && tar xzf "$f" -C "$d"
         done
       done
-      C=/tmp/lorastudy/code
-      rm -rf "$C" && mkdir -p "$C" && tar cf - --exclude='./.carry*' . | tar xf - -C "$C"
+      mkdir -p /tmp/lorastudy
+      C=$(mktemp -d /tmp/lorastudy/code.XXXXXX)  # (its own: a study still running from an earlier copy keeps it)
+      tar cf - --exclude='./.carry*' . | tar xf - -C "$C"
       cd "$C" && STUDY_CODE=$C PYTHONPATH=$C/src${PYTHONPATH:+:$PYTHONPATH} exec bash benchmarks/gpu/study.sh run
     fi
     rm -f "$R"/*.done  # markers of an earlier pass on this machine

@@ -560,8 +560,11 @@ def unsound_runs(cfg, tasks: list[str]) -> dict[str, list[str]]:
         for m in cfg.methods:
             for s in cfg.seeds:
                 rd = store.run_dir(cfg.out, t, m, s)
-                if (rd.parent / f"{rd.name}.{store.FAILED}").is_file():
+                # a complete run first, as the report reads them (report.build): a FAILED.json beside a complete
+                # run is a failed retry (`train --force`), and the complete run is what the statistics use
+                if store.is_complete(rd):
+                    if store.read_json(rd / "metrics.json").get("collapsed"):
+                        out.setdefault(t, []).append(f"{m}/seed{s} collapsed")
+                elif (rd.parent / f"{rd.name}.{store.FAILED}").is_file():
                     out.setdefault(t, []).append(f"{m}/seed{s} failed")
-                elif (rd / "metrics.json").is_file() and store.read_json(rd / "metrics.json").get("collapsed"):
-                    out.setdefault(t, []).append(f"{m}/seed{s} collapsed")
     return out

@@ -148,10 +148,16 @@ def _differs(cfg: StudyConfig, task: str, a: Shard, b: Shard) -> str | None:
     return None
 
 
-def _copytree(src: Path, dst: Path) -> None:
+def _copytree(src: Path, dst: Path, ignore=None) -> None:
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst)
+    shutil.copytree(src, dst, ignore=ignore)
+
+
+def _unfinished_serving(d: str, names: list[str]) -> set[str]:
+    """``shutil.copytree`` ignore: a serving benchmark's per-batch-size checkpoints (``phase4/deployment/partial``,
+    serving.benchmark) are unfinished work, not a result."""
+    return {"partial"} if Path(d).name == "deployment" and "partial" in names else set()
 
 
 def _copyfile(src: Path, dst: Path) -> None:
@@ -395,7 +401,12 @@ def export_study(src: Path, out: Path, log=print) -> dict:
         for p in sorted(src.iterdir()):
             if p.name.startswith(".") or p.name in ("tracking", "phase3", "phase2"):
                 continue
-            (_copytree if p.is_dir() else _copyfile)(p, tmp / p.name)
+            if p.is_dir():
+                _copytree(p, tmp / p.name, ignore=_unfinished_serving)
+            else:
+                _copyfile(p, tmp / p.name)
+        if (src / "phase4" / "deployment" / "partial").is_dir():
+            log("export: phase4/deployment/partial/ (an unfinished serving benchmark's batch sizes): left out")
         for probe in sorted((src / "phase3").glob("*/probe.json")):
             _copyfile(probe, tmp / probe.relative_to(src))
         for f in sorted(p2.glob("*.json")) if p2.is_dir() else []:

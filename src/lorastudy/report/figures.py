@@ -155,9 +155,11 @@ def drift_figures(results: dict, hyp: dict, outdir: Path, withheld: dict[str, li
         if t in per:
             d = per[t]
             verdict = f"H1b: {d.get('decision', 'n/a')}"
-            if withheld.get(t):
+            stars = _stars(d.get("p_holm"))
+            if withheld.get(t):  # (no stars either: no significance claim rests on it)
                 verdict = f"H1b: no verdict ({', '.join(withheld[t])})\nrule outcome: {d.get('decision', 'n/a')}"
-            ax.set_title(f"{t}: reduction {_signed_pct(d['estimate'])} {_stars(d.get('p_holm'))}\n{verdict}",
+                stars = ""
+            ax.set_title(f"{t}: reduction {_signed_pct(d['estimate'])} {stars}".rstrip() + f"\n{verdict}",
                          fontsize=8)
         else:
             ax.set_title(t, fontsize=8)

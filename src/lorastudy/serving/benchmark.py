@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -273,7 +274,14 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
         records: list[dict] = []
         mem_kind = _mem_kind(device)
         sizes = sorted(batch_sizes)
-        done = {b: done[b] for b in batch_sizes if done and b in done}
+        # a resumed batch size is taken only when it has vLLM rows exactly when this pass runs vLLM (a pass whose
+        # vLLM was skipped or failed must not keep another pass's vLLM rows, nor lack them when vLLM runs now)
+        has_vllm = {b: any(r["engine"] in (ADAPTERS, MERGED) for r in done[b]) for b in batch_sizes
+                    if done and b in done}
+        if again := sorted(b for b, v in has_vllm.items() if v != (vrun is not None)):
+            log(f"serve-bench: batch sizes {again} were measured {'with' if vrun is None else 'without'} vLLM rows; "
+                "timing them again")
+        done = {b: done[b] for b, v in has_vllm.items() if v == (vrun is not None)}
         if progress is not None:
             progress.set_total(_n_conditions(list(eng), [b for b in batch_sizes if b not in done], N, graphs_ok,
                                              fuse, vrun is not None))
@@ -568,12 +576,19 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     # what a checkpointed batch size was measured on; any difference and it is measured again
     ident = {"config_hash": cfg.hash(), "synthetic_arch": arch, "serve": s.model_dump(mode="json"),
              "adapters": [a.name for a in adapters], "seq_len": seq_len, "device": str(device),
-             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+             "code": store.code_version(),
+             # (on a CPU the machine is the hardware: its host and thread count)
+             "host": None if device.type == "cuda" else [platform.node(), torch.get_num_threads()]}
     done = {}
     for f in sorted(partial.glob("b*.json")) if partial.is_dir() else []:
         d = store.read_json(f)
         if d.get("identity") == ident:
             done[d["batch_size"]] = d["records"]
+        else:
+            old = d.get("identity") or {}
+            diff = sorted(k for k in {*ident, *old} if ident.get(k) != old.get(k))
+            log(f"serve-bench: {f} was measured with another {', '.join(diff)}; its batch size is timed again")
     if done:
         log(f"serve-bench: batch sizes {sorted(done)} measured by an earlier pass ({partial}); timing the rest")
 
