@@ -122,7 +122,10 @@ def test_unsound_runs_names_failed_and_collapsed_runs(tmp_path):
     for s, collapsed in ((1, True), (2, False)):
         rd = store.run_dir(cfg.out, "mrpc", "full", s)
         rd.mkdir(parents=True)
-        (rd / "metrics.json").write_text(_json.dumps({"collapsed": collapsed}))
+        (rd / "metrics.json").write_text(_json.dumps({  # (the fields the report's walk over the runs reads)
+            "collapsed": collapsed, "test": {"accuracy": 0.5}, "validation": {"accuracy": 0.5},
+            "majority_accuracy": 0.6, "best_step": 1, "steps": 1, "train_time_s": 1.0, "trainable_params": 1,
+            "hparams": {}}))
         (rd / store.COMPLETE).write_text("ok")
     # a failed retry beside a complete run (`train --force`): the report reads the complete run, and so do these
     (rd.parent / f"{rd.name}.{store.FAILED}").write_text("{}")

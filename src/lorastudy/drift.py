@@ -551,20 +551,14 @@ def run_drift(cfg, log=print) -> dict:
 
 
 def unsound_runs(cfg, tasks: list[str]) -> dict[str, list[str]]:
-    """Per task, its phase-2 runs that failed (``FAILED.json``) or collapsed to the majority class, as
-    ``"method/seedN failed|collapsed"``: the tasks whose decisions the report withholds (report.evidence.assess)."""
-    from lorastudy import store
+    """Per task, its phase-2 runs that failed or collapsed to the majority class, as ``"method/seedN
+    failed|collapsed"``: the tasks whose decisions the report withholds (report.evidence.assess), read by the
+    report's own walk over the runs (report.build.phase2_runs)."""
+    from lorastudy.report.build import phase2_runs
 
     out: dict[str, list[str]] = {}
-    for t in tasks:
-        for m in cfg.methods:
-            for s in cfg.seeds:
-                rd = store.run_dir(cfg.out, t, m, s)
-                # a complete run first, as the report reads them (report.build): a FAILED.json beside a complete
-                # run is a failed retry (`train --force`), and the complete run is what the statistics use
-                if store.is_complete(rd):
-                    if store.read_json(rd / "metrics.json").get("collapsed"):
-                        out.setdefault(t, []).append(f"{m}/seed{s} collapsed")
-                elif (rd.parent / f"{rd.name}.{store.FAILED}").is_file():
-                    out.setdefault(t, []).append(f"{m}/seed{s} failed")
+    for r in phase2_runs(cfg):
+        if r["task"] in tasks and (r["failed"] or r["collapsed"]):
+            out.setdefault(r["task"], []).append(
+                f"{r['method']}/seed{r['seed']} {'failed' if r['failed'] else 'collapsed'}")
     return out

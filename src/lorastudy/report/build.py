@@ -90,23 +90,16 @@ def _source_kind(source: str) -> str:
     return "Hugging Face hub (nyu-mll/glue)" if source == "hub" else "a local GLUE directory"
 
 
-def collect(cfg) -> dict:
-    """Everything the report shows, read from the artifacts in ``cfg.out`` with the config recorded there."""
-    cfg = recorded_config(cfg.out, fallback=cfg)
+def phase2_runs(cfg) -> list[dict]:
+    """Every phase-2 run of ``cfg`` (tasks x methods x seeds, in that order) that is complete (its metrics) or
+    failed (``failed``: True and its error); a run that is neither is left out. A complete run is read first: a
+    FAILED.json beside it is a failed retry (``train --force``), and the complete run is what the statistics use.
+    Raises store.StoreError for a run whose artifacts do not match its COMPLETE marker."""
     out = cfg.out
-    man = _read(out / "manifest.json") or {}
-    ctx: dict = {"cfg": cfg.resolved(), "name": cfg.name, "config_hash": man.get("config_hash", cfg.hash()),
-                 "tasks": cfg.tasks, "methods": cfg.methods, "seeds": cfg.seeds}
-    ctx["code"] = man.get("code", store.code_version())
-    ctx["shards"] = man.get("shards")  # a dir merged from task shards (lorastudy.merge): their provenance
-    ctx["sanity"] = (_read(out / "phase0" / "sanity.json") or {}).get("results")
-    ctx["baselines"] = (_read(out / "phase0" / "baselines.json") or {}).get("results")
-    ctx["tuning"] = _read(out / "phase1" / "summary.json")
-    runs, acc = [], {}
+    runs = []
     for t in cfg.tasks:
         prim = cfg.task(t).primary
         for m in cfg.methods:
-            vals: dict[str, list] = {}
             for s in cfg.seeds:
                 rd = store.run_dir(out, t, m, s)
                 failed = rd.parent / f"{rd.name}.{store.FAILED}"
@@ -124,11 +117,34 @@ def collect(cfg) -> dict:
                                  "hparams": mt["hparams"], "failed": False,
                                  "device": mt.get("device_name") or mt.get("device"),
                                  "step_mode": mt.get("step_mode"), "step_levers": mt.get("step_levers") or []})
-                    for k, v in test.items():
-                        vals.setdefault(k, []).append(v)
                 elif failed.is_file():
                     runs.append({"task": t, "method": m, "seed": s, "failed": True,
                                  "error": store.read_json(failed).get("error")})
+    return runs
+
+
+def collect(cfg) -> dict:
+    """Everything the report shows, read from the artifacts in ``cfg.out`` with the config recorded there."""
+    cfg = recorded_config(cfg.out, fallback=cfg)
+    out = cfg.out
+    man = _read(out / "manifest.json") or {}
+    ctx: dict = {"cfg": cfg.resolved(), "name": cfg.name, "config_hash": man.get("config_hash", cfg.hash()),
+                 "tasks": cfg.tasks, "methods": cfg.methods, "seeds": cfg.seeds}
+    ctx["code"] = man.get("code", store.code_version())
+    ctx["shards"] = man.get("shards")  # a dir merged from task shards (lorastudy.merge): their provenance
+    ctx["sanity"] = (_read(out / "phase0" / "sanity.json") or {}).get("results")
+    ctx["baselines"] = (_read(out / "phase0" / "baselines.json") or {}).get("results")
+    ctx["tuning"] = _read(out / "phase1" / "summary.json")
+    runs = phase2_runs(cfg)
+    acc = {}
+    for t in cfg.tasks:
+        prim = cfg.task(t).primary
+        for m in cfg.methods:
+            vals: dict[str, list] = {}
+            for r in runs:
+                if r["task"] == t and r["method"] == m and not r["failed"]:
+                    for k, v in r["test_metrics"].items():
+                        vals.setdefault(k, []).append(v)
             ordered = [prim, *(k for k in vals if k != prim)] if prim in vals else list(vals)
             acc[(t, m)] = {"accuracy": _ms(vals.get("accuracy", [])), "primary": prim,
                            "metrics": {k: _ms(vals[k]) for k in ordered}, "n": len(vals.get(prim, []))}
