@@ -9,7 +9,7 @@ import torch
 
 from lorastudy import data as D
 from lorastudy import modeling as M
-from lorastudy.config import load_config
+from lorastudy.config import ConfigError, load_config
 from lorastudy.serving.benchmark import overhead_analysis, run_benchmark
 from lorastudy.serving.build import build_engines, synthetic_adapters
 from lorastudy.serving.engines import adapter_from_peft
@@ -425,3 +425,76 @@ def test_graph_branches_route_every_call_like_the_engine(setup, monkeypatch):
     plan = B.traffic_plan(adapters, [2], 6, 100, 6, torch.device("cpu"), torch.Generator().manual_seed(0), None)
     out = B.mixed_traffic(engines, plan, torch.device("cpu"), graphs=True)
     assert out[0]["A: merged per task"]["batches"] >= 3 and out[0]["cuda_graphs"]
+
+
+# -- the serving phase's parts: the study's adapters and random-weight architectures (issue 18) -------------------
+def test_serve_bench_also_times_each_architecture_of_serve_archs(tmp_path, monkeypatch, glue_dir):
+    """`serve.archs` adds a random-weight architecture (the study plan's TinyLlama beside a smaller study) as its own
+    part, into phase4/deployment/<arch>/: timed after the study's adapters, skipped when current, reported beside
+    them (its own H2), left out of an export while unfinished; a bad --only is a clear error."""
+    from typer.testing import CliRunner
+
+    from lorastudy import pipeline
+    from lorastudy.cli import app
+    from lorastudy.serving import benchmark as B
+    from lorastudy.serving import build
+
+    # (the real 1.1B shapes are for the GPU; the part's plumbing is the same at any size)
+    monkeypatch.setitem(build.SYNTHETIC_ARCHS, "tinyllama", dict(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128))
+    conf = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
+    out = tmp_path / "res"
+    sets = [f"output_dir={out}", f"data.source={glue_dir}", "serve.batch_sizes=[1, 2]", "serve.seq_len=8",
+            "serve.warmup=1", "serve.requests=2", "serve.repeats=2", "serve.engines=[merged, batched]",
+            "serve.archs=[tinyllama]"]
+    opts = [x for s in sets for x in ("--set", s)]
+    cfg = load_config(conf, sets)
+    dep = out / "phase4" / "deployment"
+    r = CliRunner().invoke(app, ["serve-bench", conf, "--only", "adapters", *opts])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert (dep / "benchmark_results.json").is_file() and not (dep / "tinyllama").exists()
+    assert not pipeline._up_to_date(cfg, "serve")  # one part is still missing
+    r = CliRunner().invoke(app, ["serve-bench", conf, "--only", "llama7b", *opts])
+    assert r.exit_code == 2 and "--only must be one of ['adapters', 'tinyllama']" in r.output
+
+    # an interrupted pass of the architecture's part: its checkpoint is unfinished work, which export leaves out
+    real = B.interleave
+
+    def stop_at_batch_size_2(conds, *a, **k):
+        if conds[0].fields.get("batch_size") == 2:
+            raise KeyboardInterrupt("time limit")
+        return real(conds, *a, **k)
+
+    monkeypatch.setattr(B, "interleave", stop_at_batch_size_2)
+    with pytest.raises(KeyboardInterrupt):
+        B.run_serve_bench(cfg, log=lambda *a: None, extra_arch="tinyllama")
+    assert (dep / "tinyllama" / "partial" / "b1.json").is_file()
+    from lorastudy import store
+    from lorastudy.merge import export_study
+
+    store.check_manifest(cfg)  # (what `run` writes first: export wants a results dir)
+    export_study(out, tmp_path / "exported", log=lambda *a: None)
+    assert not list((tmp_path / "exported").rglob("partial"))
+    monkeypatch.setattr(B, "interleave", real)
+
+    r = CliRunner().invoke(app, ["serve-bench", conf, *opts])  # every part: the adapters' is current, skipped
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "exists; skipping" in r.output
+    res = json.loads((dep / "tinyllama" / "benchmark_results.json").read_text())
+    main = json.loads((dep / "benchmark_results.json").read_text())
+    assert res["synthetic_arch"] == "tinyllama" and res["resumed_batch_sizes"] == [1]
+    # as many adapters as the study trains (tasks x seeds), the study's own adapters' part untouched
+    assert res["n_adapters_total"] == len(cfg.tasks) * len(cfg.seeds) and main["synthetic_arch"] is None
+    assert (dep / "tinyllama" / "overhead_analysis.json").is_file() and list((dep / "tinyllama").glob("*.png"))
+    assert pipeline._up_to_date(cfg, "serve")
+    with pytest.raises(ConfigError, match="serve.archs"):
+        B.run_serve_bench(load_config(conf, sets[:-1]), extra_arch="tinyllama")
+
+    r = CliRunner().invoke(app, ["report", conf, *opts])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    text = (out / "ANALYSIS_REPORT.md").read_text()
+    assert "### At the study plan's model size: the `tinyllama` architecture, random weights" in text
+    assert "- **H2 at the `tinyllama` architecture's size (random weights):** `batched` with 6 adapters" in text
+    assert "](phase4/deployment/tinyllama/latency_vs_batch.png)" in text
+    assert text.count("Overhead against merged (one task per batch)") == 2

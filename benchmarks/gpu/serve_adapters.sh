@@ -9,29 +9,36 @@
 #
 #   SHARDS="/tmp/lorastudy/study/shard-sst2 .carryr2/shard-mrpc.tgz .carryr2/shard-rte.tgz" T=380 \
 #     bash benchmarks/gpu/serve_adapters.sh        (a shard: its results dir, or its pack)
-# Output: $OUT/serve_adapters.tgz (phase4/deployment/ and the log; when the time limit T cut it, the batch sizes
-# it finished, which RESUME=that.tgz in a later lease keeps). SERVE_SETS: more --set options (a CPU check).
+#   PART=tinyllama T=380 bash benchmarks/gpu/serve_adapters.sh    (the serving phase's other part: serve.archs)
+# PART: adapters (default: the study's trained adapters, into phase4/deployment/) or one of the config's
+# serve.archs (a random-weight architecture with tasks x seeds synthetic adapters, into phase4/deployment/<arch>/;
+# no SHARDS needed). ENGINES: serve.engines (default every engine, vLLM included: source /tmp/vllm/env.sh first).
+# Output: $OUT/serve_<part>.tgz (the part's dir and the log; when the time limit T cut it, the batch sizes it
+# finished, which RESUME=that.tgz in a later lease keeps). SERVE_SETS: more --set options (a CPU check).
 set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
-X=${X:-/tmp/lorastudy/serve_adapters}
+PART=${PART:-adapters}
+X=${X:-/tmp/lorastudy/serve_$PART}
 mkdir -p "$X/phase2" "$OUT" /tmp/lorastudy/unpacked
-# RESUME: an earlier pass's serve_adapters.tgz: the batch sizes it finished (phase4/deployment/partial/) are kept
+# RESUME: an earlier pass's serve_<part>.tgz: the batch sizes it finished (.../partial/) are kept
 [ -n "${RESUME:-}" ] && tar xzf "$RESUME" -C "$X" phase4
-for s in ${SHARDS:?SHARDS: shard dirs or packs}; do
-  src=$s
-  if [ -f "$s" ]; then src=/tmp/lorastudy/unpacked/$(basename "$s" .tgz); mkdir -p "$src"; tar xzf "$s" -C "$src"; fi
-  for t in "$src"/phase2/*/; do
-    [ -d "$t/lora" ] && mkdir -p "$X/phase2/$(basename "$t")" && cp -r "$t/lora" "$X/phase2/$(basename "$t")/"
+if [ "$PART" = adapters ]; then
+  for s in ${SHARDS:?SHARDS: shard dirs or packs}; do
+    src=$s
+    if [ -f "$s" ]; then src=/tmp/lorastudy/unpacked/$(basename "$s" .tgz); mkdir -p "$src"; tar xzf "$s" -C "$src"; fi
+    for t in "$src"/phase2/*/; do
+      [ -d "$t/lora" ] && mkdir -p "$X/phase2/$(basename "$t")" && cp -r "$t/lora" "$X/phase2/$(basename "$t")/"
+    done
   done
-done
-find "$X/phase2" -name adapter -type d | sort
+  find "$X/phase2" -name adapter -type d | sort
+fi
 t0=$(date +%s)
-timeout -s INT "${T:-380}" python3 -m lorastudy.cli serve-bench "${CFG:-configs/smollm2.yaml}" \
-  --data-dir "$LORASTUDY_GLUE_DIR" --set "output_dir=$X" --set "serve.engines=[merged,peft,batched]" ${SERVE_SETS:-} \
-  2>&1 | tr '\r' '\n' | grep -v "Loading weights\|^\s*$" > "$X/serve.log"
+timeout -s INT "${T:-380}" python3 -m lorastudy.cli serve-bench "${CFG:-configs/smollm2.yaml}" --only "$PART" \
+  --data-dir "$LORASTUDY_GLUE_DIR" --set "output_dir=$X" --set "serve.engines=${ENGINES:-[merged,peft,batched,vllm]}" \
+  ${SERVE_SETS:-} 2>&1 | tr '\r' '\n' | grep -v "Loading weights\|^\s*$" > "$X/serve.log"
 rc=${PIPESTATUS[0]}
-echo "serve-bench rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$X/serve.log"
+echo "serve-bench $PART rc=$rc $(( $(date +%s) - t0 )) s" | tee -a "$X/serve.log"
 tail -40 "$X/serve.log"
-tar czf "$OUT/serve_adapters.tgz" -C "$X" phase4 serve.log manifest.json config.yaml 2>/dev/null
+tar czf "$OUT/serve_$PART.tgz" -C "$X" phase4 serve.log manifest.json config.yaml 2>/dev/null
 ls -la "$OUT"
 exit "$rc"  # (124: the time limit T cut it; the batch sizes it finished are in the tgz)

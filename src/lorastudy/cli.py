@@ -396,30 +396,42 @@ def serve_bench(
     config: ConfigArg,
     synthetic_arch: Annotated[str | None, typer.Option("--synthetic-arch",
                                                        help="tinyllama | smollm2: random-weight architecture")] = None,
+    only: Annotated[str | None, typer.Option("--only", help="One part: 'adapters' (the study's, into "
+                                             "phase4/deployment/) or one of serve.archs (into "
+                                             "phase4/deployment/<arch>/); default: every part")] = None,
     force: Annotated[bool, typer.Option(help="Re-measure even if results exist")] = False,
     set_: SetOpt = None,
     data_dir: DataDirOpt = None,
 ) -> None:
-    """Phase 4B: merged vs multi-adapter serving (latency, throughput, memory, parity, overhead, H2)."""
+    """Phase 4B: merged vs multi-adapter serving (latency, throughput, memory, parity, overhead, H2): the study's
+    adapters, then each random-weight architecture of serve.archs."""
     from lorastudy.progress import Progress
-    from lorastudy.serving.benchmark import run_serve_bench
+    from lorastudy.serving.benchmark import deployment_dir, run_serve_bench, serve_parts
 
     if synthetic_arch not in (None, "tinyllama", "smollm2"):
         raise ConfigError(f"--synthetic-arch must be tinyllama or smollm2, got {synthetic_arch!r}")
     cfg = _load(config, set_, data_dir)
-    with Progress("serve-bench (conditions)", console=console) as prog:
-        res = run_serve_bench(cfg, progress=prog, log=console.print, synthetic_arch=synthetic_arch, force=force)
-    tbl = Table(title=f"serving: {res['adapter_source']} ({res['device']}, {res['dtype']})")
-    for c in ("engine", "adapters", "batch", "p50 ms", "p95 ms", "rows/s", "mem MiB", "max|dlogit|"):
-        tbl.add_column(c, justify="right")
-    for r in res["records"]:
-        d = r["max_abs_logit_diff"]
-        tbl.add_row(r["engine"], str(r["n_adapters"]), str(r["batch_size"]), f"{r['latency_ms']['p50']:.2f}",
-                    f"{r['latency_ms']['p95']:.2f}", f"{r['throughput_rps']:.0f}",
-                    "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}",
-                    "-" if d is None else f"{d:.2e}")
-    Console(width=160).print(tbl)
-    console.print(f"wrote {cfg.out / 'phase4' / 'deployment'}")
+    parts = serve_parts(cfg)
+    if only is not None:
+        names = ["adapters", *cfg.serve.archs]
+        if only not in names:
+            raise ConfigError(f"--only must be one of {names} (serve.archs: {cfg.serve.archs}), got {only!r}")
+        parts = [None if only == "adapters" else only]
+    for part in parts:
+        with Progress(f"serve-bench {part or 'adapters'} (conditions)", console=console) as prog:
+            res = run_serve_bench(cfg, progress=prog, log=console.print, synthetic_arch=synthetic_arch, force=force,
+                                  extra_arch=part)
+        tbl = Table(title=f"serving: {res['adapter_source']} ({res['device']}, {res['dtype']})")
+        for c in ("engine", "adapters", "batch", "p50 ms", "p95 ms", "rows/s", "mem MiB", "max|dlogit|"):
+            tbl.add_column(c, justify="right")
+        for r in res["records"]:
+            d = r["max_abs_logit_diff"]
+            tbl.add_row(r["engine"], str(r["n_adapters"]), str(r["batch_size"]), f"{r['latency_ms']['p50']:.2f}",
+                        f"{r['latency_ms']['p95']:.2f}", f"{r['throughput_rps']:.0f}",
+                        "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**20:.0f}",
+                        "-" if d is None else f"{d:.2e}")
+        Console(width=160).print(tbl)
+        console.print(f"wrote {deployment_dir(cfg, part)}")
 
 
 @app.command()

@@ -305,6 +305,10 @@ class ServeConfig(_Strict):
     # None: the same as requests
     eager_requests: int | None = Field(100, ge=1)
     synthetic_arch: Literal["tinyllama", "smollm2"] | None = None
+    # random-weight architectures the serving phase also times, each with len(tasks) x len(seeds) synthetic
+    # adapters, into phase4/deployment/<arch>/ (timing depends on shapes, not weights: the paper's TinyLlama-1.1B
+    # beside a study of a smaller model); the report gives their H2, the study's H2 is its own adapters'
+    archs: list[Literal["tinyllama", "smollm2"]] = Field(default_factory=list)
     cuda_graphs: bool = True
     fuse: bool = True  # fused sibling projections and RMSNorm for merged and batched (serving/fuse.py)
     h2_max_overhead: float = Field(0.30, ge=0)

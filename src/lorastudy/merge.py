@@ -155,9 +155,9 @@ def _copytree(src: Path, dst: Path, ignore=None) -> None:
 
 
 def _unfinished_serving(d: str, names: list[str]) -> set[str]:
-    """``shutil.copytree`` ignore: a serving benchmark's per-batch-size checkpoints (``phase4/deployment/partial``,
-    serving.benchmark) are unfinished work, not a result."""
-    return {"partial"} if Path(d).name == "deployment" and "partial" in names else set()
+    """``shutil.copytree`` ignore: a serving part's per-batch-size checkpoints (``phase4/deployment/partial``,
+    ``phase4/deployment/<arch>/partial``: serving.benchmark) are unfinished work, not a result."""
+    return {store.SERVING_PARTIAL} if store.SERVING_PARTIAL in names and "deployment" in Path(d).parts else set()
 
 
 def _copyfile(src: Path, dst: Path) -> None:
@@ -405,8 +405,8 @@ def export_study(src: Path, out: Path, log=print) -> dict:
                 _copytree(p, tmp / p.name, ignore=_unfinished_serving)
             else:
                 _copyfile(p, tmp / p.name)
-        if (src / "phase4" / "deployment" / "partial").is_dir():
-            log("export: phase4/deployment/partial/ (an unfinished serving benchmark's batch sizes): left out")
+        for u in sorted((src / "phase4" / "deployment").rglob(store.SERVING_PARTIAL)):
+            log(f"export: {u.relative_to(src)}/ (an unfinished serving benchmark's batch sizes): left out")
         for probe in sorted((src / "phase3").glob("*/probe.json")):
             _copyfile(probe, tmp / probe.relative_to(src))
         for f in sorted(p2.glob("*.json")) if p2.is_dir() else []:

@@ -170,9 +170,9 @@ def _up_to_date(cfg, ph: str) -> bool:
     if ph == "train":
         return all(store.is_complete(store.run_dir(cfg.out, t, m, s)) for t, m, s in production_units(cfg))
     if ph == "serve":
-        from lorastudy.serving.benchmark import current_result
+        from lorastudy.serving.benchmark import current_result, serve_parts
 
-        return current_result(cfg) is not None
+        return all(current_result(cfg, extra_arch=a) is not None for a in serve_parts(cfg))
     return False
 
 
@@ -224,10 +224,11 @@ def _run_phase(cfg, ph: str, prog, budget: Budget, workers: int, log, streams: i
         run_drift(cfg, log=log)
         return {"path": str(cfg.out / "phase4" / "drift")}
     if ph == "serve":
-        from lorastudy.serving.benchmark import run_serve_bench
+        from lorastudy.serving.benchmark import deployment_dir, run_serve_bench, serve_parts
 
-        run_serve_bench(cfg, progress=prog, log=log)
-        return {"path": str(cfg.out / "phase4" / "deployment")}
+        for a in serve_parts(cfg):  # the study's adapters, then each of serve.archs
+            run_serve_bench(cfg, progress=prog, log=log, extra_arch=a)
+        return {"path": str(deployment_dir(cfg))}
     if ph == "report":
         from lorastudy.report.build import build_report
 

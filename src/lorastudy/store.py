@@ -29,6 +29,8 @@ from lorastudy import __version__
 
 COMPLETE = "COMPLETE"
 FAILED = "FAILED.json"
+# a serving part's per-batch-size checkpoints, under its deployment dir (serving.benchmark): unfinished work
+SERVING_PARTIAL = "partial"
 
 
 class StoreError(RuntimeError):

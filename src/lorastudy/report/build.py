@@ -162,6 +162,7 @@ def collect(cfg) -> dict:
     ctx["data"] = data_identity(man, cfg, runs)
     ctx["limits"] = {"train": cfg.data.train_limit, "test": cfg.data.test_limit}
     ctx["serve_best"] = _serve_summary(ctx["serve"], ctx["overhead"])
+    ctx["serve_archs"] = _serve_archs(cfg)
     ctx["ev"] = evidence.assess(cfg, runs, ctx["drift"], ctx["hyp"], ctx["overhead"])
     # tasks of the config that the drift statistics do not cover (not extracted yet, or in no shard of a merge):
     # the pooled H1b is over the others only, which the summary must say
@@ -214,6 +215,19 @@ def wall_times(out: Path, shards: list[dict] | None) -> dict:
     rows = [(ph, ["–" if c.get(ph) is None else f"{c[ph]:.1f}" for c in cols.values()]) for ph in PHASES
             if ph != "report" and any(c.get(ph) is not None for c in cols.values())]
     return {"columns": list(cols), "rows": rows}
+
+
+def _serve_archs(cfg) -> list[dict]:
+    """Per random-weight architecture of ``serve.archs`` with a finished result (``phase4/deployment/<arch>/``):
+    ``{"arch", "serve", "overhead", "summary", "figures": {stem: path relative to the results dir}}``."""
+    res = []
+    for a in cfg.serve.archs:
+        d = cfg.out / "phase4" / "deployment" / a
+        serve, ov = _read(d / "benchmark_results.json"), _read(d / "overhead_analysis.json")
+        if serve and ov:
+            res.append({"arch": a, "serve": serve, "overhead": ov, "summary": _serve_summary(serve, ov),
+                        "figures": {p.stem: str(p.relative_to(cfg.out)) for p in sorted(d.glob("*.png"))}})
+    return res
 
 
 def _serve_summary(serve, ov) -> dict | None:

@@ -22,12 +22,14 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from lorastudy import modeling as M
 from lorastudy import store
+from lorastudy.config import ConfigError
 from lorastudy.serving.analysis import overhead_analysis
 from lorastudy.serving.build import build_engines, study_adapters, synthetic_adapters, synthetic_base
 from lorastudy.serving.engines import GraphRunner, SplitRunner
@@ -510,15 +512,31 @@ def probe_median_length(cfg) -> int:
     return int(np.median(lengths))
 
 
-def current_result(cfg, synthetic_arch: str | None = None) -> dict | None:
-    """The stored ``phase4/deployment/benchmark_results.json`` when it was measured for this config (hash) and
-    architecture (``synthetic_arch``, default the config's) and, on the study's own adapters, on exactly the complete
-    LoRA runs there are now; else None: the serving phase's "already done" test."""
-    path = cfg.out / "phase4" / "deployment" / "benchmark_results.json"
+PARTIAL = store.SERVING_PARTIAL
+
+
+def deployment_dir(cfg, extra_arch: str | None = None) -> Path:
+    """Where a serving part writes: ``phase4/deployment`` for the study's adapters (or ``serve.synthetic_arch``),
+    ``phase4/deployment/<arch>`` for one of ``serve.archs`` (a random-weight architecture served beside them)."""
+    base = cfg.out / "phase4" / "deployment"
+    return base / extra_arch if extra_arch else base
+
+
+def serve_parts(cfg) -> list[str | None]:
+    """The serving phase's parts in order: None (the study's adapters) and then each of ``serve.archs``."""
+    return [None, *cfg.serve.archs]
+
+
+def current_result(cfg, synthetic_arch: str | None = None, extra_arch: str | None = None) -> dict | None:
+    """The stored ``benchmark_results.json`` of a serving part (``deployment_dir``) when it was measured for this
+    config (hash) and architecture (``extra_arch``, else ``synthetic_arch``, default the config's) and, on the
+    study's own adapters, on exactly the complete LoRA runs there are now; else None: the serving phase's "already
+    done" test."""
+    path = deployment_dir(cfg, extra_arch) / "benchmark_results.json"
     if not path.is_file():
         return None
     old = store.read_json(path)
-    arch = synthetic_arch or cfg.serve.synthetic_arch
+    arch = extra_arch or synthetic_arch or cfg.serve.synthetic_arch
     if old.get("config_hash") != cfg.hash() or old.get("synthetic_arch") != arch:
         return None
     if arch is None:  # measured on the study's adapters: only if on every one there is now (a result copied from
@@ -535,19 +553,29 @@ def current_result(cfg, synthetic_arch: str | None = None) -> dict | None:
     return old
 
 
-def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = None, force: bool = False) -> dict:
+def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = None, force: bool = False,
+                    extra_arch: str | None = None) -> dict:
+    """Phase 4B, one part: time the serving engines (``serve.engines``) over ``serve.batch_sizes`` and adapter
+    counts 1..N, then the overhead analysis (H2) and figures, into ``deployment_dir(cfg, extra_arch)``; returns the
+    results (``benchmark_results.json``). The part: the study's phase-2 LoRA adapters (``synthetic_arch`` or
+    ``serve.synthetic_arch``: a random-weight architecture instead), or ``extra_arch``, one of ``serve.archs``: that
+    architecture with random weights and ``len(tasks) x len(seeds)`` synthetic adapters (``serve.max_adapters``
+    caps it). Skips a current result unless ``force``; resumes at the batch sizes an interrupted pass finished.
+    Raises ``ConfigError`` for an ``extra_arch`` not in ``serve.archs``."""
     from lorastudy import modeling as M
     from lorastudy.report import figures
     from lorastudy.training import pick_device
 
     s = cfg.serve
-    outdir = cfg.out / "phase4" / "deployment"
+    if extra_arch is not None and extra_arch not in s.archs:
+        raise ConfigError(f"serve.archs is {s.archs}: {extra_arch!r} is not one of them")
+    outdir = deployment_dir(cfg, extra_arch)
     path = outdir / "benchmark_results.json"
-    arch = synthetic_arch or s.synthetic_arch
-    if not force and (old := current_result(cfg, arch)) is not None:
+    arch = extra_arch or synthetic_arch or s.synthetic_arch
+    if not force and (old := current_result(cfg, arch, extra_arch)) is not None:
         log(f"serve-bench: {path} exists; skipping (--force to re-measure)")
         return old
-    partial = outdir / "partial"  # one file per timed batch size: an interrupted pass loses at most one
+    partial = outdir / PARTIAL  # one file per timed batch size: an interrupted pass loses at most one
     if force:
         shutil.rmtree(partial, ignore_errors=True)
     device = pick_device(cfg.train.device)
@@ -556,7 +584,9 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     labels = {t: cfg.task(t).num_labels for t in cfg.tasks}  # each task's own label count (they may differ)
     if arch:
         base = synthetic_base(arch, device=device)
-        adapters = synthetic_adapters(base, n_max or 9, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
+        # (beside the study's adapters: as many as it trains; alone: 9, three tasks x three seeds)
+        n = n_max or (len(cfg.tasks) * len(cfg.seeds) if extra_arch else 9)
+        adapters = synthetic_adapters(base, n, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
                                       num_labels=labels, tasks=cfg.tasks)
         source = f"synthetic {arch} architecture, random weights"
     else:
