@@ -196,6 +196,53 @@ def test_an_interrupted_serve_bench_resumes_at_the_batch_size_it_stopped_in(tmp_
     assert timed == [1, 2, 4] and res["resumed_batch_sizes"] == []
 
 
+def test_a_serve_bench_interrupted_in_the_mixed_traffic_resumes_there(tmp_path, monkeypatch, glue_dir):
+    """The mixed-traffic scenarios run after the last batch size (minutes on the H200 with vLLM): a pass cut there
+    keeps each batch size's scenarios (partial/traffic_b<B>.json), and the next pass times neither the batch sizes
+    nor the scenarios already done."""
+    from typer.testing import CliRunner
+
+    from lorastudy.cli import app
+    from lorastudy.serving import benchmark as B
+
+    sets = [f"output_dir={tmp_path / 'res'}", f"data.source={glue_dir}", "serve.batch_sizes=[1, 2, 4]",
+            "serve.seq_len=8", "serve.warmup=1", "serve.requests=2", "serve.repeats=2", "serve.max_adapters=2",
+            "serve.engines=[merged, batched]"]
+    conf = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(conf, sets)
+    real, timed = B.interleave, []
+
+    def stop_in_the_second_traffic_batch_size(conds, *a, **k):
+        b = conds[0].fields.get("batch_size", "traffic")
+        timed.append(b)
+        if timed.count("traffic") == 2:
+            raise KeyboardInterrupt("time limit")
+        return real(conds, *a, **k)
+
+    monkeypatch.setattr(B, "interleave", stop_in_the_second_traffic_batch_size)
+    with pytest.raises(KeyboardInterrupt):
+        B.run_serve_bench(cfg, log=lambda *a: None)
+    part = cfg.out / "phase4" / "deployment" / "partial"
+    assert sorted(p.name for p in part.iterdir()) == ["b1.json", "b2.json", "b4.json", "traffic_b1.json"]
+    kept = json.loads((part / "traffic_b1.json").read_text())["traffic"]
+
+    def count(conds, *a, **k):
+        timed.append(conds[0].fields.get("batch_size", "traffic"))
+        return real(conds, *a, **k)
+
+    monkeypatch.setattr(B, "interleave", count)
+    timed.clear()
+    res = B.run_serve_bench(cfg, log=lambda *a: None)
+    assert timed == ["traffic", "traffic"]  # batch sizes 2 and 4's scenarios only
+    assert res["resumed_batch_sizes"] == [1, 2, 4] and res["resumed_traffic_batch_sizes"] == [1]
+    assert [m["batch_size"] for m in res["mixed_traffic"]] == [1, 2, 4]
+    assert res["mixed_traffic"][0] == {**kept, "resumed": True}
+    r = CliRunner().invoke(app, ["report", str(conf), *[x for s in sets for x in ("--set", s)]])
+    assert r.exit_code == 0, r.output
+    assert ("Batch sizes 1, 2, 4 and the mixed-traffic scenarios at batch sizes 1 were timed by an earlier, "
+            "interrupted pass") in (cfg.out / "ANALYSIS_REPORT.md").read_text()
+
+
 def test_a_resumed_batch_size_keeps_vllm_rows_only_when_this_pass_runs_vllm():
     """A batch size checkpointed by a pass whose vLLM ran is timed again by a pass without vLLM (and vice versa):
     otherwise the result would say vLLM was skipped and still hold (and decide H2 on) vLLM rows."""

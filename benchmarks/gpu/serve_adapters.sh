@@ -13,17 +13,32 @@
 # PART: adapters (default: the study's trained adapters, into phase4/deployment/) or one of the config's
 # serve.archs (a random-weight architecture with tasks x seeds synthetic adapters, into phase4/deployment/<arch>/;
 # no SHARDS needed). ENGINES: serve.engines (default every engine, vLLM included: source /tmp/vllm/env.sh first).
+# It runs from a copy of the checkout under /tmp/lorastudy/code.XXXXXX (safe to start detached with setsid).
 # Output: $OUT/serve_<part>.tgz (the part's dir and the log; when the time limit T cut it, the batch sizes it
 # finished, which RESUME=that.tgz in a later lease keeps). SERVE_SETS: more --set options (a CPU check).
 set -u
 export LORASTUDY_CACHE=/tmp/lorastudy/cache
 PART=${PART:-adapters}
+if [ "${SERVE_CODE:-}" != "$PWD" ]; then
+  # Run from a copy of the checkout, .git included: the device tool copies the working tree in again at every
+  # call (a detached job importing from it breaks), and the results record the code's commit (without .git only
+  # the package version, which would also let a resume accept checkpoints of other code). Carried packs exist only
+  # during the call that carries them: copied under /tmp first.
+  mkdir -p /tmp/lorastudy/packs
+  keep() { if [ -f "$1" ]; then cp "$1" /tmp/lorastudy/packs/ && echo "/tmp/lorastudy/packs/$(basename "$1")"; else realpath "$1"; fi; }
+  shards=""; for s in ${SHARDS:-}; do shards="$shards $(keep "$s")"; done
+  [ -n "${RESUME:-}" ] && RESUME=$(keep "$RESUME")
+  C=$(mktemp -d /tmp/lorastudy/code.XXXXXX)
+  tar cf - --exclude='./.carry*' --exclude='./.vllm*' . | tar xf - -C "$C"
+  cd "$C" && SERVE_CODE=$C SHARDS="$shards" RESUME="${RESUME:-}" PYTHONPATH=$C/src${PYTHONPATH:+:$PYTHONPATH} \
+    exec bash benchmarks/gpu/serve_adapters.sh
+fi
 X=${X:-/tmp/lorastudy/serve_$PART}
 mkdir -p "$X/phase2" "$OUT" /tmp/lorastudy/unpacked
 # RESUME: an earlier pass's serve_<part>.tgz: the batch sizes it finished (.../partial/) are kept
 [ -n "${RESUME:-}" ] && tar xzf "$RESUME" -C "$X" phase4
 if [ "$PART" = adapters ]; then
-  for s in ${SHARDS:?SHARDS: shard dirs or packs}; do
+  for s in ${SHARDS:?SHARDS: shard dirs or packs}; do  # (absolute after the copy above)
     src=$s
     if [ -f "$s" ]; then src=/tmp/lorastudy/unpacked/$(basename "$s" .tgz); mkdir -p "$src"; tar xzf "$s" -C "$src"; fi
     for t in "$src"/phase2/*/; do

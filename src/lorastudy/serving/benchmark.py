@@ -213,7 +213,9 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                   repeats: int = 10, cuda_graphs: bool = True, fuse: bool = True,
                   device: str | torch.device = "cpu", vllm: VllmOptions | None = None, progress=None,
                   log=print, done: dict[int, list[dict]] | None = None,
-                  on_batch_size: Callable[[int, list[dict]], None] | None = None) -> dict:
+                  on_batch_size: Callable[[int, list[dict]], None] | None = None,
+                  done_traffic: dict[int, dict] | None = None,
+                  on_traffic: Callable[[int, dict], None] | None = None) -> dict:
     """Time every engine per batch size and number of adapters mixed in a batch (``timing``: one host clock for
     every engine, repeats interleaved in time).
 
@@ -226,7 +228,9 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
     Resuming: ``done`` maps a batch size to its records from an earlier pass (not timed again: a batch size's
     conditions are interleaved with each other, not with other batch sizes', so they stand alone);
     ``on_batch_size(b, records)`` gets each batch size's records (without raw samples) once timed, for a caller that
-    checkpoints them. Returns ``resumed_batch_sizes`` (those taken from ``done``)."""
+    checkpoints them. The mixed-traffic scenarios likewise: ``done_traffic`` maps a batch size to its entry from an
+    earlier pass, ``on_traffic(b, entry)`` gets each once timed. Returns ``resumed_batch_sizes`` and
+    ``resumed_traffic_batch_sizes`` (those taken from ``done`` and ``done_traffic``)."""
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     eager_requests = eager_calls(requests, eager_requests)
@@ -312,12 +316,12 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
             if e in eng:
                 eng[e].set_fused(fuse)
         try:
-            mixed = mixed_traffic(eng, traffic, device, graphs_ok, vrun)
+            mixed = mixed_traffic(eng, traffic, device, graphs_ok, vrun, done_traffic, on_traffic)
             if vrun is not None:
                 _vllm_memory(vrun, records)
         except WorkerError as e:
             vrun = _drop_vllm(vsetup, e, "mixed traffic", records, parity, log)
-            mixed = mixed_traffic(eng, traffic, device, graphs_ok, None)
+            mixed = mixed_traffic(eng, traffic, device, graphs_ok, None, done_traffic, on_traffic)
     finally:
         if vsetup is not None:
             vsetup.close()
@@ -331,6 +335,7 @@ def run_benchmark(base, adapters, *, targets, engines=("merged", "peft", "batche
                      "repeats interleaved in time",
             "memory_kind": mem_kind, "vllm": vsetup.status if vsetup is not None else None,
             "resumed_batch_sizes": sorted(done),
+            "resumed_traffic_batch_sizes": sorted(m["batch_size"] for m in mixed if m.get("resumed")),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
@@ -358,17 +363,24 @@ def traffic_plan(adapters, batch_sizes, requests: int, vocab: int, seq_len: int,
 TRAFFIC_PASSES = 3  # timed passes over each stream (after one warm-up pass); the median is reported
 
 
-def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, vrun=None) -> list[dict]:
+def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, vrun=None,
+                  done: dict[int, dict] | None = None, on_batch_size=None) -> list[dict]:
     """The traffic scenarios timed per batch size, passes interleaved in time: (A) merged models, (B) the batched
     engine, both on their serving path (CUDA graphs when ``graphs``: a partial batch is padded to the static batch
     size, as a graph server would); with vLLM, the same two scenarios in vLLM (A served by one merged engine, which
-    stands in for one per task: their shapes and costs are identical, and vLLM holds one engine per process)."""
+    stands in for one per task: their shapes and costs are identical, and vLLM holds one engine per process).
+    ``done``: entries of an earlier pass per batch size, taken (marked ``resumed``) when they have vLLM scenarios
+    exactly when this pass has ``vrun``; ``on_batch_size(b, entry)`` gets each entry timed here."""
     local = "merged" in eng and "batched" in eng
     if not local and vrun is None:
         return []
     out = []
     for t in traffic:
         b, pool = t["batch_size"], t["pool"]
+        old = (done or {}).get(b)
+        if old is not None and ("A (vLLM): merged per task" in old) == (vrun is not None):
+            out.append({**old, "resumed": True})
+            continue
         conds, names = [], []
         if local:
             if graphs:
@@ -400,6 +412,8 @@ def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, 
             res["A: merged per task"]["weights_bytes"] = _weights_bytes(eng["merged"].models[0]) * len(t["per_task"])
             res["B: base + adapters, mixed"]["weights_bytes"] = _weights_bytes(eng["batched"])
         out.append({"batch_size": b, "requests": t["requests"], "tasks": t["tasks"], "cuda_graphs": graphs, **res})
+        if on_batch_size is not None:
+            on_batch_size(b, out[-1])
     return out
 
 
@@ -513,6 +527,8 @@ def probe_median_length(cfg) -> int:
 
 
 PARTIAL = store.SERVING_PARTIAL
+# partial/traffic_b<B>.json: a batch size's mixed-traffic scenarios (partial/b<B>.json: its conditions)
+TRAFFIC_PREFIX = "traffic_"
 
 
 def deployment_dir(cfg, extra_arch: str | None = None) -> Path:
@@ -610,20 +626,28 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
              "code": store.code_version(),
              # (on a CPU the machine is the hardware: its host and thread count)
              "host": None if device.type == "cuda" else [platform.node(), torch.get_num_threads()]}
-    done = {}
-    for f in sorted(partial.glob("b*.json")) if partial.is_dir() else []:
+    done, done_traffic = {}, {}
+    for f in sorted(partial.glob("*.json")) if partial.is_dir() else []:
         d = store.read_json(f)
         if d.get("identity") == ident:
-            done[d["batch_size"]] = d["records"]
+            if f.name.startswith(TRAFFIC_PREFIX):
+                done_traffic[d["batch_size"]] = d["traffic"]
+            else:
+                done[d["batch_size"]] = d["records"]
         else:
             old = d.get("identity") or {}
             diff = sorted(k for k in {*ident, *old} if ident.get(k) != old.get(k))
-            log(f"serve-bench: {f} was measured with another {', '.join(diff)}; its batch size is timed again")
-    if done:
-        log(f"serve-bench: batch sizes {sorted(done)} measured by an earlier pass ({partial}); timing the rest")
+            log(f"serve-bench: {f} was measured with another {', '.join(diff)}; it is timed again")
+    if done or done_traffic:
+        log(f"serve-bench: batch sizes {sorted(done)} (mixed traffic: {sorted(done_traffic)}) measured by an "
+            f"earlier pass ({partial}); timing the rest")
 
     def checkpoint(b: int, records: list[dict]) -> None:
         store.atomic_write_json(partial / f"b{b}.json", {"identity": ident, "batch_size": b, "records": records})
+
+    def checkpoint_traffic(b: int, entry: dict) -> None:
+        store.atomic_write_json(partial / f"{TRAFFIC_PREFIX}b{b}.json",
+                                {"identity": ident, "batch_size": b, "traffic": entry})
 
     res = run_benchmark(base, adapters, targets=cfg.lora.target_modules, engines=s.engines,
                         batch_sizes=s.batch_sizes, seq_len=seq_len, warmup=s.warmup, requests=s.requests,
@@ -631,7 +655,8 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
                         cuda_graphs=s.cuda_graphs, fuse=s.fuse, device=device, progress=progress, log=log,
                         vllm=VllmOptions(cuda_graphs=s.vllm_cuda_graphs, start_timeout_s=s.vllm_start_timeout_s,
                                          gpu_memory_utilization=s.vllm_gpu_memory_utilization),
-                        done=done, on_batch_size=checkpoint)
+                        done=done, on_batch_size=checkpoint, done_traffic=done_traffic,
+                        on_traffic=checkpoint_traffic)
     ov = overhead_analysis(res["records"], seed=cfg.drift.seed, h2_max=s.h2_max_overhead, alpha=cfg.drift.alpha)
     for r in res["records"]:
         r.pop("_samples", None)  # (records of resumed batch sizes were stored without them)
