@@ -544,4 +544,33 @@ def test_serve_bench_also_times_each_architecture_of_serve_archs(tmp_path, monke
     assert "### At the study plan's model size: the `tinyllama` architecture, random weights" in text
     assert "- **H2 at the `tinyllama` architecture's size (random weights):** `batched` with 6 adapters" in text
     assert "](phase4/deployment/tinyllama/latency_vs_batch.png)" in text
+    assert "- **Memory:** peak " in text and "- **Memory (`tinyllama`):** peak " in text
+    assert "H2 in vLLM" not in text  # (no vLLM rows here)
     assert text.count("Overhead against merged (one task per batch)") == 2
+
+
+def test_the_summary_gives_h2_in_vllm_vllm_against_batched_and_memory():
+    """The executive summary's serving bullets besides H2: vLLM's own H2 with its overhead range, how much longer
+    vLLM's calls took than batched's, and the peak memory of one model per adapter against one base."""
+    from lorastudy.report.build import _serve_summary, template
+
+    rng = np.random.default_rng(0)
+    recs = _records(1.05, rng) + _records(1.6, rng, ("merged-vllm", "vllm"))
+    for r in recs:  # merged holds a model per adapter: 3x the batched engine's bytes
+        r["peak_memory_bytes"] = (3 if r["engine"] == "merged" else 1) * 2**20 * 100
+    ov = overhead_analysis(recs, n_boot=200)
+    best = _serve_summary({"records": recs}, ov)
+    assert best["memory"] == {"batch_size": 4, "merged": 300 * 2**20, "batched": 100 * 2**20}
+    assert best["vllm_vs_batched"]["min"] > 0.4
+    text = str(template("serving.md.j2").module.serving_extras(ov, best, ""))
+    lines = text.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("- **H2 in vLLM:** `vllm` (base + 3 adapters as LoRA requests) "
+                                                   "vs `merged-vllm`: overhead between ")
+    assert "→ **contradicted**; per call, `vllm` took" in lines[0]
+    assert lines[1] == ("- **Memory:** peak 300.0 MiB for `merged` (one model per adapter, 3) against 100.0 MiB "
+                        "for `batched` (one base, stacked adapters), at batch 4.")
+    # without vLLM rows or memory figures: nothing
+    bare = [{k: v for k, v in r.items() if k != "peak_memory_bytes"} for r in _records(1.05, rng)]
+    assert str(template("serving.md.j2").module.serving_extras(overhead_analysis(bare, n_boot=50),
+                                                _serve_summary({"records": bare},
+                                                               overhead_analysis(bare, n_boot=50)), "")).strip() == ""

@@ -231,6 +231,11 @@ def _serve_archs(cfg) -> list[dict]:
 
 
 def _serve_summary(serve, ov) -> dict | None:
+    """What the executive summary says of a serving result: ``n_adapters`` (the most mixed), per engine the range of
+    its overhead over merged at that count across batch sizes (``engines``), vLLM against ``batched``
+    (``vllm_vs_batched``: min/max of vllm's mean latency over batched's - 1) and peak memory of ``merged`` (one
+    model per adapter) and ``batched`` at the largest batch with every adapter (``memory``: bytes, weights and
+    activations as the result's ``memory_kind`` says); None without a result."""
     if not serve or not ov:
         return None
     rows = ov["rows"]
@@ -240,7 +245,17 @@ def _serve_summary(serve, ov) -> dict | None:
         rs = [r for r in rows if r["engine"] == e and r["n_adapters"] == nmax]
         if rs:
             pick[e] = {"max_overhead": max(r["overhead"] for r in rs), "min_overhead": min(r["overhead"] for r in rs)}
-    return {"n_adapters": nmax, "engines": pick}
+    vs = [r["vllm_over_batched"] for r in ov.get("vllm_vs_batched") or []]
+    recs = serve.get("records") or []
+    bmax = max((r["batch_size"] for r in recs), default=None)
+    # (the merged engine holds every adapter's model whichever it serves: its largest figure at that batch)
+    mem = {"merged": max((r["peak_memory_bytes"] for r in recs if r["engine"] == "merged"
+                          and r["batch_size"] == bmax and r.get("peak_memory_bytes") is not None), default=None),
+           "batched": next((r.get("peak_memory_bytes") for r in recs if r["engine"] == "batched"
+                            and r["batch_size"] == bmax and r["n_adapters"] == nmax), None)}
+    return {"n_adapters": nmax, "engines": pick,
+            "vllm_vs_batched": {"min": min(vs), "max": max(vs)} if vs else None,
+            "memory": {"batch_size": bmax, **mem} if None not in mem.values() else None}
 
 
 # -- formatting filters ----------------------------------------------------------------------------------------------
@@ -266,12 +281,17 @@ def mib(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
-def render(cfg) -> str:
+def template(name: str = "report.md.j2") -> jinja2.Template:
+    """One of the report's Jinja templates (``serving.md.j2``: its macros are ``template(...).module.<name>``)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("lorastudy", "report/templates"),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
     env.filters.update(f3=f3, pct=pct, pval=pval, mib=mib)
-    return env.get_template("report.md.j2").render(**collect(cfg))
+    return env.get_template(name)
+
+
+def render(cfg) -> str:
+    return template().render(**collect(cfg))
 
 
 def _html(md_text: str, root: Path) -> str:
