@@ -270,7 +270,7 @@ def merge_shards(cfg: StudyConfig, shard_dirs: list[Path], out: Path | None = No
                     _copyfile(opt, out / "analysis" / opt.name)
                 for s in cfg.seeds:
                     rs, rd = store.run_dir(src, t, m, s), store.run_dir(out, t, m, s)
-                    failed = rs.parent / f"{rs.name}.{store.FAILED}"
+                    failed = store.failed_marker(rs)
                     if run_complete(rs):
                         _copy_run(rs, rd, sh.name)
                     elif failed.is_file():

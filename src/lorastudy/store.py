@@ -266,6 +266,13 @@ def run_dir(out: Path, task: str, method: str, seed: int) -> Path:
     return Path(out) / "phase2" / task / method / f"seed{seed}"
 
 
+def failed_marker(rd: Path) -> Path:
+    """A run dir's failure record, ``seed<k>.FAILED.json`` beside it (never inside: a failed run never looks
+    complete)."""
+    rd = Path(rd)
+    return rd.parent / f"{rd.name}.{FAILED}"
+
+
 def rep_dir(out: Path, task: str, method: str | None = None, seed: int | None = None) -> Path:
     if method is None:
         return Path(out) / "phase3" / task / "base"

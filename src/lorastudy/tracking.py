@@ -383,7 +383,7 @@ def log_run_dir(cfg, task: str, method: str, seed: int) -> None:
                                                                          else [])
             rec.artifacts.update({n: rd / n for n in models if (rd / n).is_dir()})
         else:
-            failed = rd.parent / f"{rd.name}.{store.FAILED}"
+            failed = store.failed_marker(rd)
             if not failed.is_file():
                 return  # interrupted: nothing was stored, nothing to log
             info = store.read_json(failed)

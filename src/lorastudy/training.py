@@ -774,7 +774,7 @@ def write_failed(cfg, final_dir: Path, task: str, method: str, seed: int, hp: HP
     also tracked (``tracking.backend``)."""
     from lorastudy import tracking
 
-    failed = Path(final_dir).parent / f"{Path(final_dir).name}.{store.FAILED}"
+    failed = store.failed_marker(final_dir)
     store.atomic_write_json(failed, {"task": task, "method": method, "seed": seed, "error": str(error),
                                      "type": type(error).__name__, "hparams": asdict(hp)})
     tracking.log_run_dir(cfg, task, method, seed)  # after FAILED.json is written: tracking never costs a result
@@ -796,7 +796,7 @@ def save_run(cfg, method: str, metrics: dict[str, Any], model, final_dir: Path, 
         store.atomic_write_json(tmp / "metrics.json", metrics)
         store.atomic_write_text(tmp / "config.yaml", dump_yaml(D.with_resolved_inputs(cfg, metrics["inputs"])))
         store.atomic_write_json(tmp / "code_version.json", store.code_version())
-    (final_dir.parent / f"{final_dir.name}.{store.FAILED}").unlink(missing_ok=True)
+    store.failed_marker(final_dir).unlink(missing_ok=True)
     tracking.log_run_dir(cfg, metrics["task"], metrics["method"], metrics["seed"])  # after the run dir: tracking
     # never costs a result
 

@@ -102,7 +102,7 @@ def phase2_runs(cfg) -> list[dict]:
         for m in cfg.methods:
             for s in cfg.seeds:
                 rd = store.run_dir(out, t, m, s)
-                failed = rd.parent / f"{rd.name}.{store.FAILED}"
+                failed = store.failed_marker(rd)
                 if store.check_not_damaged(rd, "`lorastudy run CONFIG --only train` (or `train-all`)"):
                     mt = store.read_json(rd / "metrics.json")
                     test = {k: v for k, v in mt["test"].items() if k != "loss"}  # the task's declared metrics
