@@ -169,7 +169,9 @@ def test_an_interrupted_serve_bench_resumes_at_the_batch_size_it_stopped_in(tmp_
 
     monkeypatch.setattr(B, "interleave", count)
     timed.clear()
-    res = B.run_serve_bench(cfg, log=lambda *a: None)
+    # (serve.archs names other parts of the phase: adding one does not discard this part's batch sizes)
+    res = B.run_serve_bench(load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                                        [*sets, "serve.archs=[smollm2]"]), log=lambda *a: None)
     assert timed == [2, 4] and res["resumed_batch_sizes"] == [1]
     # (parity is measured again by every pass, on the same weights)
     assert [{k: v for k, v in r.items() if k != "max_abs_logit_diff"} for r in res["records"]
@@ -184,7 +186,7 @@ def test_an_interrupted_serve_bench_resumes_at_the_batch_size_it_stopped_in(tmp_
     r = CliRunner().invoke(app, ["report", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
                                  *[x for s in sets for x in ("--set", s)]])
     assert r.exit_code == 0, r.output
-    assert "Batch sizes 1 were timed by an earlier, interrupted pass" in (cfg.out / "ANALYSIS_REPORT.md").read_text()
+    assert "Batch size 1 was timed by an earlier, interrupted pass" in (cfg.out / "ANALYSIS_REPORT.md").read_text()
 
     # a checkpoint measured with other settings is not taken: everything is timed again
     (dep / "benchmark_results.json").unlink()
@@ -239,7 +241,7 @@ def test_a_serve_bench_interrupted_in_the_mixed_traffic_resumes_there(tmp_path, 
     assert res["mixed_traffic"][0] == {**kept, "resumed": True}
     r = CliRunner().invoke(app, ["report", str(conf), *[x for s in sets for x in ("--set", s)]])
     assert r.exit_code == 0, r.output
-    assert ("Batch sizes 1, 2, 4 and the mixed-traffic scenarios at batch sizes 1 were timed by an earlier, "
+    assert ("Batch sizes 1, 2, 4 and the mixed-traffic scenarios at batch size 1 were timed by an earlier, "
             "interrupted pass") in (cfg.out / "ANALYSIS_REPORT.md").read_text()
 
 
@@ -504,6 +506,10 @@ def test_serve_bench_also_times_each_architecture_of_serve_archs(tmp_path, monke
     assert not pipeline._up_to_date(cfg, "serve")  # one part is still missing
     r = CliRunner().invoke(app, ["serve-bench", conf, "--only", "llama7b", *opts])
     assert r.exit_code == 2 and "--only must be one of ['adapters', 'tinyllama']" in r.output
+    r = CliRunner().invoke(app, ["serve-bench", conf, "--only", "tinyllama", "--synthetic-arch", "smollm2", *opts])
+    assert r.exit_code == 2 and "--synthetic-arch replaces the study's adapters" in r.output
+    with pytest.raises(ConfigError, match="lists an architecture twice"):
+        load_config(conf, [*sets, "serve.archs=[tinyllama, tinyllama]"])
 
     # an interrupted pass of the architecture's part: its checkpoint is unfinished work, which export leaves out
     real = B.interleave
@@ -517,6 +523,8 @@ def test_serve_bench_also_times_each_architecture_of_serve_archs(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         B.run_serve_bench(cfg, log=lambda *a: None, extra_arch="tinyllama")
     assert (dep / "tinyllama" / "partial" / "b1.json").is_file()
+    # a file of the user's own among the checkpoints is not one of them
+    (dep / "tinyllama" / "partial" / "b_notes.json").write_text("[1, 2]")
     from lorastudy import store
     from lorastudy.merge import export_study
 
@@ -533,6 +541,7 @@ def test_serve_bench_also_times_each_architecture_of_serve_archs(tmp_path, monke
     assert res["synthetic_arch"] == "tinyllama" and res["resumed_batch_sizes"] == [1]
     # as many adapters as the study trains (tasks x seeds), the study's own adapters' part untouched
     assert res["n_adapters_total"] == len(cfg.tasks) * len(cfg.seeds) and main["synthetic_arch"] is None
+    assert "b_notes.json is not a checkpoint of this benchmark; ignored" in r.output
     assert (dep / "tinyllama" / "overhead_analysis.json").is_file() and list((dep / "tinyllama").glob("*.png"))
     assert pipeline._up_to_date(cfg, "serve")
     with pytest.raises(ConfigError, match="serve.archs"):
@@ -541,11 +550,27 @@ def test_serve_bench_also_times_each_architecture_of_serve_archs(tmp_path, monke
     r = CliRunner().invoke(app, ["report", conf, *opts])
     assert r.exit_code == 0, r.output + repr(r.exception)
     text = (out / "ANALYSIS_REPORT.md").read_text()
-    assert "### At the study plan's model size: the `tinyllama` architecture, random weights" in text
+    assert "### At the `tinyllama` architecture's size (random weights): the study plan's model" in text
     assert "- **H2 at the `tinyllama` architecture's size (random weights):** `batched` with 6 adapters" in text
     assert "](phase4/deployment/tinyllama/latency_vs_batch.png)" in text
     assert "- **Memory:** peak " in text and "- **Memory (`tinyllama`):** peak " in text
     assert "H2 in vLLM" not in text  # (no vLLM rows here)
+    # a part copied in from another machine is reported even where the config does not name it
+    r = CliRunner().invoke(app, ["report", conf, *[x for s in sets[:-1] for x in ("--set", s)]])
+    assert r.exit_code == 0 and "### At the `tinyllama` architecture's size" in (out / "ANALYSIS_REPORT.md").read_text()
+
+    # serve.max_adapters caps the architecture's tasks x seeds adapters; it does not raise their number
+    from lorastudy.serving.build import synthetic_adapters as real_adapters
+
+    made = []
+    monkeypatch.setattr(B, "synthetic_adapters", lambda base, n, *a, **k: made.append(n) or real_adapters(
+        base, n, *a, **k))
+    monkeypatch.setattr(B, "run_benchmark", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    for cap, want in ((4, 4), (10, 6)):
+        with pytest.raises(KeyboardInterrupt):
+            B.run_serve_bench(load_config(conf, [*sets, f"serve.max_adapters={cap}"]), log=lambda *a: None,
+                              extra_arch="tinyllama", force=True)
+        assert made[-1] == want
     assert text.count("Overhead against merged (one task per batch)") == 2
 
 

@@ -23,16 +23,23 @@ if [ "${SERVE_CODE:-}" != "$PWD" ]; then
   # Run from a copy of the checkout, .git included: the device tool copies the working tree in again at every
   # call (a detached job importing from it breaks), and the results record the code's commit (without .git only
   # the package version, which would also let a resume accept checkpoints of other code). Carried packs exist only
-  # during the call that carries them: copied under /tmp first.
+  # during the call that carries them: copied under /tmp first. Paths the caller gave relative to where it stood
+  # are made absolute before the cd.
   mkdir -p /tmp/lorastudy/packs
   keep() { if [ -f "$1" ]; then cp "$1" /tmp/lorastudy/packs/ && echo "/tmp/lorastudy/packs/$(basename "$1")"; else realpath "$1"; fi; }
   shards=""; for s in ${SHARDS:-}; do shards="$shards $(keep "$s")"; done
   [ -n "${RESUME:-}" ] && RESUME=$(keep "$RESUME")
+  OUT=$(realpath -m "${OUT:?OUT: where the tgz goes}"); [ -n "${X:-}" ] && X=$(realpath -m "$X")
+  [ -n "${LORASTUDY_GLUE_DIR:-}" ] && LORASTUDY_GLUE_DIR=$(realpath -m "$LORASTUDY_GLUE_DIR")
+  export OUT X LORASTUDY_GLUE_DIR
+  cd "$(dirname "$0")/../.." || exit 2  # the checkout's root, wherever it was started from
+  [ -d .git ] || echo "serve_adapters.sh: no .git in $PWD: the results record only the package version" >&2
   C=$(mktemp -d /tmp/lorastudy/code.XXXXXX)
   tar cf - --exclude='./.carry*' --exclude='./.vllm*' . | tar xf - -C "$C"
   cd "$C" && SERVE_CODE=$C SHARDS="$shards" RESUME="${RESUME:-}" PYTHONPATH=$C/src${PYTHONPATH:+:$PYTHONPATH} \
     exec bash benchmarks/gpu/serve_adapters.sh
 fi
+trap 'rm -rf "$SERVE_CODE"' EXIT  # (the copy this pass ran from: 35 MB each)
 X=${X:-/tmp/lorastudy/serve_$PART}
 mkdir -p "$X/phase2" "$OUT" /tmp/lorastudy/unpacked
 # RESUME: an earlier pass's serve_<part>.tgz: the batch sizes it finished (.../partial/) are kept

@@ -417,6 +417,9 @@ def serve_bench(
         if only not in names:
             raise ConfigError(f"--only must be one of {names} (serve.archs: {cfg.serve.archs}), got {only!r}")
         parts = [None if only == "adapters" else only]
+        if synthetic_arch is not None and only != "adapters":
+            raise ConfigError(f"--synthetic-arch replaces the study's adapters (the 'adapters' part); --only {only} "
+                              "serves an architecture of serve.archs, which has random weights already")
     for part in parts:
         with Progress(f"serve-bench {part or 'adapters'} (conditions)", console=console) as prog:
             res = run_serve_bench(cfg, progress=prog, log=console.print, synthetic_arch=synthetic_arch, force=force,

@@ -309,6 +309,13 @@ class ServeConfig(_Strict):
     # adapters, into phase4/deployment/<arch>/ (timing depends on shapes, not weights: the paper's TinyLlama-1.1B
     # beside a study of a smaller model); the report gives their H2, the study's H2 is its own adapters'
     archs: list[Literal["tinyllama", "smollm2"]] = Field(default_factory=list)
+
+    @field_validator("archs")
+    @classmethod
+    def _distinct_archs(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"serve.archs lists an architecture twice: {v}")
+        return v
     cuda_graphs: bool = True
     fuse: bool = True  # fused sibling projections and RMSNorm for merged and batched (serving/fuse.py)
     h2_max_overhead: float = Field(0.30, ge=0)

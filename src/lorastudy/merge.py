@@ -157,7 +157,9 @@ def _copytree(src: Path, dst: Path, ignore=None) -> None:
 def _unfinished_serving(d: str, names: list[str]) -> set[str]:
     """``shutil.copytree`` ignore: a serving part's per-batch-size checkpoints (``phase4/deployment/partial``,
     ``phase4/deployment/<arch>/partial``: serving.benchmark) are unfinished work, not a result."""
-    return {store.SERVING_PARTIAL} if store.SERVING_PARTIAL in names and "deployment" in Path(d).parts else set()
+    d = Path(d)  # (partial/ lies in phase4/deployment or in phase4/deployment/<arch>)
+    under = d.name == "deployment" or d.parent.name == "deployment"
+    return {store.SERVING_PARTIAL} if store.SERVING_PARTIAL in names and under else set()
 
 
 def _copyfile(src: Path, dst: Path) -> None:

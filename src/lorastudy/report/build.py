@@ -162,8 +162,8 @@ def collect(cfg) -> dict:
     ctx["data"] = data_identity(man, cfg, runs)
     ctx["limits"] = {"train": cfg.data.train_limit, "test": cfg.data.test_limit}
     ctx["serve_best"] = _serve_summary(ctx["serve"], ctx["overhead"])
-    ctx["serve_archs"] = _serve_archs(cfg)
     ctx["ev"] = evidence.assess(cfg, runs, ctx["drift"], ctx["hyp"], ctx["overhead"])
+    ctx["serve_archs"] = _serve_archs(cfg, ctx["ev"]["smoke"])
     # tasks of the config that the drift statistics do not cover (not extracted yet, or in no shard of a merge):
     # the pooled H1b is over the others only, which the summary must say
     ctx["tasks_without_drift"] = ([t for t in cfg.tasks if t not in ctx["hyp"]["H1b"]["per_task"]]
@@ -217,15 +217,23 @@ def wall_times(out: Path, shards: list[dict] | None) -> dict:
     return {"columns": list(cols), "rows": rows}
 
 
-def _serve_archs(cfg) -> list[dict]:
-    """Per random-weight architecture of ``serve.archs`` with a finished result (``phase4/deployment/<arch>/``):
-    ``{"arch", "serve", "overhead", "summary", "figures": {stem: path relative to the results dir}}``."""
+def _serve_archs(cfg, smoke: list[str]) -> list[dict]:
+    """Per random-weight architecture served as its own part with a finished result
+    (``phase4/deployment/<arch>/benchmark_results.json``, in ``serve.archs`` order, then any other found there, e.g.
+    copied in from another machine): ``{"arch", "serve", "overhead", "summary", "verdict", "figures": {stem: path
+    relative to the results dir}}``; ``verdict`` is H2's decision as the report shows it (a smoke-run outcome in a
+    smoke-size study)."""
+    from lorastudy.report.evidence import _verdict
+
+    root = cfg.out / "phase4" / "deployment"
+    found = sorted(p.parent.name for p in root.glob("*/benchmark_results.json"))
     res = []
-    for a in cfg.serve.archs:
-        d = cfg.out / "phase4" / "deployment" / a
+    for a in dict.fromkeys([*cfg.serve.archs, *found]):
+        d = root / a
         serve, ov = _read(d / "benchmark_results.json"), _read(d / "overhead_analysis.json")
-        if serve and ov:
+        if serve and ov and serve.get("synthetic_arch") == a:
             res.append({"arch": a, "serve": serve, "overhead": ov, "summary": _serve_summary(serve, ov),
+                        "verdict": _verdict(ov["H2"]["decision"], {}, smoke) if ov["H2"]["decision"] else None,
                         "figures": {p.stem: str(p.relative_to(cfg.out)) for p in sorted(d.glob("*.png"))}})
     return res
 

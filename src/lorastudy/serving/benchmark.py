@@ -601,7 +601,8 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     if arch:
         base = synthetic_base(arch, device=device)
         # (beside the study's adapters: as many as it trains; alone: 9, three tasks x three seeds)
-        n = n_max or (len(cfg.tasks) * len(cfg.seeds) if extra_arch else 9)
+        n = len(cfg.tasks) * len(cfg.seeds) if extra_arch else 9
+        n = min(n, n_max) if n_max else n
         adapters = synthetic_adapters(base, n, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules,
                                       num_labels=labels, tasks=cfg.tasks)
         source = f"synthetic {arch} architecture, random weights"
@@ -620,15 +621,20 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
             adapters = adapters[:n_max]
     seq_len = s.seq_len or probe_median_length(cfg)
     # what a checkpointed batch size was measured on; any difference and it is measured again
-    ident = {"config_hash": cfg.hash(), "synthetic_arch": arch, "serve": s.model_dump(mode="json"),
+    # (serve.archs names the other parts: adding one does not change what this part measures)
+    ident = {"config_hash": cfg.hash(), "synthetic_arch": arch, "serve": s.model_dump(mode="json", exclude={"archs"}),
              "adapters": [a.name for a in adapters], "seq_len": seq_len, "device": str(device),
              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
              "code": store.code_version(),
              # (on a CPU the machine is the hardware: its host and thread count)
              "host": None if device.type == "cuda" else [platform.node(), torch.get_num_threads()]}
     done, done_traffic = {}, {}
-    for f in sorted(partial.glob("*.json")) if partial.is_dir() else []:
+    files = sorted([*partial.glob("b*.json"), *partial.glob(f"{TRAFFIC_PREFIX}b*.json")]) if partial.is_dir() else []
+    for f in files:
         d = store.read_json(f)
+        if not isinstance(d, dict) or not isinstance(d.get("identity"), dict):
+            log(f"serve-bench: {f} is not a checkpoint of this benchmark; ignored")
+            continue
         if d.get("identity") == ident:
             if f.name.startswith(TRAFFIC_PREFIX):
                 done_traffic[d["batch_size"]] = d["traffic"]
