@@ -584,8 +584,8 @@ def test_the_summary_gives_h2_in_vllm_vllm_against_batched_and_memory():
     for r in recs:  # merged holds a model per adapter: 3x the batched engine's bytes
         r["peak_memory_bytes"] = (3 if r["engine"] == "merged" else 1) * 2**20 * 100
     ov = overhead_analysis(recs, n_boot=200)
-    best = _serve_summary({"records": recs}, ov)
-    assert best["memory"] == {"batch_size": 4, "merged": 300 * 2**20, "batched": 100 * 2**20}
+    best = _serve_summary({"records": recs, "memory_kind": "weights only"}, ov)
+    assert best["memory"] == {"batch_size": 4, "merged": 300 * 2**20, "batched": 100 * 2**20, "kind": "weights only"}
     assert best["vllm_vs_batched"]["min"] > 0.4
     text = str(template("serving.md.j2").module.serving_extras(ov, best, ""))
     lines = text.strip().splitlines()
@@ -593,7 +593,7 @@ def test_the_summary_gives_h2_in_vllm_vllm_against_batched_and_memory():
                                                    "vs `merged-vllm`: overhead between ")
     assert "→ **contradicted**; per call, `vllm` took" in lines[0]
     assert lines[1] == ("- **Memory:** peak 300.0 MiB for `merged` (one model per adapter, 3) against 100.0 MiB "
-                        "for `batched` (one base, stacked adapters), at batch 4.")
+                        "for `batched` (one base, stacked adapters), at batch 4 (weights only).")
     # without vLLM rows or memory figures: nothing
     bare = [{k: v for k, v in r.items() if k != "peak_memory_bytes"} for r in _records(1.05, rng)]
     assert str(template("serving.md.j2").module.serving_extras(overhead_analysis(bare, n_boot=50),

@@ -263,7 +263,8 @@ def _serve_summary(serve, ov) -> dict | None:
                             and r["batch_size"] == bmax and r["n_adapters"] == nmax), None)}
     return {"n_adapters": nmax, "engines": pick,
             "vllm_vs_batched": {"min": min(vs), "max": max(vs)} if vs else None,
-            "memory": {"batch_size": bmax, **mem} if None not in mem.values() else None}
+            "memory": ({"batch_size": bmax, **mem, "kind": serve.get("memory_kind")}
+                       if None not in mem.values() else None)}
 
 
 # -- formatting filters ----------------------------------------------------------------------------------------------
