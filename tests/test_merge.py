@@ -390,6 +390,9 @@ def test_a_serving_result_is_current_only_for_the_adapters_there_are(merged, glu
     assert current_result(cfg) is None
     cut = load_config(TINY, [f"data.source={glue_dir}", f"output_dir={out}",
                              f"serve.max_adapters={len(doc['adapters'])}"])
+    assert current_result(cut) is None  # measured with other serving settings
+    doc["serve"]["max_adapters"] = len(doc["adapters"])  # as measured with that cap
+    res.write_text(json.dumps(doc))
     assert current_result(cut) is not None  # what max_adapters asks for
     r = _cli("export", out, "--out", tmp_path / "exported")  # adapters left out: the result stays current
     assert r.exit_code == 0, r.output

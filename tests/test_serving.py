@@ -196,6 +196,12 @@ def test_an_interrupted_serve_bench_resumes_at_the_batch_size_it_stopped_in(tmp_
     other = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml", [*sets, "serve.requests=3"])
     res = B.run_serve_bench(other, log=lambda *a: None, force=False)
     assert timed == [1, 2, 4] and res["resumed_batch_sizes"] == []
+    # a finished result is current only for the serving settings it was measured with
+    assert B.current_result(other) is not None and B.current_result(cfg) is None
+    doc = json.loads((dep / "benchmark_results.json").read_text())
+    del doc["serve"]  # (results written before the settings were recorded: not compared)
+    (dep / "benchmark_results.json").write_text(json.dumps(doc))
+    assert B.current_result(cfg) is not None
 
 
 def test_a_serve_bench_interrupted_in_the_mixed_traffic_resumes_there(tmp_path, monkeypatch, glue_dir):

@@ -543,6 +543,12 @@ def serve_parts(cfg) -> list[str | None]:
     return [None, *cfg.serve.archs]
 
 
+def serve_identity(cfg) -> dict:
+    """The serving settings a part's result and checkpoints are keyed on: ``serve`` less ``archs`` (which names
+    the other parts: adding one changes nothing this part measures)."""
+    return cfg.serve.model_dump(mode="json", exclude={"archs"})
+
+
 def current_result(cfg, synthetic_arch: str | None = None, extra_arch: str | None = None) -> dict | None:
     """The stored ``benchmark_results.json`` of a serving part (``deployment_dir``) when it was measured for this
     config (hash) and architecture (``extra_arch``, else ``synthetic_arch``, default the config's) and, on the
@@ -554,6 +560,9 @@ def current_result(cfg, synthetic_arch: str | None = None, extra_arch: str | Non
     old = store.read_json(path)
     arch = extra_arch or synthetic_arch or cfg.serve.synthetic_arch
     if old.get("config_hash") != cfg.hash() or old.get("synthetic_arch") != arch:
+        return None
+    # the serving settings it was measured with (results written before they were recorded: not compared)
+    if "serve" in old and old["serve"] != serve_identity(cfg):
         return None
     if arch is None:  # measured on the study's adapters: only if on every one there is now (a result copied from
         # a dir with fewer runs, or measured before some finished, is not current)
@@ -621,8 +630,7 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
             adapters = adapters[:n_max]
     seq_len = s.seq_len or probe_median_length(cfg)
     # what a checkpointed batch size was measured on; any difference and it is measured again
-    # (serve.archs names the other parts: adding one does not change what this part measures)
-    ident = {"config_hash": cfg.hash(), "synthetic_arch": arch, "serve": s.model_dump(mode="json", exclude={"archs"}),
+    ident = {"config_hash": cfg.hash(), "synthetic_arch": arch, "serve": serve_identity(cfg),
              "adapters": [a.name for a in adapters], "seq_len": seq_len, "device": str(device),
              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
              "code": store.code_version(),
@@ -666,7 +674,8 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
     ov = overhead_analysis(res["records"], seed=cfg.drift.seed, h2_max=s.h2_max_overhead, alpha=cfg.drift.alpha)
     for r in res["records"]:
         r.pop("_samples", None)  # (records of resumed batch sizes were stored without them)
-    res.update(config_hash=cfg.hash(), synthetic_arch=arch, adapter_source=source, model=cfg.model.source,
+    res.update(config_hash=cfg.hash(), synthetic_arch=arch, serve=serve_identity(cfg), adapter_source=source,
+               model=cfg.model.source,
                warmup=s.warmup, requests=s.requests, eager_requests=eager_calls(s.requests, s.eager_requests))
     store.atomic_write_json(outdir / "overhead_analysis.json", ov)
     figures.serving_figures(res, ov, outdir)
