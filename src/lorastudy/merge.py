@@ -154,12 +154,19 @@ def _copytree(src: Path, dst: Path, ignore=None) -> None:
     shutil.copytree(src, dst, ignore=ignore)
 
 
-def _unfinished_serving(d: str, names: list[str]) -> set[str]:
-    """``shutil.copytree`` ignore: a serving part's per-batch-size checkpoints (``phase4/deployment/partial``,
-    ``phase4/deployment/<arch>/partial``: serving.benchmark) are unfinished work, not a result."""
-    d = Path(d)  # (partial/ lies in phase4/deployment or in phase4/deployment/<arch>)
-    under = d.name == "deployment" or d.parent.name == "deployment"
-    return {store.SERVING_PARTIAL} if store.SERVING_PARTIAL in names and under else set()
+def _unfinished_serving(src: Path, log):
+    """A ``shutil.copytree`` ignore for a copy out of the results dir ``src``: a serving part's per-batch-size
+    checkpoints (``phase4/deployment/partial``, ``phase4/deployment/<arch>/partial``: serving.benchmark) are
+    unfinished work, not a result; each one left out is named through ``log``."""
+    def ignore(d: str, names: list[str]) -> set[str]:
+        d = Path(d)  # (partial/ lies in phase4/deployment or in phase4/deployment/<arch>)
+        if store.SERVING_PARTIAL not in names or "deployment" not in (d.name, d.parent.name):
+            return set()
+        log(f"export: {(d / store.SERVING_PARTIAL).relative_to(src)}/ (an unfinished serving benchmark's batch "
+            "sizes): left out")
+        return {store.SERVING_PARTIAL}
+
+    return ignore
 
 
 def _copyfile(src: Path, dst: Path) -> None:
@@ -404,11 +411,9 @@ def export_study(src: Path, out: Path, log=print) -> dict:
             if p.name.startswith(".") or p.name in ("tracking", "phase3", "phase2"):
                 continue
             if p.is_dir():
-                _copytree(p, tmp / p.name, ignore=_unfinished_serving)
+                _copytree(p, tmp / p.name, ignore=_unfinished_serving(src, log))
             else:
                 _copyfile(p, tmp / p.name)
-        for u in sorted((src / "phase4" / "deployment").rglob(store.SERVING_PARTIAL)):
-            log(f"export: {u.relative_to(src)}/ (an unfinished serving benchmark's batch sizes): left out")
         for probe in sorted((src / "phase3").glob("*/probe.json")):
             _copyfile(probe, tmp / probe.relative_to(src))
         for f in sorted(p2.glob("*.json")) if p2.is_dir() else []:
