@@ -361,6 +361,7 @@ def traffic_plan(adapters, batch_sizes, requests: int, vocab: int, seq_len: int,
 
 
 TRAFFIC_PASSES = 3  # timed passes over each stream (after one warm-up pass); the median is reported
+TRAFFIC_A_VLLM = "A (vLLM): merged per task"  # (its presence in an entry: the pass that timed it ran vLLM)
 
 
 def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, vrun=None,
@@ -378,7 +379,7 @@ def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, 
     for t in traffic:
         b, pool = t["batch_size"], t["pool"]
         old = (done or {}).get(b)
-        if old is not None and ("A (vLLM): merged per task" in old) == (vrun is not None):
+        if old is not None and (TRAFFIC_A_VLLM in old) == (vrun is not None):
             out.append({**old, "resumed": True})
             continue
         conds, names = [], []
@@ -401,7 +402,7 @@ def mixed_traffic(eng: dict, traffic: list[dict], device, graphs: bool = False, 
         if vrun is not None:
             conds += [RemoteCondition({}, TRAFFIC_PASSES, vrun, MERGED, f"traffic-A-b{b}"),
                       RemoteCondition({}, TRAFFIC_PASSES, vrun, ADAPTERS, f"traffic-B-b{b}")]
-            names += ["A (vLLM): merged per task", "B (vLLM): base + adapters, mixed"]
+            names += [TRAFFIC_A_VLLM, "B (vLLM): base + adapters, mixed"]
         res = {}
         for name, blks in zip(names, interleave(conds, TRAFFIC_PASSES, 1), strict=True):
             ms = float(np.median(np.concatenate(blks)))
