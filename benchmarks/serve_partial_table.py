@@ -43,21 +43,28 @@ def table(partial: Path) -> list[dict]:
     return out
 
 
+def markdown(rows: list[dict], label: str = "batch") -> list[str]:
+    """``table``'s rows as Markdown lines (mean ms per call; ``label`` heads the first column)."""
+    f = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
+    out = [f"| {label} | merged | batched (all {rows[0]['n_adapters']}) | overhead | merged-eager | batched-eager | "
+           "peft | merged-vllm | vllm | vLLM overhead | peak MiB merged / batched |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['batch_size']} | {f(r['merged_ms'])} | {f(r['batched_ms'])} | "
+                   f"{f(r['batched_overhead'], '.1%')} | {f(r['merged_eager_ms'])} | {f(r['batched_eager_ms'])} | "
+                   f"{f(r['peft_ms'])} | {f(r['merged_vllm_ms'])} | {f(r['vllm_ms'])} | "
+                   f"{f(r['vllm_overhead'], '.1%')} | {f(r['merged_peak_mib'], '.0f')} / "
+                   f"{f(r['batched_peak_mib'], '.0f')} |")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("partial", type=Path)
     ap.add_argument("--json", type=Path)
     a = ap.parse_args(argv)
     rows = table(a.partial)
-    f = lambda x, spec=".2f": "-" if x is None else format(x, spec)  # noqa: E731
-    print(f"| batch | merged | batched (all {rows[0]['n_adapters']}) | overhead | merged-eager | batched-eager | "
-          "peft | merged-vllm | vllm | vLLM overhead | peak MiB merged / batched |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['batch_size']} | {f(r['merged_ms'])} | {f(r['batched_ms'])} | {f(r['batched_overhead'], '.1%')} | "
-              f"{f(r['merged_eager_ms'])} | {f(r['batched_eager_ms'])} | {f(r['peft_ms'])} | "
-              f"{f(r['merged_vllm_ms'])} | {f(r['vllm_ms'])} | {f(r['vllm_overhead'], '.1%')} | "
-              f"{f(r['merged_peak_mib'], '.0f')} / {f(r['batched_peak_mib'], '.0f')} |")
+    print("\n".join(markdown(rows)))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
