@@ -154,6 +154,28 @@ def test_check_fails_on_a_hand_edit_to_either_file(copy, suffix):
     assert r.exit_code == 1 and "disagree" in r.output and path.name in r.output, r.output
 
 
+def test_operator_notes_are_shown_verbatim_labelled_and_checked(copy):
+    """NOTES.md (what no artifact records, e.g. a benchmark that shared its host) appears as written in its own
+    section, right after the summary, labelled as hand-written; editing it after the report fails `--check`; without
+    it there is no such section; a file that is not UTF-8 is a user error naming it (exit 2)."""
+    title = "Operator's notes (written by hand, not generated)"
+    assert title not in (copy / build.REPORT).read_text()
+    notes = "- The serving phase shared its host with another benchmark: eager rows are slower.\n\n| a |\n|---|\n"
+    (copy / build.NOTES).write_text("\n" + notes + "\n\n")
+    assert _cli("report", copy).exit_code == 0
+    text = (copy / build.REPORT).read_text()
+    assert text.index("## Executive summary") < text.index(f"## {title}") < text.index("## Data")
+    assert notes.strip() in _section(text, title)
+    assert "the operator's notes from `NOTES.md`, in theirs" in text.split("## Executive summary")[0]
+    assert _cli("report", copy, "--check").exit_code == 0
+    (copy / build.NOTES).write_text(notes.replace("slower", "faster"))
+    r = _cli("report", copy, "--check")
+    assert r.exit_code == 1 and "faster" in r.output, r.output
+    (copy / build.NOTES).write_bytes(b"\xff\xfe notes")
+    r = _cli("report", copy)
+    assert r.exit_code == 2 and build.NOTES in r.output and "UTF-8" in r.output, r.output
+
+
 def test_check_fails_cleanly_when_a_report_file_is_missing(tmp_path):
     """`report --check` before `report` (or with one of the two files deleted) is a failed check, exit 1 with the
     missing file named, not a ReportCheckError traceback."""

@@ -22,6 +22,10 @@ from lorastudy.config import StudyConfig, load_config
 from lorastudy.report import evidence
 
 REPORT = "ANALYSIS_REPORT.md"
+# The operator's notes: what no artifact holds (the conditions a phase ran under, a neighbour on the host), written
+# by hand into the results dir and shown verbatim in their own, labelled section; `--check` compares the section
+# with the file's current text, so a stale report is caught, but it cannot vouch for what the notes say.
+NOTES = "NOTES.md"
 
 
 class ReportCheckError(RuntimeError):
@@ -131,6 +135,7 @@ def collect(cfg) -> dict:
     ctx: dict = {"cfg": cfg.resolved(), "name": cfg.name, "config_hash": man.get("config_hash", cfg.hash()),
                  "tasks": cfg.tasks, "methods": cfg.methods, "seeds": cfg.seeds}
     ctx["code"] = man.get("code", store.code_version())
+    ctx["notes"] = operator_notes(out)
     ctx["shards"] = man.get("shards")  # a dir merged from task shards (lorastudy.merge): their provenance
     ctx["sanity"] = (_read(out / "phase0" / "sanity.json") or {}).get("results")
     ctx["baselines"] = (_read(out / "phase0" / "baselines.json") or {}).get("results")
@@ -184,6 +189,19 @@ def collect(cfg) -> dict:
 # drift reduction 1 - D_LoRA/D_full per task, and LoRA minus full FT test accuracy. Its report contradicted its
 # own CSV files and averaged representations over padding, so these are claims to compare with, not evidence.
 PRIOR_CLAIMS = {"drift_reduction": {"sst2": 0.286, "mrpc": 0.016, "rte": 0.001}, "accuracy_points": (-5.0, -1.0)}
+
+
+def operator_notes(out: Path) -> str | None:
+    """The text of ``out/NOTES.md`` (Markdown written by hand; leading and trailing blank space removed), or None
+    when there is no such file or it is blank. Raises ``store.StoreError`` (exit 2) when it is not UTF-8 text."""
+    p = Path(out) / NOTES
+    if not p.is_file():
+        return None
+    try:
+        text = p.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise store.StoreError(f"{p}: the operator's notes must be UTF-8 Markdown ({e})") from e
+    return text or None
 
 
 def _failed_trials(out: Path, tuning: dict | None) -> dict:
