@@ -408,6 +408,7 @@ def test_h2_direction_decisions_and_flags():
     assert all(r["p_holm"] < 0.01 for r in ok["per_batch_size"])
     bad = overhead_analysis(_records(1.6, rng), n_boot=1000)["H2"]  # 60%: the whole CI above the bound
     assert bad["decision"] == "contradicted" and all(r["p_one_sided_h2"] > 0.9 for r in bad["per_batch_size"])
+    assert "contradicted when a batch size's whole 95% CI lies above 30%" in bad["decision_rule"]  # (stated)
     odd = overhead_analysis(_records(0.5, rng), n_boot=1000)  # "50% faster than merged": a measurement problem
     assert odd["H2"]["decision"].startswith("not decided: measurement problem")
     assert all(r["flag"] and "faster" in r["flag"] for r in odd["rows"])

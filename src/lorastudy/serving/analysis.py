@@ -114,7 +114,9 @@ def _h2(rows: list[dict], engine: str, h2_max: float, alpha: float) -> dict:
             "engine": engine if h2_rows else None, "reference": ref, "n_adapters": k_max or None,
             "test": f"one-sided bootstrap test of H0: overhead >= {h2_max:.0%}, per batch size",
             "correction": "Holm over batch sizes",
-            "decision_rule": f"supported when every batch size has Holm-adjusted p < {alpha}; a batch size whose "
-                             f"multi-adapter engine is more than {IMPLAUSIBLE_SPEEDUP:.0%} faster than merged is a "
-                             "measurement problem and leaves H2 undecided",
+            "decision_rule": f"supported when every batch size has Holm-adjusted p < {alpha}; contradicted when "
+                             f"a batch size's whole 95% CI lies above {h2_max:.0%}; otherwise not supported "
+                             f"(inconclusive); a batch size whose multi-adapter engine is more than "
+                             f"{IMPLAUSIBLE_SPEEDUP:.0%} faster than merged is a measurement problem and leaves H2 "
+                             "undecided",
             "per_batch_size": h2_rows, "decision": verdict}

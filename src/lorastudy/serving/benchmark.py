@@ -679,7 +679,7 @@ def run_serve_bench(cfg, progress=None, log=print, synthetic_arch: str | None = 
                model=cfg.model.source,
                warmup=s.warmup, requests=s.requests, eager_requests=eager_calls(s.requests, s.eager_requests))
     store.atomic_write_json(outdir / "overhead_analysis.json", ov)
-    figures.serving_figures(res, ov, outdir)
+    figures.serving_figures(res, ov, outdir, h2_max=s.h2_max_overhead)
     store.atomic_write_json(path, res)  # last: its presence marks the phase finished
     shutil.rmtree(partial, ignore_errors=True)
     return res
