@@ -599,24 +599,51 @@ def sst2_finish() -> list[str]:
     return out + [""]
 
 
-def serve_study() -> list[str]:
-    """The fourth lease of the reference study (benchmarks/results/serve_study_h200x2/): the serving batch sizes
-    each part timed before its time limit (``serve_partial_table.py --json`` of each part's partial/)."""
-    from serve_partial_table import markdown
+STUDY = R.parent.parent / "studies" / "smollm2"
 
-    parts = [(p, _load(f"serve_study_h200x2/partial_{p}.json")) for p in ("adapters", "tinyllama")]
-    if not any(rows for _, rows in parts):
+
+def _serve_part_table(dep: Path) -> list[str]:
+    """Per batch size, from a finished serving part (``benchmark_results.json`` and ``overhead_analysis.json``):
+    mean latency of merged / batched (every adapter) / merged-vllm / vllm, the two H2 overheads with their CIs."""
+    res = json.loads((dep / "benchmark_results.json").read_text())
+    ov = json.loads((dep / "overhead_analysis.json").read_text())
+    by = {(r["engine"], r["batch_size"], r["n_adapters"]): r for r in res["records"]}
+    h2 = {r["batch_size"]: r for r in ov["H2"]["per_batch_size"]}
+    h2v = {r["batch_size"]: r for r in (ov.get("H2_vllm") or {}).get("per_batch_size", [])}
+    vs = {r["batch_size"]: r for r in ov.get("vllm_vs_batched", [])}
+    k = ov["H2"]["n_adapters"]
+
+    def ms(e, b, n):
+        r = by.get((e, b, n))
+        return f"{r['latency_ms']['mean']:.2f}" if r else "–"
+
+    def ci(r, key="overhead"):
+        return f"{100 * r[key]:+.1f}% [{100 * r['ci95'][0]:.1f}, {100 * r['ci95'][1]:.1f}]" if r else "–"
+
+    out = [f"| batch | merged ms | batched ms (all {k}) | overhead [95% CI] | merged-vllm ms | vllm ms (all {k}) | "
+           "vLLM overhead [95% CI] | vllm vs batched [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+    for b in sorted(h2):
+        out.append(f"| {b} | {ms('merged', b, 1)} | {ms('batched', b, k)} | {ci(h2[b])} | {ms('merged-vllm', b, 1)} | "
+                   f"{ms('vllm', b, k)} | {ci(h2v.get(b))} | {ci(vs.get(b), 'vllm_over_batched')} |")
+    return out
+
+
+def serve_study() -> list[str]:
+    """The reference study's serving phase (benchmarks/results/serve_study_h200x2/): two passes on 2 H200s, each
+    part finished by the second; the tables read the committed study's results (studies/smollm2/phase4/deployment)."""
+    parts = [(p, STUDY / "phase4" / "deployment" / sub) for p, sub in (("adapters", ""), ("tinyllama", "tinyllama"))]
+    parts = [(p, d) for p, d in parts if (d / "benchmark_results.json").is_file()]
+    if not parts:
         return []
-    out = ["## The reference study's serving (RQ2) on 2 H200s (fourth lease): timed, not finished", "",
-           "Commands and what happened: `serve_study_h200x2/README.md` (`benchmarks/gpu/serve_adapters.sh`, the "
-           "study's 8 trained adapters on GPU 0 and `PART=tinyllama` on GPU 1, vLLM 0.26.0 included, `T=1480`). Both "
-           "parts were stopped by the time limit: the adapters part at 111 of 113 conditions (batch sizes 1-8 kept), "
-           "the TinyLlama part in the mixed-traffic scenarios after all 113 (batch sizes 1-16 kept). Mean latency per "
-           "call of the batch sizes kept (`python benchmarks/serve_partial_table.py DIR/partial`; the two parts "
-           "shared the host, which slowed the eager and vLLM rows, not the CUDA-graph ones: see the README):", ""]
-    for p, rows in parts:
-        if rows:
-            out += markdown(rows, f"{p}: batch") + [""]
+    out = ["## The reference study's serving (RQ2) on 2 H200s: two passes", "",
+           "Commands, logs and what happened: `serve_study_h200x2/README.md` (`benchmarks/gpu/serve_adapters.sh`, the "
+           "study's 8 trained adapters on GPU 0 and `PART=tinyllama` on GPU 1, vLLM 0.26.0 included). The first pass "
+           "(`T=1480`) kept the batch sizes each part finished; the second (`RESUME=`) finished both. Mean latency per "
+           "call and the H2 overheads (the report's: `studies/smollm2/ANALYSIS_REPORT.md`, RQ2). The two parts shared "
+           "the host, which slowed the eager and vLLM rows, not the CUDA-graph ones (the README and the report's "
+           "operator's notes give the numbers).", ""]
+    for p, d in parts:
+        out += [f"{p} (`{d.relative_to(R.parent.parent)}`):", ""] + _serve_part_table(d) + [""]
     return out
 
 
