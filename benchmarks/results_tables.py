@@ -507,16 +507,22 @@ def levers() -> list[str]:
                    f"{p['ms_per_step'] / b['ms_per_step']:.2f}x | {p['kernels_per_step'] or ''} | {upk} | "
                    f"{p['first_step_s']:.1f} |" if b else f"| {p['method']} | {p['batch_size']} | {label} | "
                    f"{p['ms_per_step']:.2f} | | {p['kernels_per_step'] or ''} | {upk} | {p['first_step_s']:.1f} |")
+    from trajectory_band import band
+
     for t in res.get("trajectory", []):
         if "error" in t:
             continue
-        dd = t["max_rel_diff_first_k"]
+        bd = band(t["losses"])  # (recomputed from the losses: JSON of earlier runs has the relative reading only)
+        rel, ab, i_max = bd["relative"], bd["absolute"], bd["argmax_relative"]
         out += ["", f"Trajectory, {t['method']} (batch {t['batch_size']}, {t['steps']} real SST-2 steps, all levers "
-                f"`{'+'.join(t['levers'])}`), max relative loss difference to eager over the first k steps; within "
-                f"the bf16 noise band (levers <= max(2 x padded eager, 0.01) for every k): {t['within_band']}", "",
-                "| first k steps | levers vs eager | eager padded vs eager |", "|---|---|---|"]
-        out += [f"| {k} | {dd['levers_vs_eager'][k]:.4f} | {dd['eager_padded_vs_eager'][k]:.4f} |"
-                for k in dd["levers_vs_eager"]]
+                f"`{'+'.join(t['levers'])}`): max loss difference to eager over the first k steps, relative and "
+                f"absolute; within the bf16 noise band (levers <= max(2 x padded eager, 0.01) for every k): relative "
+                f"{rel['within']}, absolute {ab['within']} (the largest relative difference is at step "
+                f"{i_max + 1}, where eager's loss is {t['losses']['eager'][i_max]:.3f})",
+                "", "| first k steps | levers vs eager, relative | eager padded vs eager, relative | levers vs eager, "
+                "absolute | eager padded vs eager, absolute |", "|---|---|---|---|---|"]
+        out += [f"| {k} | {rel['candidate'][k]:.4f} | {rel['padded'][k]:.4f} | {ab['candidate'][k]:.4f} | "
+                f"{ab['padded'][k]:.4f} |" for k in bd["ks"]]
     if res.get("skipped"):
         out += ["", f"Not measured within the call's time budget: {res['skipped']}"]
     return out + [""]

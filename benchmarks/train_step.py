@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from trajectory_band import band  # (beside this script: python puts benchmarks/ on the path)
 from transformers import get_linear_schedule_with_warmup
 
 from lorastudy import data as D
@@ -929,10 +930,12 @@ def lever_trajectory(model_name: str, method: str, names: list[str], n_steps: in
            "median_rel_diff": {"levers_vs_eager": float(np.median(rel(out["levers"]))),
                                "eager_padded_vs_eager": float(np.median(rel(out["eager_padded"])))},
            "mean_loss_last_20": {k: float(np.mean(v[-20:])) for k, v in out.items()},
-           "within_band": all(lev[k] <= max(2 * pad[k], 0.01) for k in ks), "first_step_s": first_s}
+           "within_band": all(lev[k] <= max(2 * pad[k], 0.01) for k in ks), "first_step_s": first_s,
+           "band": band(out)}  # (both readings: trajectory_band.py)
     print(f"trajectory {method} [{'+'.join(names)}] {len(order)} steps: levers vs eager max rel diff "
           f"{lev[ks[-1]]:.4f} (median {res['median_rel_diff']['levers_vs_eager']:.4f}); padded eager vs eager "
-          f"{pad[ks[-1]]:.4f}; last-20 mean loss {res['mean_loss_last_20']}; within band: {res['within_band']}",
+          f"{pad[ks[-1]]:.4f}; last-20 mean loss {res['mean_loss_last_20']}; within band: relative "
+          f"{res['within_band']}, absolute {res['band']['absolute']['within']}",
           flush=True)
     return res
 
@@ -1054,7 +1057,8 @@ def print_lever_table(result: dict) -> None:
               f"{'+'.join(t['levers'])}): max rel diff over first k steps, levers vs eager / padded eager vs "
               "eager: " + ", ".join(f"k={k} {d['levers_vs_eager'][k]:.4f}/{d['eager_padded_vs_eager'][k]:.4f}"
                                     for k in ks)
-              + f"; last-20 mean loss {t['mean_loss_last_20']}; within band: {t['within_band']}")
+              + f"; last-20 mean loss {t['mean_loss_last_20']}; within band: relative {t['within_band']}, "
+              f"absolute {band(t['losses'])['absolute']['within']}")
     if res.get("skipped"):
         print(f"skipped for time: {res['skipped']}")
 
