@@ -155,25 +155,62 @@ def test_check_fails_on_a_hand_edit_to_either_file(copy, suffix):
 
 
 def test_operator_notes_are_shown_verbatim_labelled_and_checked(copy):
-    """NOTES.md (what no artifact records, e.g. a benchmark that shared its host) appears as written in its own
-    section, right after the summary, labelled as hand-written; editing it after the report fails `--check`; without
-    it there is no such section; a file that is not UTF-8 is a user error naming it (exit 2)."""
+    """NOTES.md (what no artifact records, e.g. a benchmark that shared its host) appears as written, quoted, in its
+    own section right after the summary, labelled as hand-written; editing it after the report fails `--check`;
+    without it there is no such section and the header reads as before."""
     title = "Operator's notes (written by hand, not generated)"
-    assert title not in (copy / build.REPORT).read_text()
+    text = (copy / build.REPORT).read_text()
+    assert title not in text
+    assert text.splitlines()[3].startswith("`lorastudy report CONFIG --check`")  # (its own line, notes or not)
     notes = "- The serving phase shared its host with another benchmark: eager rows are slower.\n\n| a |\n|---|\n"
-    (copy / build.NOTES).write_text("\n" + notes + "\n\n")
+    (copy / build.NOTES).write_text("\ufeff\n" + notes + "\n\n")  # (a byte-order mark and blank lines around)
     assert _cli("report", copy).exit_code == 0
     text = (copy / build.REPORT).read_text()
     assert text.index("## Executive summary") < text.index(f"## {title}") < text.index("## Data")
-    assert notes.strip() in _section(text, title)
-    assert "the operator's notes from `NOTES.md`, in theirs" in text.split("## Executive summary")[0]
+    assert "\n".join(f"> {ln}".rstrip() for ln in notes.strip().splitlines()) in _section(text, title)
+    assert "the operator's notes from `NOTES.md`, in theirs." in text.splitlines()[2]
+    assert text.splitlines()[3].startswith("`lorastudy report CONFIG --check`")
     assert _cli("report", copy, "--check").exit_code == 0
     (copy / build.NOTES).write_text(notes.replace("slower", "faster"))
     r = _cli("report", copy, "--check")
     assert r.exit_code == 1 and "faster" in r.output, r.output
-    (copy / build.NOTES).write_bytes(b"\xff\xfe notes")
+
+
+def test_operator_notes_cannot_reshape_the_report(copy):
+    """Notes are quoted: a heading in them is not a section of the report, an unclosed code fence or HTML comment
+    does not swallow what follows, a script tag is text; a figure path in them outside the results dir is not
+    embedded in the HTML."""
+    (copy / build.NOTES).write_text("## Executive summary\n\n```\nunclosed fence\n<!-- unclosed comment\n"
+                                    "<script>alert(1)</script> a < b\n![x](../../etc/x.png)\n")
+    outside = copy.parent / "x.png"
+    shutil.copy(next(copy.glob("phase4/*/*.png")), outside)
+    (copy / build.NOTES).write_text((copy / build.NOTES).read_text().replace("../../etc/x.png", "../x.png"))
+    assert _cli("report", copy).exit_code == 0
+    text = (copy / build.REPORT).read_text()
+    assert text.count("\n## Executive summary") == 1 and "> ## Executive summary" in text
+    assert "&lt;script>" in text and "a < b" in text and "&lt;!-- unclosed" in text
+    html = (copy / build.REPORT).with_suffix(".html").read_text()
+    assert "<script>" not in html
+    for h in ("Data", "RQ1 — representation drift", "How to reproduce"):  # nothing swallowed after the notes
+        assert f"<h2>{h}</h2>" in html, h
+    assert 'src="../x.png"' in html  # (left as a link, not read into the page)
+    assert _cli("report", copy, "--check").exit_code == 0
+
+
+@pytest.mark.parametrize("case", ["directory", "too large", "not UTF-8", "dangling link"])
+def test_bad_operator_notes_are_a_user_error_naming_the_file(copy, case):
+    p = copy / build.NOTES
+    if case == "directory":
+        p.mkdir()
+    elif case == "too large":
+        p.write_text("x" * (build.NOTES_MAX_BYTES + 1))
+    elif case == "not UTF-8":
+        p.write_bytes(b"\xff\xfe notes")
+    else:
+        p.symlink_to(copy / "missing.md")
     r = _cli("report", copy)
-    assert r.exit_code == 2 and build.NOTES in r.output and "UTF-8" in r.output, r.output
+    assert r.exit_code == 2 and build.NOTES in r.output, r.output
+    assert "Traceback" not in r.output
 
 
 def test_check_fails_cleanly_when_a_report_file_is_missing(tmp_path):

@@ -191,17 +191,43 @@ def collect(cfg) -> dict:
 PRIOR_CLAIMS = {"drift_reduction": {"sst2": 0.286, "mrpc": 0.016, "rte": 0.001}, "accuracy_points": (-5.0, -1.0)}
 
 
+NOTES_MAX_BYTES = 64 * 1024  # notes qualify a study; a file larger than this is a mistake (a log pasted in)
+
+
 def operator_notes(out: Path) -> str | None:
-    """The text of ``out/NOTES.md`` (Markdown written by hand; leading and trailing blank space removed), or None
-    when there is no such file or it is blank. Raises ``store.StoreError`` (exit 2) when it is not UTF-8 text."""
+    """The text of ``out/NOTES.md`` as the report shows it, or None when there is no such file or it is blank.
+
+    The notes are Markdown written by hand; they are quoted (every line prefixed with ``> ``), so a heading, an
+    unclosed code fence or an HTML comment in them stays inside the labelled section instead of reshaping the
+    report, and the ``<`` that would open an HTML tag or comment is escaped (no raw HTML, no script in the HTML
+    report). Read as UTF-8 (a byte-order mark is
+    dropped); blank lines around the text are removed, the first line's indentation kept.
+
+    Raises ``store.StoreError`` (exit 2, naming the file) when NOTES.md is not a regular file (a directory, a
+    dangling link), is larger than ``NOTES_MAX_BYTES``, or is not UTF-8."""
     p = Path(out) / NOTES
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         return None
+    if not p.is_file():
+        raise store.StoreError(f"{p}: the operator's notes must be a Markdown file (this is "
+                               f"{'a dangling link' if p.is_symlink() else 'a directory or special file'})")
+    size = p.stat().st_size
+    if size > NOTES_MAX_BYTES:
+        raise store.StoreError(f"{p}: {size:,} bytes; the operator's notes are at most {NOTES_MAX_BYTES:,} bytes "
+                               "(say what no artifact records; point to logs, do not paste them)")
     try:
-        text = p.read_text(encoding="utf-8").strip()
+        text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise store.StoreError(f"{p}: the operator's notes must be UTF-8 Markdown ({e})") from e
-    return text or None
+    lines = text.replace("\r\n", "\n").split("\n")
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        return None
+    # (a tag, comment or declaration start only: "a < b" and "<=" read as written)
+    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", "\n".join(f"> {ln}".rstrip() for ln in lines))
 
 
 def _failed_trials(out: Path, tuning: dict | None) -> dict:
@@ -328,8 +354,9 @@ def _html(md_text: str, root: Path) -> str:
 
     def embed(m):
         src = m.group(1)
-        p = root / src
-        if p.is_file():
+        p = (root / src).resolve()
+        # only the results dir's own figures: a path in the notes must not pull other files into the HTML
+        if p.is_file() and root.resolve() in p.parents:
             return f'src="data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}"'
         return m.group(0)
 
