@@ -324,6 +324,33 @@ def test_drift_within_noise_and_pooling_disagreement_are_said(copy, monkeypatch)
     assert "- rte: LoRA keeps representations measurably closer" in rec and "mean pooling disagrees" in rec
 
 
+def test_mean_pooling_on_the_other_side_of_the_bound_is_said_and_softens_the_advice(copy, monkeypatch):
+    """The committed study's RTE: last-token reduction 15% [11.5, 18.4] (contradicted against the 20% bound), mean
+    pooling 55% [35, 75]: same sign, so the sign check said nothing, and the advice read "do not choose it"."""
+    _protocol_size(monkeypatch)
+    _set_collapsed(copy, False)
+    hyp_path, drift_path = copy / "phase4/drift/hypothesis_test_results.json", copy / \
+        "phase4/drift/drift_analysis_results.json"
+    hyp, drift = json.loads(hyp_path.read_text()), json.loads(drift_path.read_text())
+    d = hyp["H1b"]["per_task"]["rte"]
+    d["noise"]["full"]["within_floor"] = False
+    d.update(decision="contradicted", estimate=0.15, ci95=[0.115, 0.184])
+    drift["secondary"]["rte"]["drift_reduction"].update(estimate=0.548, ci95=[0.351, 0.745])
+    hyp_path.write_text(json.dumps(hyp))
+    drift_path.write_text(json.dumps(drift))
+    text = build.render(build.recorded_config(copy))
+    h1b = next(x for x in _section(text, "Executive summary").splitlines() if x.startswith("- **H1b (rte)"))
+    assert "mean pooling lies on the other side of the 20% bound** (54.8%, 95% CI 35.1% to 74.5%)" in h1b
+    rec = _section(text, "Practical recommendations")
+    assert "do not choose LoRA for that on this evidence, and do not rule it out" in rec
+    assert "on the other side of the 20% bound" in _section(text, "RQ1 — representation drift")
+    # both poolings below the bound: the plain advice
+    drift["secondary"]["rte"]["drift_reduction"].update(estimate=0.05, ci95=[0.01, 0.09])
+    drift_path.write_text(json.dumps(drift))
+    rec = _section(build.render(build.recorded_config(copy)), "Practical recommendations")
+    assert "do not choose it for that." in rec and "do not rule it out" not in rec
+
+
 # -- figures -------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def drawn(study, tmp_path, monkeypatch):

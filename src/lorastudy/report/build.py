@@ -20,6 +20,7 @@ import numpy as np
 from lorastudy import store
 from lorastudy.config import StudyConfig, load_config
 from lorastudy.report import evidence
+from lorastudy.serving.analysis import graph_weights_only
 
 REPORT = "ANALYSIS_REPORT.md"
 # The operator's notes: what no artifact holds (the conditions a phase ran under, a neighbour on the host), written
@@ -180,6 +181,12 @@ def collect(cfg) -> dict:
     ctx["run_devices"] = sorted({f"{r['device']} ({r['step_mode']}"
                                  + (f", levers {'+'.join(r['step_levers'])}" if r["step_levers"] else "") + ")"
                                  for r in runs if not r["failed"] and r.get("device")})
+    # what "N adapters" means at each batch size (the overhead tables' "mixing" column says it per condition)
+    ctx["mixing_words"] = ("mixed within a batch where the batch holds them all, served in rotation at smaller "
+                           "batch sizes")
+    ctx["tuning_subsets"] = {t: n for t, n in cfg.search.train_subset.items() if t in cfg.tasks}
+    ctx["test_split_words"] = ("the GLUE validation split (GLUE's test labels are not public); validation is a "
+                               "seeded, stratified carve-out of GLUE train.")
     ctx["tasks_in_no_shard"] = ([t for t in cfg.tasks if not any(t in sh.get("tasks", []) for sh in ctx["shards"])]
                                 if ctx["shards"] else [])
     return ctx
@@ -300,15 +307,17 @@ def _serve_summary(serve, ov) -> dict | None:
     vs = [r["vllm_over_batched"] for r in ov.get("vllm_vs_batched") or []]
     recs = serve.get("records") or []
     bmax = max((r["batch_size"] for r in recs), default=None)
-    # (the merged engine holds every adapter's model whichever it serves: its largest figure at that batch)
-    mem = {"merged": max((r["peak_memory_bytes"] for r in recs if r["engine"] == "merged"
-                          and r["batch_size"] == bmax and r.get("peak_memory_bytes") is not None), default=None),
-           "batched": next((r.get("peak_memory_bytes") for r in recs if r["engine"] == "batched"
-                            and r["batch_size"] == bmax and r["n_adapters"] == nmax), None)}
+    # (each at the largest batch, in its condition with the most adapters: the row the bullet names)
+    mem = {}
+    for e in ("merged", "batched"):
+        rs = [r for r in recs if r["engine"] == e and r["batch_size"] == bmax]
+        mem[e] = max(rs, key=lambda r: r["n_adapters"]).get("peak_memory_bytes") if rs else None
+    kind = serve.get("memory_kind")
+    if kind and {"merged", "batched"} <= set(graph_weights_only(serve)):
+        kind = "weights only: their CUDA graphs' memory pool, reserved at capture, is not counted"
     return {"n_adapters": nmax, "engines": pick,
             "vllm_vs_batched": {"min": min(vs), "max": max(vs)} if vs else None,
-            "memory": ({"batch_size": bmax, **mem, "kind": serve.get("memory_kind")}
-                       if None not in mem.values() else None)}
+            "memory": {"batch_size": bmax, **mem, "kind": kind} if None not in mem.values() else None}
 
 
 # -- formatting filters ----------------------------------------------------------------------------------------------
@@ -339,7 +348,7 @@ def template(name: str = "report.md.j2") -> jinja2.Template:
     env = jinja2.Environment(loader=jinja2.PackageLoader("lorastudy", "report/templates"),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
-    env.filters.update(f3=f3, pct=pct, pval=pval, mib=mib)
+    env.filters.update(f3=f3, pct=pct, pval=pval, mib=mib, graph_weights_only=graph_weights_only)
     return env.get_template(name)
 
 

@@ -98,7 +98,7 @@ def assess(cfg: StudyConfig, runs: list[dict], drift: dict | None, hyp: dict | N
             for t, d in hyp[name]["per_task"].items():
                 out[name.lower()][t] = _verdict(d.get("decision"), tasks.get(t, {}), smoke)
         for t, v in out["h1b"].items():
-            v.update(_drift_evidence(t, drift, hyp["H1b"]["per_task"][t]))
+            v.update(_drift_evidence(t, drift, hyp["H1b"]["per_task"][t], cfg.drift.h1b_min_reduction))
             if v.get("within_noise"):
                 v["recommend"] = False
         ov = hyp["H1b"].get("overall")
@@ -132,10 +132,12 @@ def _verdict(decision: str | None, task: dict, smoke: list[str], what: str = "{}
             "recommend": not smoke and decision in ("supported", "contradicted")}
 
 
-def _drift_evidence(task: str, drift: dict | None, h1b_task: dict) -> dict:
-    """Seed spread, noise floor and pooling agreement behind one task's H1b decision."""
+def _drift_evidence(task: str, drift: dict | None, h1b_task: dict, bound: float) -> dict:
+    """Seed spread, noise floor and pooling agreement behind one task's H1b decision. ``pooling_other_side``: the
+    two poolings' 95% CIs lie wholly on opposite sides of H1b's ``bound`` (one would say contradicted, the other
+    clear of it), which a sign check alone misses (a reduction of 15% against 55% both have the same sign)."""
     out: dict = {"noise": h1b_task.get("noise"), "within_noise": False, "spread": {}, "pooling_disagrees": False,
-                 "secondary_reduction": None}
+                 "secondary_reduction": None, "secondary_ci95": None, "pooling_other_side": False}
     noise = h1b_task.get("noise") or {}
     out["within_noise"] = bool(noise.get("full", {}).get("within_floor"))
     out["noise_words"] = [f"{'full FT' if m == 'full' else 'LoRA'} {n['drift']:.4f} vs {n['floor']:.4f}"
@@ -151,4 +153,8 @@ def _drift_evidence(task: str, drift: dict | None, h1b_task: dict) -> dict:
     out["secondary_reduction"] = s
     if _finite(prim) and _finite(s) and prim * s < 0:
         out["pooling_disagrees"] = True
+    ci, sci = h1b_task.get("ci95"), sec.get("ci95")
+    if ci and sci and all(_finite(x) for x in (*ci, *sci)):
+        out["secondary_ci95"] = list(sci)
+        out["pooling_other_side"] = (ci[1] < bound < sci[0]) or (sci[1] < bound < ci[0])
     return out

@@ -13,6 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lorastudy.serving.analysis import graph_weights_only  # noqa: E402
+
 P = ParamSpec("P")
 R = TypeVar("R")
 COLORS = {"full": "#c0392b", "lora": "#2874a6", "merged": "#7f8c8d", "peft": "#d68910", "batched": "#1e8449",
@@ -191,7 +193,8 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
             continue
         x, p50, p95 = zip(*pts, strict=True)
         base = e.split("-")[0]
-        ax.plot(x, p50, marker="o", color=COLORS.get(base), ls="--" if e.endswith("eager") else "-",
+        ax.plot(x, p50, marker="s" if e.endswith("vllm") else "o", color=COLORS.get(base),
+                ls="--" if e.endswith("eager") else ":" if e.endswith("-vllm") else "-",
                 label=f"{e} ({k} adapter{'s' if k > 1 else ''})")
         ax.fill_between(x, p50, p95, color=COLORS.get(base), alpha=0.12)
     ax.set_xscale("log", base=2)
@@ -203,7 +206,7 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
         ax.set_yscale("log")
     ax.set_ylabel("latency per batch, ms (p50; band to p95)" + (", log scale" if log_y else ""))
     ax.set_title(f"Serving latency ({res.get('device')}, {res.get('dtype')}, seq {recs[0]['seq_len']})", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     files += save(fig, outdir / "latency_vs_batch")
     # overhead vs number of adapters: one panel per engine, each on its own linear axis (PEFT's hundreds of
     # percent on a shared axis flatten the engines near the H2 bound)
@@ -213,6 +216,7 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
     nrow = -(-len(engines_ov) // ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.0 * nrow), squeeze=False, sharex=True)
     bound = 100 * h2_max
+    h2_engines = {h["engine"] for h in (ov.get("H2"), ov.get("H2_vllm")) if h and h.get("engine")}
     for ax, e in zip(axes.flat, engines_ov, strict=False):
         for b in batches:
             pts = sorted((r["n_adapters"], r["overhead"], *r["ci95"]) for r in ov["rows"]
@@ -224,7 +228,8 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
                         marker="o", capsize=2, color=COLORS.get(e.split("-")[0]),
                         alpha=0.3 + 0.7 * (b / max(batches)), label=f"batch {b}",
                         ls="--" if e.endswith("eager") else "-")
-        ax.axhline(bound, color="k", lw=0.8, ls=":", label=f"H2 bound ({bound:.0f}%)")
+        if e in h2_engines:  # (H2 is a claim about these engines only)
+            ax.axhline(bound, color="k", lw=0.8, ls=":", label=f"H2 bound ({bound:.0f}%)")
         ax.axhline(0, color="0.6", lw=0.6)
         ax.set_title(f"{e} vs {next(r['reference'] for r in ov['rows'] if r['engine'] == e)}", fontsize=8)
         ax.set_ylabel("overhead (%)", fontsize=8)
@@ -232,7 +237,7 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
     for ax in axes.flat[len(engines_ov):]:
         ax.set_visible(False)
     for ax in axes[-1]:
-        ax.set_xlabel("distinct adapters mixed in each batch", fontsize=8)
+        ax.set_xlabel("adapters served (mixed in a batch that holds them all, else in rotation)", fontsize=7)
     fig.suptitle("Overhead against the merged model, mean latency, 95% CI over interleaved repeats", fontsize=9)
     files += save(fig, outdir / "overhead_vs_adapters")
     # memory
@@ -242,7 +247,14 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
         if r["peak_memory_bytes"] is not None:  # None: not measured (a vLLM worker without a GPU)
             mem[r["engine"]] = max(mem.get(r["engine"], 0), r["peak_memory_bytes"])
     ax.bar(list(mem), [v / 2**20 for v in mem.values()], color=[COLORS.get(e.split("-")[0]) for e in mem])
-    ax.set_ylabel("peak memory, MiB (weights + activations)")
-    ax.set_title(f"Memory with {n_max} adapters (merged = {n_max} model copies)", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    for t in ax.get_xticklabels():
+        t.set_horizontalalignment("right")
+    weights_only = [e for e in graph_weights_only(res) if e in mem]
+    ax.set_ylabel("peak memory, MiB (largest over conditions)", fontsize=8)
+    ax.set_title(f"Peak memory per engine, {n_max} adapters: merged and merged-eager hold one model per "
+                 "adapter" + (", merged-vllm one" if "merged-vllm" in mem else "")
+                 + (f"\n({', '.join(weights_only)}: weights only, CUDA-graph pools not counted)" if weights_only
+                    else ""), fontsize=8)
     files += save(fig, outdir / "memory")
     return files

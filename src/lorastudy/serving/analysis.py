@@ -120,3 +120,16 @@ def _h2(rows: list[dict], engine: str, h2_max: float, alpha: float) -> dict:
                              f"{IMPLAUSIBLE_SPEEDUP:.0%} faster than merged is a measurement problem and leaves H2 "
                              "undecided",
             "per_batch_size": h2_rows, "decision": verdict}
+
+
+def graph_weights_only(serve: dict) -> list[str]:
+    """Engines on CUDA graphs (vLLM's aside) whose recorded peak memory is their weights, within 1 MiB, in every
+    condition: ``torch.cuda.max_memory_allocated`` does not see a graph's pool reserved at capture, so for them the
+    "peak" is weights only (the report says so beside the table)."""
+    by: dict[str, list[dict]] = {}
+    for r in serve.get("records", []):
+        if r.get("cuda_graph") and not r["engine"].endswith("vllm"):
+            by.setdefault(r["engine"], []).append(r)
+    return [e for e, rs in by.items()
+            if all(r.get("peak_memory_bytes") is not None and r.get("weights_bytes") is not None
+                   and abs(r["peak_memory_bytes"] - r["weights_bytes"]) < 2**20 for r in rs)]
