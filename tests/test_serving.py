@@ -558,7 +558,8 @@ def test_serve_bench_also_times_each_architecture_of_serve_archs(tmp_path, monke
     assert r.exit_code == 0, r.output + repr(r.exception)
     text = (out / "ANALYSIS_REPORT.md").read_text()
     assert "### At the `tinyllama` architecture's size (random weights): the study plan's model" in text
-    assert "- **H2 at the `tinyllama` architecture's size (random weights):** `batched` serving 6 adapters" in text
+    assert "- **H2 at the `tinyllama` architecture's size (random weights):** `batched` serving 6 adapters" in text \
+        and "\n| H2 (`tinyllama`) | batch 1 |" in text.split("## Statistical summary")[1]
     assert "](phase4/deployment/tinyllama/latency_vs_batch.png)" in text
     assert "- **Memory:** peak " in text and "- **Memory (`tinyllama`):** peak " in text
     assert "H2 in vLLM" not in text  # (no vLLM rows here)

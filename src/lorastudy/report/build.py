@@ -343,12 +343,18 @@ def mib(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
+def _arch_part(a: dict) -> dict:
+    """A serve.archs part as the statistical summary lists it: its label and its overhead analysis."""
+    return {"label": f" (`{a['arch']}`)", "ov": a["overhead"]}
+
+
 def template(name: str = "report.md.j2") -> jinja2.Template:
     """One of the report's Jinja templates (``serving.md.j2``: its macros are ``template(...).module.<name>``)."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("lorastudy", "report/templates"),
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
-    env.filters.update(f3=f3, pct=pct, pval=pval, mib=mib, graph_weights_only=graph_weights_only)
+    env.filters.update(f3=f3, pct=pct, pval=pval, mib=mib, graph_weights_only=graph_weights_only,
+                       arch_part=_arch_part)
     return env.get_template(name)
 
 
