@@ -24,7 +24,7 @@ from lorastudy.serving.analysis import graph_weights_only
 
 REPORT = "ANALYSIS_REPORT.md"
 # The operator's notes: what no artifact holds (the conditions a phase ran under, a neighbour on the host), written
-# by hand into the results dir and shown verbatim in their own, labelled section; `--check` compares the section
+# by hand into the results dir and quoted as written in their own, labelled section; `--check` compares the section
 # with the file's current text, so a stale report is caught, but it cannot vouch for what the notes say.
 NOTES = "NOTES.md"
 
@@ -207,8 +207,8 @@ def operator_notes(out: Path) -> str | None:
     The notes are Markdown written by hand; they are quoted (every line prefixed with ``> ``), so a heading, an
     unclosed code fence or an HTML comment in them stays inside the labelled section instead of reshaping the
     report, and the ``<`` that would open an HTML tag or comment is escaped (no raw HTML, no script in the HTML
-    report). Read as UTF-8 (a byte-order mark is
-    dropped); blank lines around the text are removed, the first line's indentation kept.
+    report). Read as UTF-8 (a byte-order mark is dropped); blank lines around the text are removed, the first
+    line's indentation kept.
 
     Raises ``store.StoreError`` (exit 2, naming the file) when NOTES.md is not a regular file (a directory, a
     dangling link), is larger than ``NOTES_MAX_BYTES``, or is not UTF-8."""
