@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -129,7 +130,6 @@ def test_concurrent_workers_one_sqlite_exact_trial_count(tiny_cfg, workers, stre
 def test_machines_starting_together_on_an_empty_storage_all_connect(tiny_cfg, storage):
     """Workers started at once on an empty database all create Optuna's schema (optuna/optuna#1092: on PostgreSQL
     all but one failed with a duplicate-key error): each gets a working storage."""
-    import threading
 
     cfg = _tiny(tiny_cfg, *([f"search.storage={storage}"] if storage else []))
     barrier, errors = threading.Barrier(4), []
@@ -148,6 +148,41 @@ def test_machines_starting_together_on_an_empty_storage_all_connect(tiny_cfg, st
         t.join(timeout=120)
     assert not errors, errors[0]
     assert tuning.get_study(cfg, "rte", "lora").get_trials() == []
+
+
+def test_no_trial_is_asked_once_the_interrupt_clean_up_has_begun(tiny_cfg):
+    """A fused group asks for trials from its own thread, which runs on while the main thread frees the running
+    trials after SIGTERM; a trial it asked after that stayed RUNNING (CI: `...[fused_group]`). The clean-up now
+    stops new asks first, and waits for one in progress: that trial is labelled, so the clean-up finds it."""
+    from lorastudy import execution
+
+    cfg = _tiny(tiny_cfg, "search.n_trials=3")
+    study = tuning.get_study(cfg, "rte", "lora")
+    try:
+        in_ask, release, stopped = threading.Event(), threading.Event(), threading.Event()
+
+        def slow_ask():  # an ask in progress when the signal comes
+            with execution.new_work() as allowed:
+                assert allowed
+                in_ask.set()
+                release.wait(10)
+
+        t = threading.Thread(target=slow_ask)
+        t.start()
+        in_ask.wait(10)
+        stopper = threading.Thread(target=lambda: (execution.stop_new_work(), stopped.set()))
+        stopper.start()
+        assert not stopped.wait(0.3)  # the clean-up waits for the ask in progress ...
+        release.set()
+        assert stopped.wait(10)  # ... then goes on
+        t.join(10)
+        stopper.join(10)
+        assert tuning._ask_trial(study, cfg, "lora", 0) is None and study.get_trials() == []  # nothing new
+        execution.allow_new_work()
+        trial, _ = tuning._ask_trial(study, cfg, "lora", 0)
+        assert trial.user_attrs["pid"] == os.getpid()
+    finally:
+        execution.allow_new_work()
 
 
 def test_two_machines_share_one_postgresql_study(tiny_cfg, postgres_storage, tmp_path):
@@ -256,7 +291,6 @@ def test_sigterm_stops_parallel_tune_and_frees_its_trials(tiny_cfg, extra, group
 
 
 def test_progress_follows_trials_finished_by_other_processes(tiny_cfg):
-    import threading
 
     cfg = _tiny(tiny_cfg, "methods=[lora]")
     st = tuning.get_study(cfg, "rte", "lora")

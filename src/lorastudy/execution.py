@@ -117,6 +117,36 @@ def clear_interrupt() -> None:
     _INTERRUPT.clear()
 
 
+# Starting new work and an interrupt's clean-up exclude each other. A fused group asks for tuning trials from its
+# own (daemon) thread, which goes on while the main thread handles SIGTERM; a trial it created after the clean-up
+# had looked for running trials would stay RUNNING in the study (seen in CI). The clean-up calls stop_new_work()
+# first: an ask in progress finishes (and its trial is then found), later ones see the stop and start nothing.
+_NEW_WORK = threading.Lock()
+_NO_NEW_WORK = threading.Event()
+NEW_WORK_WAIT_S = 30.0  # an ask is a few storage calls; past this the clean-up goes on without the lock
+
+
+@contextlib.contextmanager
+def new_work():
+    """Hold while starting a unit of work the interrupt's clean-up must see (e.g. asking for a trial and labelling
+    it); yields False once ``stop_new_work`` was called: start nothing then."""
+    with _NEW_WORK:
+        yield not _NO_NEW_WORK.is_set()
+
+
+def stop_new_work() -> None:
+    """No new work in this process from now on; returns once a start in progress (``new_work``) has finished."""
+    got = _NEW_WORK.acquire(timeout=NEW_WORK_WAIT_S)
+    _NO_NEW_WORK.set()
+    if got:
+        _NEW_WORK.release()
+
+
+def allow_new_work() -> None:
+    """Undo ``stop_new_work`` (a command starting again in the same process, e.g. in tests)."""
+    _NO_NEW_WORK.clear()
+
+
 def _interrupt_now(signum: int) -> None:
     """Raise the interrupt of a signal, the request set first: a KeyboardInterrupt that a signal handler raises
     while a finalizer runs (a weakref callback of SQLAlchemy's, a ``__del__``) is printed as "Exception ignored" and

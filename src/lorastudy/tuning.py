@@ -31,7 +31,7 @@ import yaml
 from optuna.trial import TrialState
 
 from lorastudy import store, tracking
-from lorastudy.execution import interrupt_requested, sigterm_as_interrupt
+from lorastudy.execution import allow_new_work, interrupt_requested, new_work, sigterm_as_interrupt, stop_new_work
 from lorastudy.training import HParams, train_run
 
 PRUNING = "none"
@@ -272,12 +272,18 @@ def _duplicate(study: optuna.Study, trial) -> bool:
 def _ask_trial(study: optuna.Study, cfg, method: str, worker: int):
     """The next trial of ``study`` for this worker, labelled with this host and pid, with its hyperparameter
     overrides: ``(trial, hp_overrides)``, or None while ``n_trials`` trials are complete or running. A trial
-    created by a race between workers beyond the first ``n_trials`` is marked ``surplus`` and never runs.
+    created by a race between workers beyond the first ``n_trials`` is marked ``surplus`` and never runs. None,
+    asking nothing, once an interrupt's clean-up has begun (``execution.stop_new_work``).
 
     Why not Optuna's MaxTrialsCallback: it stops ``Study.optimize`` once n trials are complete, but parallel workers
     (and fused groups asking for many trials at once) would overshoot; this count at ask time keeps it exact. Nor
     RetryFailedTrialCallback: it re-enqueues a failed trial's parameters, which the reseeded sampler below proposes
     again anyway with one worker; heartbeats (``fail_stale_trials``) are Optuna's own."""
+    with new_work() as allowed:  # (an interrupt's clean-up waits for an ask in progress: see there)
+        return _ask_trial_locked(study, cfg, method) if allowed else None
+
+
+def _ask_trial_locked(study: optuna.Study, cfg, method: str):
     target = cfg.search.n_trials
     retries = 0
     live_states = (TrialState.COMPLETE, TrialState.RUNNING)
@@ -571,11 +577,14 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
     failures: list[dict] = []
     workers_pids: set[int] = set()  # worker processes started (their trials are ours to free on an interrupt)
     started = datetime.datetime.now()
+    allow_new_work()
     try:
         with sigterm_as_interrupt():
             _tune_todo(cfg, todo, workers, streams, progress, stop, failures, workers_pids.add)
     except KeyboardInterrupt:
-        # the pool has ended the worker processes; their trials and this process's threads' are freed
+        # the pool has ended the worker processes; their trials and this process's threads' are freed, after this
+        # process's own threads (a fused group's) can no longer ask for a new one
+        stop_new_work()
         n = fail_own_running(cfg, todo, workers_pids, since=started)
         print(f"tune: interrupted; {n} running trial(s) marked failed, to be replaced on the next run", flush=True)
         raise
