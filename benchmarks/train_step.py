@@ -922,7 +922,7 @@ def lever_trajectory(model_name: str, method: str, names: list[str], n_steps: in
         release([], device)
     e = np.array(out["eager"])
     rel = lambda v: np.abs(np.array(v) - e) / np.maximum(np.abs(e), 1e-8)  # noqa: E731
-    ks = [k for k in (1, 5, 10, 20, 50, 100, 200) if k <= len(e)]
+    ks = sorted({*(k for k in (1, 5, 10, 20, 50, 100, 200) if k <= len(e)), len(e)})  # (and the whole run)
     lev = {k: float(rel(out["levers"])[:k].max()) for k in ks}
     pad = {k: float(rel(out["eager_padded"])[:k].max()) for k in ks}
     res = {"method": method, "levers": names, "batch_size": bs, "seq_len": seq, "steps": len(order), "lr": lr,

@@ -19,11 +19,12 @@ KS = (1, 5, 10, 20, 50, 100, 200)
 def band(losses: dict[str, list[float]], ks: tuple[int, ...] = KS) -> dict:
     """``losses``: ``{"levers" | "fused": [...], "eager": [...], "eager_padded": [...]}`` (one loss per step, the
     same batches in the same order). Returns ``{"ks", "relative": {"candidate", "padded", "within"},
-    "absolute": {...}, "argmax_relative": step index}`` over the prefixes ``ks`` no longer than the run."""
+    "absolute": {...}, "argmax_relative": step index}`` over the prefixes ``ks`` no longer than the run, and the
+    whole run."""
     e = np.asarray(losses["eager"], dtype=float)
     cand = np.asarray(losses["levers"] if "levers" in losses else losses["fused"], dtype=float)
     pad = np.asarray(losses["eager_padded"], dtype=float)
-    ks = [k for k in ks if k <= len(e)]
+    ks = sorted({*(k for k in ks if k <= len(e)), len(e)})  # (the whole run too, whatever its length)
     out: dict = {"ks": ks}
     for name, f in (("relative", lambda v: np.abs(v - e) / np.maximum(np.abs(e), 1e-8)),
                     ("absolute", lambda v: np.abs(v - e))):

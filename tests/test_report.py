@@ -181,16 +181,16 @@ def test_operator_notes_cannot_reshape_the_report(copy):
     does not swallow what follows, a script tag is text; a figure path in them outside the results dir is not
     embedded in the HTML."""
     (copy / build.NOTES).write_text("## Executive summary\n\n```\nunclosed fence\n<!-- unclosed comment\n"
-                                    "<script>alert(1)</script> a < b\n![x](../../etc/x.png)\n")
+                                    "<script>alert(1)</script> a < b\n![x](../../etc/x.png) [y](javascript:alert(1))\n")
     outside = copy.parent / "x.png"
     shutil.copy(next(copy.glob("phase4/*/*.png")), outside)
     (copy / build.NOTES).write_text((copy / build.NOTES).read_text().replace("../../etc/x.png", "../x.png"))
     assert _cli("report", copy).exit_code == 0
     text = (copy / build.REPORT).read_text()
     assert text.count("\n## Executive summary") == 1 and "> ## Executive summary" in text
-    assert "&lt;script>" in text and "a < b" in text and "&lt;!-- unclosed" in text
+    assert "> <script>alert(1)</script> a < b" in text and "> <!-- unclosed comment" in text  # (as written)
     html = (copy / build.REPORT).with_suffix(".html").read_text()
-    assert "<script>" not in html
+    assert "<script>" not in html and "&lt;script&gt;" in html and "javascript:" not in html
     for h in ("Data", "RQ1 — representation drift", "How to reproduce"):  # nothing swallowed after the notes
         assert f"<h2>{h}</h2>" in html, h
     assert 'src="../x.png"' in html  # (left as a link, not read into the page)
@@ -384,6 +384,16 @@ def drawn(study, tmp_path, monkeypatch):
     with plt.style.context("ggplot"):
         figures.drift_figures(results, hyp, tmp_path, withheld={"rte": ["lora/seed2024 failed"]})
     return kept, small
+
+
+def test_serving_figures_without_a_merged_reference(tmp_path):
+    """serve.engines without `merged` (e.g. [batched]) has no overhead rows: the figures are still drawn (a
+    ZeroDivisionError here failed the serving phase before it wrote its result)."""
+    recs = [{"engine": "batched", "n_adapters": 2, "batch_size": b, "seq_len": 8, "cuda_graph": False,
+             "latency_ms": {"p50": 1.0 * b, "p95": 1.5 * b, "mean": 1.1 * b}, "peak_memory_bytes": None,
+             "weights_bytes": None} for b in (1, 2)]
+    files = figures.serving_figures({"records": recs, "device": "cpu", "dtype": "float32"}, {"rows": []}, tmp_path)
+    assert {Path(f).name for f in files} >= {"overhead_vs_adapters.png", "latency_vs_batch.png", "memory.png"}
 
 
 def test_figures_use_their_own_style(drawn):

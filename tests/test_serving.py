@@ -607,3 +607,23 @@ def test_the_summary_gives_h2_in_vllm_vllm_against_batched_and_memory():
     assert str(template("serving.md.j2").module.serving_extras(overhead_analysis(bare, n_boot=50),
                                                 _serve_summary({"records": bare},
                                                                overhead_analysis(bare, n_boot=50)), "")).strip() == ""
+
+
+def test_the_resumed_pass_sentence_names_what_each_pass_timed():
+    """Which conditions an earlier, interrupted pass timed and which the finishing pass did (a helper's review: the
+    sentence said "the rest" where there was none, and named mixed traffic that did not exist)."""
+    from lorastudy.report.build import resumed_words
+
+    recs = [{"batch_size": b} for b in (1, 2, 4)]
+    mt = [{"batch_size": b} for b in (1, 2, 4)]
+    assert resumed_words({"records": recs, "mixed_traffic": mt}) == ""
+    s = resumed_words({"resumed_batch_sizes": [1, 2, 4], "records": recs, "mixed_traffic": mt, "gpu": "H200"})
+    assert s.startswith("Batch sizes 1, 2, 4 were timed by an earlier") and "GPU model" in s
+    assert s.endswith("; the mixed-traffic scenarios at batch sizes 1, 2, 4 and parity by the pass that finished.")
+    s = resumed_words({"resumed_batch_sizes": [1, 2, 4], "records": recs, "mixed_traffic": []})
+    assert s.endswith("; parity by the pass that finished.") and "mixed-traffic" not in s
+    s = resumed_words({"resumed_traffic_batch_sizes": [1], "records": recs, "mixed_traffic": mt})
+    assert s.startswith("The mixed-traffic scenarios at batch size 1 were timed")
+    assert "; batch sizes 1, 2, 4, the mixed-traffic scenarios at batch sizes 2, 4 and parity by" in s
+    s = resumed_words({"resumed_batch_sizes": [1], "records": recs, "mixed_traffic": mt})
+    assert s.startswith("Batch size 1 was timed") and "; batch sizes 2, 4, the mixed-traffic scenarios" in s

@@ -25,7 +25,7 @@ def test_a_small_loss_step_fails_the_relative_reading_only():
     levers = eager + rng.normal(0, 0.005, len(eager))
     levers[42] = eager[42] + 0.018
     b = band({"levers": levers, "eager": eager, "eager_padded": padded})
-    assert b["ks"] == [1, 5, 10, 20, 50]
+    assert b["ks"] == [1, 5, 10, 20, 50, 60]  # (the prefixes, and the whole run)
     assert not b["relative"]["within"] and b["absolute"]["within"] and b["argmax_relative"] == 42
 
 
@@ -36,3 +36,13 @@ def test_a_diverging_trajectory_fails_both_readings():
     b = band({"fused": fused, "eager": eager, "eager_padded": padded})
     assert not b["relative"]["within"] and not b["absolute"]["within"]
     assert b["absolute"]["candidate"][50] > 2 * b["absolute"]["padded"][50]
+
+
+def test_the_end_of_a_run_between_prefixes_is_checked():
+    """A 150-step run that jumps away after step 120: the fixed prefixes stop at 100, the whole run must count."""
+    rng = np.random.default_rng(2)
+    eager, padded = _losses(rng, n=150)
+    levers = eager + rng.normal(0, 0.002, 150)
+    levers[120:] = 5.0
+    b = band({"levers": levers, "eager": eager, "eager_padded": padded})
+    assert b["ks"][-1] == 150 and not b["absolute"]["within"] and not b["relative"]["within"]

@@ -185,6 +185,20 @@ def test_no_trial_is_asked_once_the_interrupt_clean_up_has_begun(tiny_cfg):
         execution.allow_new_work()
 
 
+def test_freeing_a_trial_that_finished_meanwhile_is_skipped(tiny_cfg):
+    """The clean-up lists the RUNNING trials, then a fused group's thread tells one of them before the clean-up
+    marks it: Optuna refused the update (UpdateFinishedTrialError) and the clean-up stopped there, leaving the
+    rest RUNNING. Now that trial is skipped and the others are freed."""
+    cfg = _tiny(tiny_cfg, "search.n_trials=3")
+    study = tuning.get_study(cfg, "rte", "lora")
+    a, b = study.ask(), study.ask()
+    listed = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    study.tell(a, 0.5)  # told between the listing and the marking
+    assert [tuning._mark_interrupted(study, t) for t in listed] == [False, True]
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert study.get_trials()[1].user_attrs["interrupted"] and b.number == 1
+
+
 def test_two_machines_share_one_postgresql_study(tiny_cfg, postgres_storage, tmp_path):
     """The README's multi-machine recipe: two `lorastudy tune` processes started together, each with its own
     results dir (two machines), on one PostgreSQL database: exactly n_trials complete, no point proposed twice, and

@@ -137,9 +137,11 @@ def new_work():
 def stop_new_work() -> None:
     """No new work in this process from now on; returns once a start in progress (``new_work``) has finished."""
     got = _NEW_WORK.acquire(timeout=NEW_WORK_WAIT_S)
-    _NO_NEW_WORK.set()
-    if got:
-        _NEW_WORK.release()
+    try:
+        _NO_NEW_WORK.set()
+    finally:  # (a second Ctrl-C here must not leave the lock held: every later ask would block)
+        if got:
+            _NEW_WORK.release()
 
 
 def allow_new_work() -> None:

@@ -31,7 +31,15 @@ import yaml
 from optuna.trial import TrialState
 
 from lorastudy import store, tracking
-from lorastudy.execution import allow_new_work, interrupt_requested, new_work, sigterm_as_interrupt, stop_new_work
+from lorastudy.execution import (
+    allow_new_work,
+    clear_interrupt,
+    interrupt_requested,
+    new_work,
+    request_interrupt,
+    sigterm_as_interrupt,
+    stop_new_work,
+)
 from lorastudy.training import HParams, train_run
 
 PRUNING = "none"
@@ -172,10 +180,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _mark_interrupted(study: optuna.Study, trial) -> None:
-    """A RUNNING trial whose run will never finish: FAIL, flagged ``interrupted``, so it is replaced."""
-    study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+def _mark_interrupted(study: optuna.Study, trial) -> bool:
+    """A RUNNING trial whose run will never finish: FAIL, flagged ``interrupted``, so it is replaced. False when the
+    trial finished meanwhile (a fused group's thread may still tell its trials while an interrupt is cleaned up)."""
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    return True
 
 
 # A worker labels the trial it creates with its host and pid at once; a trial still unlabelled this long after its
@@ -201,11 +214,9 @@ def fail_orphans(study: optuna.Study) -> int:
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("host") == host and not _pid_alive(int(t.user_attrs.get("pid", -1))):
-            _mark_interrupted(study, t)
-            n += 1
+            n += _mark_interrupted(study, t)
     for t in _unlabelled(study, UNLABELLED_GRACE_ANY_S):
-        _mark_interrupted(study, t)
-        n += 1
+        n += _mark_interrupted(study, t)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optuna.storages.fail_stale_trials(study)  # other machines: stale heartbeat
@@ -225,14 +236,12 @@ def fail_own_running(cfg, pairs: list[tuple[str, str]], pids: set[int] | None = 
     for study in studies:
         for tr in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if tr.user_attrs.get("host") == host and tr.user_attrs.get("pid") in pids:
-                _mark_interrupted(study, tr)
-                n += 1
+                n += _mark_interrupted(study, tr)
     if since is not None and any(_unlabelled(st, -1.0, since) for st in studies):
         time.sleep(UNLABELLED_GRACE_S)
         for study in studies:
             for tr in _unlabelled(study, UNLABELLED_GRACE_S, since):
-                _mark_interrupted(study, tr)
-                n += 1
+                n += _mark_interrupted(study, tr)
     return n
 
 
@@ -577,13 +586,15 @@ def tune(cfg, tasks: list[str] | None = None, methods: list[str] | None = None, 
     failures: list[dict] = []
     workers_pids: set[int] = set()  # worker processes started (their trials are ours to free on an interrupt)
     started = datetime.datetime.now()
-    allow_new_work()
+    allow_new_work()  # (a stale stop or request of an earlier, interrupted command in this process)
+    clear_interrupt()
     try:
         with sigterm_as_interrupt():
             _tune_todo(cfg, todo, workers, streams, progress, stop, failures, workers_pids.add)
     except KeyboardInterrupt:
         # the pool has ended the worker processes; their trials and this process's threads' are freed, after this
         # process's own threads (a fused group's) can no longer ask for a new one
+        request_interrupt()  # this process's fused groups stop at their next step (sigterm_as_interrupt cleared it)
         stop_new_work()
         n = fail_own_running(cfg, todo, workers_pids, since=started)
         print(f"tune: interrupted; {n} running trial(s) marked failed, to be replaced on the next run", flush=True)

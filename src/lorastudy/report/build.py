@@ -206,9 +206,9 @@ def operator_notes(out: Path) -> str | None:
 
     The notes are Markdown written by hand; they are quoted (every line prefixed with ``> ``), so a heading, an
     unclosed code fence or an HTML comment in them stays inside the labelled section instead of reshaping the
-    report, and the ``<`` that would open an HTML tag or comment is escaped (no raw HTML, no script in the HTML
-    report). Read as UTF-8 (a byte-order mark is dropped); blank lines around the text are removed, the first
-    line's indentation kept.
+    report (an HTML block ends with the quote); the HTML report renders no raw HTML at all (``_html``). Read as
+    UTF-8 (a byte-order mark is dropped); blank lines around the text are removed, the first line's indentation
+    kept.
 
     Raises ``store.StoreError`` (exit 2, naming the file) when NOTES.md is not a regular file (a directory, a
     dangling link), is larger than ``NOTES_MAX_BYTES``, or is not UTF-8."""
@@ -233,8 +233,7 @@ def operator_notes(out: Path) -> str | None:
         lines.pop()
     if not lines:
         return None
-    # (a tag, comment or declaration start only: "a < b" and "<=" read as written)
-    return re.sub(r"<(?=[A-Za-z/!?])", "&lt;", "\n".join(f"> {ln}".rstrip() for ln in lines))
+    return "\n".join(f"> {ln}" if ln.strip() else ">" for ln in lines)
 
 
 def _failed_trials(out: Path, tuning: dict | None) -> dict:
@@ -343,6 +342,37 @@ def mib(b) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
+def _sizes(words: str, sizes) -> str:
+    sizes = sorted(sizes)
+    return f"{words} {'size' if len(sizes) == 1 else 'sizes'} {', '.join(str(b) for b in sizes)}"
+
+
+def _and(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def resumed_words(serve: dict) -> str:
+    """The sentence saying which conditions of a serving result an earlier, interrupted pass timed (its
+    ``resumed_batch_sizes`` and ``resumed_traffic_batch_sizes``) and which the pass that finished did; empty when
+    none was resumed."""
+    rb = set(serve.get("resumed_batch_sizes") or [])
+    rt = set(serve.get("resumed_traffic_batch_sizes") or [])
+    if not rb and not rt:
+        return ""
+    all_b = {r["batch_size"] for r in serve.get("records", [])}
+    all_t = {m["batch_size"] for m in serve.get("mixed_traffic") or []}
+    earlier = ([_sizes("Batch", rb)] if rb else []) + ([_sizes("the mixed-traffic scenarios at batch", rt)] if rt
+                                                        else [])
+    earlier[0] = earlier[0][0].upper() + earlier[0][1:]
+    later = ([_sizes("batch", all_b - rb)] if all_b - rb else []) \
+        + ([_sizes("the mixed-traffic scenarios at batch", all_t - rt)] if all_t - rt else []) + ["parity"]
+    one = len(rb) == 1 and not rt  # ("the mixed-traffic scenarios" are plural)
+    where = "GPU model" if serve.get("gpu") else "machine"
+    return (f"{_and(earlier)} {'was' if one else 'were'} timed by an earlier, interrupted pass of the benchmark (same "
+            f"settings, adapters, recorded code version and {where}), in another process; {_and(later)} by the pass "
+            "that finished.")
+
+
 def _arch_part(a: dict) -> dict:
     """A serve.archs part as the statistical summary lists it: its label and its overhead analysis."""
     return {"label": f" (`{a['arch']}`)", "ov": a["overhead"]}
@@ -354,7 +384,7 @@ def template(name: str = "report.md.j2") -> jinja2.Template:
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
     env.filters.update(f3=f3, pct=pct, pval=pval, mib=mib, graph_weights_only=graph_weights_only,
-                       arch_part=_arch_part)
+                       arch_part=_arch_part, resumed_words=resumed_words)
     return env.get_template(name)
 
 
@@ -365,7 +395,12 @@ def render(cfg) -> str:
 def _html(md_text: str, root: Path) -> str:
     import markdown
 
-    body = markdown.markdown(md_text, extensions=["tables", "fenced_code"])
+    md = markdown.Markdown(extensions=["tables", "fenced_code"])
+    # no raw HTML: the report's own text has none, and the operator's notes must not bring any (a script, a
+    # comment that hides what follows); it is shown as text instead. Nor javascript: links.
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    body = re.sub(r'href="\s*javascript:[^"]*"', 'href="#"', md.convert(md_text), flags=re.I)
 
     def embed(m):
         src = m.group(1)

@@ -210,7 +210,7 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
     files += save(fig, outdir / "latency_vs_batch")
     # overhead vs number of adapters: one panel per engine, each on its own linear axis (PEFT's hundreds of
     # percent on a shared axis flatten the engines near the H2 bound)
-    engines_ov = sorted({r["engine"] for r in ov["rows"]})
+    engines_ov = sorted({r["engine"] for r in ov["rows"]}) or ["(no engine compared with merged)"]
     batches = sorted({r["batch_size"] for r in ov["rows"]})
     ncol = min(2, len(engines_ov))
     nrow = -(-len(engines_ov) // ncol)
@@ -231,13 +231,17 @@ def serving_figures(res: dict, ov: dict, outdir: Path, h2_max: float = 0.30) -> 
         if e in h2_engines:  # (H2 is a claim about these engines only)
             ax.axhline(bound, color="k", lw=0.8, ls=":", label=f"H2 bound ({bound:.0f}%)")
         ax.axhline(0, color="0.6", lw=0.6)
-        ax.set_title(f"{e} vs {next(r['reference'] for r in ov['rows'] if r['engine'] == e)}", fontsize=8)
+        ref = next((r["reference"] for r in ov["rows"] if r["engine"] == e), None)
+        ax.set_title(f"{e} vs {ref}" if ref else e, fontsize=8)
         ax.set_ylabel("overhead (%)", fontsize=8)
         ax.legend(fontsize=6, loc="best")
     for ax in axes.flat[len(engines_ov):]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("adapters served (mixed in a batch that holds them all, else in rotation)", fontsize=7)
+    if not ov["rows"]:  # (serve.engines without a merged reference: nothing to compare, the panel says so)
+        axes.flat[0].text(0.5, 0.5, "no overhead rows: serve.engines has no merged reference", ha="center",
+                          va="center", fontsize=8, transform=axes.flat[0].transAxes)
     fig.suptitle("Overhead against the merged model, mean latency, 95% CI over interleaved repeats", fontsize=9)
     files += save(fig, outdir / "overhead_vs_adapters")
     # memory
