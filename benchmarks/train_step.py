@@ -922,16 +922,14 @@ def lever_trajectory(model_name: str, method: str, names: list[str], n_steps: in
         release([], device)
     e = np.array(out["eager"])
     rel = lambda v: np.abs(np.array(v) - e) / np.maximum(np.abs(e), 1e-8)  # noqa: E731
-    ks = sorted({*(k for k in (1, 5, 10, 20, 50, 100, 200) if k <= len(e)), len(e)})  # (and the whole run)
-    lev = {k: float(rel(out["levers"])[:k].max()) for k in ks}
-    pad = {k: float(rel(out["eager_padded"])[:k].max()) for k in ks}
+    bd = band(out)  # (both readings, over the fixed prefixes and the whole run: trajectory_band.py)
+    ks, lev, pad = bd["ks"], bd["relative"]["candidate"], bd["relative"]["padded"]
     res = {"method": method, "levers": names, "batch_size": bs, "seq_len": seq, "steps": len(order), "lr": lr,
            "losses": out, "max_rel_diff_first_k": {"levers_vs_eager": lev, "eager_padded_vs_eager": pad},
            "median_rel_diff": {"levers_vs_eager": float(np.median(rel(out["levers"]))),
                                "eager_padded_vs_eager": float(np.median(rel(out["eager_padded"])))},
            "mean_loss_last_20": {k: float(np.mean(v[-20:])) for k, v in out.items()},
-           "within_band": all(lev[k] <= max(2 * pad[k], 0.01) for k in ks), "first_step_s": first_s,
-           "band": band(out)}  # (both readings: trajectory_band.py)
+           "within_band": bd["relative"]["within"], "first_step_s": first_s, "band": bd}
     print(f"trajectory {method} [{'+'.join(names)}] {len(order)} steps: levers vs eager max rel diff "
           f"{lev[ks[-1]]:.4f} (median {res['median_rel_diff']['levers_vs_eager']:.4f}); padded eager vs eager "
           f"{pad[ks[-1]]:.4f}; last-20 mean loss {res['mean_loss_last_20']}; within band: relative "
