@@ -297,12 +297,17 @@ def test_collapsed_task_is_named_and_no_recommendation_rests_on_it(copy, monkeyp
     assert _html_items(rec) == rec.count("\n- ") + rec.startswith("- ") == 2  # rte, serving
 
 
+def _drift_artifacts(out: Path):
+    """The drift phase's two JSON artifacts of ``out``, for tests that rewrite them: paths and parsed contents."""
+    hyp_path = out / "phase4/drift/hypothesis_test_results.json"
+    drift_path = out / "phase4/drift/drift_analysis_results.json"
+    return hyp_path, drift_path, json.loads(hyp_path.read_text()), json.loads(drift_path.read_text())
+
+
 def test_drift_within_noise_and_pooling_disagreement_are_said(copy, monkeypatch):
     _protocol_size(monkeypatch)
     _set_collapsed(copy, False)
-    hyp_path, drift_path = copy / "phase4/drift/hypothesis_test_results.json", copy / \
-        "phase4/drift/drift_analysis_results.json"
-    hyp, drift = json.loads(hyp_path.read_text()), json.loads(drift_path.read_text())
+    hyp_path, drift_path, hyp, drift = _drift_artifacts(copy)
     d = hyp["H1b"]["per_task"]["rte"]
     # as the rule writes them: within the floor (what this tiny study measures) and not
     d["noise"]["full"]["within_floor"] = True
@@ -329,9 +334,7 @@ def test_mean_pooling_on_the_other_side_of_the_bound_is_said_and_softens_the_adv
     pooling 55% [35, 75]: same sign, so the sign check said nothing, and the advice read "do not choose it"."""
     _protocol_size(monkeypatch)
     _set_collapsed(copy, False)
-    hyp_path, drift_path = copy / "phase4/drift/hypothesis_test_results.json", copy / \
-        "phase4/drift/drift_analysis_results.json"
-    hyp, drift = json.loads(hyp_path.read_text()), json.loads(drift_path.read_text())
+    hyp_path, drift_path, hyp, drift = _drift_artifacts(copy)
     d = hyp["H1b"]["per_task"]["rte"]
     d["noise"]["full"]["within_floor"] = False
     d.update(decision="contradicted", estimate=0.15, ci95=[0.115, 0.184])
