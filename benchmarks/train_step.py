@@ -444,8 +444,10 @@ def initial_state(cfg, method: str) -> dict:
     return trainable_state(seeded_model(cfg, "sst2", method, 0, hp, torch.device("cpu")).model)
 
 
-def fused_kernels(st, host, labels, weights, lrs, decays, device) -> int:
-    """CUDA kernels of one fused step (the static code a graph replays), counted by the profiler."""
+def fused_kernels(st, host, labels, weights, lrs, decays, device, top: int = 12) -> dict:
+    """One fused step's CUDA kernels (the static code a graph replays), from the profiler: their count, the sum of
+    their durations (the GPU's busy time, set beside the graph's step time), and the ``top`` kernels by total time
+    (name truncated, calls, ms), the profile that says what limits the step."""
     from torch.profiler import ProfilerActivity, profile
 
     width = host.shape[-1]
@@ -456,21 +458,31 @@ def fused_kernels(st, host, labels, weights, lrs, decays, device) -> int:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             st.step(host, labels, weights, lrs, decays)
             sync(device)
-        return sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        by_name: dict[str, list[float]] = {}
+        for e in events:
+            by_name.setdefault(e.name, []).append(e.device_time / 1e3)  # ms
+        ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+        return {"kernels_per_step": len(events),
+                "kernel_busy_ms": sum(sum(v) for v in by_name.values()),
+                "top_kernels": [{"name": k[:90], "calls": len(v), "ms": sum(v)} for k, v in ranked]}
     finally:
         st.fwd_bwd[width], st.opt_step = fwd, opt
 
 
 def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, steps: int, warm: int, init: dict,
-                        dropout: float = 0.0, profile: bool = False) -> dict:
-    """The fused step alone (static shapes, CUDA graphs on GPU): N runs x ``bs`` rows x ``seq`` random tokens."""
+                        dropout: float = 0.0, profile: bool = False, optimizer: str = "auto") -> dict:
+    """The fused step alone (static shapes, CUDA graphs on GPU): N runs x ``bs`` rows x ``seq`` random tokens;
+    ``optimizer``: the group's optimizer pass (fused_step.resolve_optimizer)."""
     amp = torch.bfloat16 if device.type == "cuda" else None
-    res = {"kind": "stepper", "method": method, "n": n, "batch_size": bs, "seq_len": seq, "lora_dropout": dropout}
+    res = {"kind": "stepper", "method": method, "n": n, "batch_size": bs, "seq_len": seq, "lora_dropout": dropout,
+           "optimizer": optimizer}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     fm = st = None
     try:
-        fm = FusedModel(cfg, method, 2, n, device, amp)
+        fm = FusedModel(cfg, method, 2, n, device, amp, optimizer)
+        res["optimizer"] = fm.optimizer
         st = FusedStepper(fm, bs, 0.3, 32, cuda_graph=device.type == "cuda", dropout=dropout > 0)
         for slot in range(n):
             fm.load_slot(slot, init)
@@ -487,7 +499,7 @@ def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, ste
         res.update(fused_step_ms=ms, run_steps_per_s=n / ms * 1e3, optimizer_ms=opt_ms, params_per_run=sum(
             math.prod(shape) for _, _, shape in fm.bank.offsets.values()))
         if device.type == "cuda" and profile:
-            res["kernels_per_step"] = fused_kernels(st, host, labels, weights, lrs, decays, device)
+            res.update(fused_kernels(st, host, labels, weights, lrs, decays, device))
     except torch.cuda.OutOfMemoryError as e:
         res["error"] = f"out of memory: {str(e)[:200]}"
     finally:
@@ -497,7 +509,7 @@ def fused_stepper_point(cfg, method: str, n: int, bs: int, seq: int, device, ste
         gc.collect()  # the OOM's traceback frames held the half-built bank: the next point ran out of memory
         release([], device)
     res["peak_memory_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-    print(f"fused  {method:4s} N={n:<3d} b={bs} s={seq:<3d} dropout={dropout:.2f} "
+    print(f"fused  {method:4s} N={n:<3d} b={bs} s={seq:<3d} dropout={dropout:.2f} opt={res['optimizer']:6s} "
           + (f"{res['fused_step_ms']:8.2f} ms/step  {res['run_steps_per_s']:8.0f} run-steps/s  optimizer "
              f"{res['optimizer_ms']:7.2f} ms" + (f"  {res['kernels_per_step']} kernels" if "kernels_per_step" in res
                                                  else "") if "error" not in res else res["error"])
@@ -655,7 +667,7 @@ def fused_trajectory(method: str, n_steps: int, others: int, device, glue: str |
 def fused_table(out: dict) -> None:
     """The fused part's numbers, one line per point (printed last)."""
     print("\nfused training (run-steps/s = runs x optimizer steps per second)")
-    print(f"{'kind':8s} {'method':6s} {'N':>3s} {'batch':>5s} {'seq':>4s} {'drop':>5s} {'ms/step':>9s} "
+    print(f"{'kind':8s} {'method':6s} {'N':>3s} {'batch':>5s} {'seq':>4s} {'drop':>5s} {'opt':>6s} {'ms/step':>9s} "
           f"{'run-steps/s':>11s} {'x lone':>7s} {'peak GiB':>8s} {'opt ms':>7s} {'opt Gparam/s':>12s} "
           f"{'kernels':>7s}")
     lone = {(r["method"], r["batch_size"], r["seq_len"]): r["run_steps_per_s"] for r in out.get("lone", [])}
@@ -665,7 +677,7 @@ def fused_table(out: dict) -> None:
         base = lone.get((r["method"], r["batch_size"], r.get("seq_len")))
         peak = r.get("peak_memory_bytes")
         print(f"{r['kind']:8s} {r['method']:6s} {r['n']:3d} {r['batch_size']:5d} {str(r.get('seq_len', 'real')):>4s} "
-              f"{r.get('lora_dropout', 0.0):5.2f} "
+              f"{r.get('lora_dropout', 0.0):5.2f} {r.get('optimizer', '-'):>6s} "
               + (f"{ms:9.2f} " if ms else f"{'-':>9s} ") + (f"{rate:11.0f} " if rate else f"{'-':>11s} ")
               + (f"{rate / base:7.1f} " if rate and base else f"{'-':>7s} ")
               + (f"{peak / 2**30:8.1f}" if peak else f"{'-':>8s}")
@@ -674,6 +686,12 @@ def fused_table(out: dict) -> None:
               + f" {r.get('kernels_per_step', '-'):>7}" + (f"  {r['error']}" if "error" in r else ""))
     print("opt Gparam/s: trainable parameters (all runs) per second through the optimizer graph alone; times the "
           "bytes it moves per parameter, its memory bandwidth")
+    for r in out.get("points", []):
+        if r.get("top_kernels"):
+            print(f"profile {r['method']} N={r['n']} opt={r.get('optimizer')}: {r['kernels_per_step']} kernels, "
+                  f"{r['kernel_busy_ms']:.2f} ms of kernel time (graph step {r.get('fused_step_ms', 0):.2f} ms)")
+            for k in r["top_kernels"]:
+                print(f"   {k['ms']:8.2f} ms  {k['calls']:5d} x  {k['name']}")
     for t in out.get("trajectory", []):
         print(f"trajectory {t['method']}: max rel diff fused vs alone, first k steps: {t['max_rel_diff_first_k']}"
               + (f"; bf16 noise band (padded vs eager): "
@@ -692,9 +710,10 @@ def fused_part(a, device, save) -> dict:
                 out["lone"].append(lone_point(cfg, method, bs, seq, device, steps, warm))
                 save(out)
                 for n in a.fused_n:
-                    out["points"].append(fused_stepper_point(cfg, method, n, bs, seq, device, steps, warm, init,
-                                                             profile=n == max(a.fused_n)))
-                    save(out)
+                    for opt in a.fused_optimizers:  # side by side in one run: their ratio is measured
+                        out["points"].append(fused_stepper_point(cfg, method, n, bs, seq, device, steps, warm, init,
+                                                                 profile=n == max(a.fused_n), optimizer=opt))
+                        save(out)
         for bs in a.fused_extra_bs:  # rows padded to a common batch size: what a run of another size costs
             out["points"].append(fused_stepper_point(cfg, method, max(a.fused_n), bs, LENGTHS[a.fused_lengths[0]],
                                                      device, steps, warm, init))
@@ -1090,6 +1109,8 @@ def main() -> None:
                     help="LoRA group sizes also measured with dropout 0.1 (first batch size and length)")
     ap.add_argument("--fused-group-n", nargs="*", type=int, default=[32],
                     help="group sizes of the trainer-loop measurement on real SST-2 batches (first batch size)")
+    ap.add_argument("--fused-optimizers", nargs="+", choices=["auto", "torch", "triton"], default=["auto"],
+                    help="the fused groups' optimizer passes to time side by side (fused_step.resolve_optimizer)")
     ap.add_argument("--fused-streams", type=int, default=8, help="lone runs on this many streams (0: skip)")
     ap.add_argument("--fused-trajectory-steps", type=int, default=200, help="0: skip the trajectory check")
     ap.add_argument("--fused-trajectory-others", type=int, default=7, help="other runs in the trajectory's group")

@@ -88,9 +88,9 @@ def test_hash_leaves_out_how_runs_are_executed_but_not_what_they_compute():
     from lorastudy.config import EXECUTION_KEYS
 
     base = StudyConfig().hash()
-    other = {"fast_step": "eager", "fuse": "off", "fuse_max_runs": 8, "step_levers": ["fused_kernels"],
-             "compile_mode": "max-autotune-no-cudagraphs", "compile_dynamic": True, "compile_cache_dir": "elsewhere",
-             "checkpoint_every_min": 1.0}
+    other = {"fast_step": "eager", "fuse": "off", "fuse_max_runs": 8, "fuse_optimizer": "torch",
+             "step_levers": ["fused_kernels"], "compile_mode": "max-autotune-no-cudagraphs", "compile_dynamic": True,
+             "compile_cache_dir": "elsewhere", "checkpoint_every_min": 1.0}
     assert sorted(f"train.{k}" for k in other) == sorted(EXECUTION_KEYS)
     for key, value in other.items():
         assert StudyConfig(train={key: value}).hash() == base, key

@@ -54,11 +54,17 @@ def _same_run(alone: dict, group: dict) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_group_of_three_equals_the_runs_alone(tiny_cfg, method):
+@pytest.mark.parametrize("optimizer", ["torch", "triton"])
+def test_group_of_three_equals_the_runs_alone(tiny_cfg, method, optimizer):
     """Different seeds (two runs share one), learning rates, LoRA alphas, schedule lengths and warmups, weight
     decays, batch sizes (so batch orders): each run's losses, early-stopping step, predictions and saved weights
-    are those of the run trained alone."""
-    cfg = _cfg(tiny_cfg)
+    are those of the run trained alone. ``triton``: the group's optimizer pass is fused_adamw's kernel (Triton's
+    interpreter on CPU: tests/test_fused_adamw.py runs these cases in a child process with it on)."""
+    from lorastudy import fused_adamw
+
+    if optimizer == "triton" and not fused_adamw.available(torch.device("cpu")):
+        pytest.skip("the kernel runs here only in Triton's interpreter (tests/test_fused_adamw.py)")
+    cfg = _cfg(tiny_cfg, f"train.fuse_optimizer={optimizer}")
     runs = [(0, _hp(cfg, method, lr=3e-3, lora_alpha=8, epochs=2, warmup_ratio=0.1, weight_decay=0.01,
                     batch_size=4)),
             (1, _hp(cfg, method, lr=8e-3 if method == "lora" else 2e-3, lora_alpha=32, epochs=1, warmup_ratio=0.0,

@@ -51,8 +51,9 @@ def _has_bool(v) -> bool:
 # test_step_levers.py), so they stay out of the config hash (a study may change them between phases or task
 # shards: merge.SHARD_FREE_KEYS) and every run's metrics.json records the ones it ran with (step_mode,
 # step_levers). Dotted keys of the resolved config.
-EXECUTION_KEYS = ("train.fast_step", "train.fuse", "train.fuse_max_runs", "train.step_levers", "train.compile_mode",
-                  "train.compile_dynamic", "train.compile_cache_dir", "train.checkpoint_every_min")
+EXECUTION_KEYS = ("train.fast_step", "train.fuse", "train.fuse_max_runs", "train.fuse_optimizer", "train.step_levers",
+                  "train.compile_mode", "train.compile_dynamic", "train.compile_cache_dir",
+                  "train.checkpoint_every_min")
 
 
 class _Strict(BaseModel):
@@ -224,6 +225,10 @@ class TrainConfig(_Strict):
     # run (the reference path), `auto` = on when runs train on a CUDA device with fast_step auto or cuda_graph.
     fuse: Literal["auto", "on", "off"] = "auto"
     fuse_max_runs: int = Field(32, ge=1, le=1024)  # runs (slots) per fused group
+    # A fused group's optimizer pass (fused_step.resolve_optimizer): `triton` = one pass per buffer (clip scale,
+    # decay, AdamW, compute copy: fused_adamw.py), `torch` = torch.optim.AdamW after separate passes (the
+    # reference), `auto` = triton on CUDA with Triton, else torch.
+    fuse_optimizer: Literal["auto", "torch", "triton"] = "auto"
     # Minutes between a run's mid-run checkpoints (checkpoint.py; 0 = none: runs still checkpoint on SIGTERM/SIGINT
     # and at --time-budget). Like the other EXECUTION_KEYS, not in the config hash: it does not change results.
     checkpoint_every_min: float = Field(10.0, ge=0, le=1440)

@@ -172,7 +172,7 @@ class FusedGroup:
         self.amp = amp_dtype(cfg.train.precision, device)
         self.mode = "cuda_graph" if step_mode(cfg.train.fast_step, device) == "cuda_graph" else "static"
         self.buckets = run_buckets(cfg, self.mode)
-        self.fm = FusedModel(cfg, method, num_labels, slots, device, self.amp)
+        self.fm = FusedModel(cfg, method, num_labels, slots, device, self.amp, cfg.train.fuse_optimizer)
         dropout = dropout and method == "lora"
         # train.step_levers: those that act on a fused step (fused_step.FUSED_LEVERS; the others are noted once)
         levers = StepLevers.from_config(cfg.train, cfg.out)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorastudy import fused_adamw
 from lorastudy import modeling as M
 from lorastudy.fast_step import _Replayable, fuse_rms_norms, h2d
 from lorastudy.step_levers import StepLevers, prepare_model
@@ -64,14 +65,18 @@ class _Slots:
 
 class _StackedMatmul(torch.autograd.Function):
     """``y[n] = x[n] @ w[n]^T`` for every run n (a batched matmul), computed with ``compute`` (the compute-dtype copy
-    of ``master``, refreshed once per optimizer step: the values autocast would cast inside the matmul); the
-    gradient of ``master`` comes back in float32 and that of ``x`` in x's dtype, as autocast's casts give them."""
+    of ``master``, refreshed once per optimizer step: the values autocast would cast inside the matmul). The
+    gradient of ``master`` is written straight into ``grad_buf`` (its view of the group's gradient buffer, see
+    ``_Bank``): computed in the compute dtype as autocast's matmul computes it, stored in the buffer's dtype (a bf16
+    buffer holds it exactly). Why not return it: autograd would cast it to fp32 and add it into the buffer, three
+    more passes over every weight; each stacked weight is used once per forward, so writing replaces adding."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, master: torch.Tensor, compute: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, master: torch.Tensor, compute: torch.Tensor, grad_buf: torch.Tensor
+                ) -> torch.Tensor:
         xc = x.to(compute.dtype)
         ctx.save_for_backward(xc, compute)
-        ctx.x_dtype, ctx.w_dtype = x.dtype, master.dtype
+        ctx.x_dtype, ctx.grad_buf = x.dtype, grad_buf
         return torch.bmm(xc, compute.transpose(1, 2))
 
     @staticmethod
@@ -79,8 +84,32 @@ class _StackedMatmul(torch.autograd.Function):
         xc, w = ctx.saved_tensors
         g = g.to(w.dtype)
         gx = torch.bmm(g, w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        gw = torch.bmm(g.transpose(1, 2), xc).to(ctx.w_dtype)
-        return gx, gw, None
+        buf = ctx.grad_buf
+        if buf.dtype == w.dtype:
+            torch.bmm(g.transpose(1, 2), xc, out=buf)
+        else:
+            buf.copy_(torch.bmm(g.transpose(1, 2), xc))
+        return gx, None, None, None
+
+
+class _StackedLookup(torch.autograd.Function):
+    """``weight[run[n], ids[n]]``: each run's rows look up its own table; the backward adds the rows' gradients
+    into ``grad_buf`` (the table's view of the zeroed gradient buffer) instead of building a dense
+    ``[N, vocab, hidden]`` gradient and adding that (what the backward of advanced indexing does: 3 passes over
+    every run's table)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, run: torch.Tensor, ids: torch.Tensor, grad_buf: torch.Tensor
+                ) -> torch.Tensor:
+        ctx.save_for_backward(run, ids)
+        ctx.grad_buf = grad_buf
+        return weight[run, ids]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        run, ids = ctx.saved_tensors
+        ctx.grad_buf.index_put_((run.expand_as(ids), ids), g.to(ctx.grad_buf.dtype), accumulate=True)
+        return None, None, None, None
 
 
 class FusedLinear(nn.Module):
@@ -92,15 +121,15 @@ class FusedLinear(nn.Module):
         self.has_bias = linear.bias is not None
         self.weight_c: torch.Tensor | None = None
 
-    def specs(self) -> list[tuple[str, tuple[int, ...], bool]]:
-        out = [("weight", (self.out_features, self.in_features), True)]
-        return out + ([("bias", (self.out_features,), False)] if self.has_bias else [])
+    def specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        out = [("weight", (self.out_features, self.in_features), "mm")]
+        return out + ([("bias", (self.out_features,), "none")] if self.has_bias else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, idx = self.slots.count, self.slots.index
         x3 = x.reshape(n, -1, self.in_features)
         if idx is None and torch.is_grad_enabled():
-            y = _StackedMatmul.apply(x3, self.weight, self.weight_c)
+            y = _StackedMatmul.apply(x3, self.weight, self.weight_c, self.weight.grad)
         else:  # evaluation (no grad), possibly on a subset of the slots
             w = self.weight_c if idx is None else self.weight_c.index_select(0, idx)
             y = torch.bmm(x3.to(w.dtype), w.transpose(1, 2))
@@ -121,13 +150,18 @@ class FusedEmbedding(nn.Module):
         self.slots, self.num, self.dim, self.padding_idx = slots, emb.num_embeddings, emb.embedding_dim, \
             emb.padding_idx
 
-    def specs(self) -> list[tuple[str, tuple[int, ...], bool]]:
-        return [("weight", (self.num, self.dim), True)]
+    def specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        return [("weight", (self.num, self.dim), "decay")]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         n, idx = self.slots.count, self.slots.index
-        run = torch.arange(n, device=ids.device) if idx is None else idx
-        return self.weight[run[:, None], ids.reshape(n, -1)].reshape(*ids.shape, self.dim)
+        run = (torch.arange(n, device=ids.device) if idx is None else idx)[:, None]
+        ids2 = ids.reshape(n, -1)
+        if idx is None and torch.is_grad_enabled():
+            out = _StackedLookup.apply(self.weight, run, ids2, self.weight.grad)
+        else:
+            out = self.weight[run, ids2]
+        return out.reshape(*ids.shape, self.dim)
 
     def zero_padding_grad(self) -> None:
         """nn.Embedding gives the padding row no gradient; the stacked lookup's backward does, so it is zeroed."""
@@ -143,8 +177,8 @@ class FusedRMSNorm(nn.Module):
         super().__init__()
         self.slots, self.dim, self.eps = slots, norm.weight.shape[0], norm.variance_epsilon
 
-    def specs(self) -> list[tuple[str, tuple[int, ...], bool]]:
-        return [("weight", (self.dim,), False)]
+    def specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        return [("weight", (self.dim,), "none")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, idx = self.slots.count, self.slots.index
@@ -165,8 +199,8 @@ class FusedLoraLinear(nn.Module):
         self.mask_k: int | None = None  # position among the group's dropout modules of this width
         self.A_c = self.B_c = None
 
-    def specs(self) -> list[tuple[str, tuple[int, ...], bool]]:
-        return [("lora_A", (self.rank, self.in_features), True), ("lora_B", (self.out_features, self.rank), True)]
+    def specs(self) -> list[tuple[str, tuple[int, ...], str]]:
+        return [("lora_A", (self.rank, self.in_features), "mm"), ("lora_B", (self.out_features, self.rank), "mm")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -178,8 +212,8 @@ class FusedLoraLinear(nn.Module):
         else:
             x3 = x.reshape(n, -1, self.in_features)
         if idx is None and torch.is_grad_enabled():
-            h = _StackedMatmul.apply(x3, self.lora_A, self.A_c)
-            t = _StackedMatmul.apply(h, self.lora_B, self.B_c)
+            h = _StackedMatmul.apply(x3, self.lora_A, self.A_c, self.lora_A.grad)
+            t = _StackedMatmul.apply(h, self.lora_B, self.B_c, self.lora_B.grad)
             scale = self.scale_c
         else:
             a = self.A_c if idx is None else self.A_c.index_select(0, idx)
@@ -192,34 +226,47 @@ class FusedLoraLinear(nn.Module):
 
 # -- the group's trainable weights -------------------------------------------------------------------------------
 class _Bank:
-    """Every trainable tensor of a group: fp32 masters in two flat ``[N, P]`` buffers (weight decay / none), their
-    gradients, compute-dtype copies and best-checkpoint copies; each stacked module weight is a view into them.
-    Why flat: per-run operations (clipping norm, decay, slot load, best copy) are one kernel per buffer."""
+    """Every trainable tensor of a group: fp32 masters in flat ``[N, P]`` buffers, their gradients, compute-dtype
+    copies and best-checkpoint copies; each stacked module weight is a view into them. Why flat: per-run operations
+    (clipping norm, decay, AdamW, slot load, best copy) are one kernel per buffer.
 
-    def __init__(self, entries: list[tuple[str, tuple[int, ...], bool]], n: int, device: torch.device,
-                 compute_dtype: torch.dtype) -> None:
+    Three buffers (``BUFFERS``), by what the step does with them: ``mm``, matmul weights (weight decay; a compute
+    copy; gradient written whole by ``_StackedMatmul``, so never zeroed, and stored in ``mm_grad_dtype``), ``decay``
+    (weight decay: the embeddings; gradient accumulated, zeroed after each step) and ``none`` (no weight decay: norm
+    weights and biases; accumulated, zeroed)."""
+
+    BUFFERS = ("mm", "decay", "none")
+
+    def __init__(self, entries: list[tuple[str, tuple[int, ...], str]], n: int, device: torch.device,
+                 compute_dtype: torch.dtype, mm_grad_dtype: torch.dtype = torch.float32) -> None:
         self.n, self.device = n, device
-        self.offsets: dict[str, tuple[bool, int, tuple[int, ...]]] = {}
-        size = {True: 0, False: 0}
-        for name, shape, decay in entries:
-            self.offsets[name] = (decay, size[decay], shape)
-            size[decay] += math.prod(shape)
-        self.kinds = [k for k in (True, False) if size[k]]
+        self.offsets: dict[str, tuple[str, int, tuple[int, ...]]] = {}
+        size = dict.fromkeys(self.BUFFERS, 0)
+        for name, shape, buf in entries:
+            if buf not in size:
+                raise ValueError(f"unknown buffer {buf!r} for {name}")
+            self.offsets[name] = (buf, size[buf], shape)
+            size[buf] += math.prod(shape)
+        self.kinds = [k for k in self.BUFFERS if size[k]]
+        self.decayed = [k for k in self.kinds if k != "none"]
+        self.zeroed = [k for k in self.kinds if k != "mm"]
         z = dict(device=device)
         self.master = {k: torch.zeros(n, size[k], **z) for k in self.kinds}
-        self.grad = {k: torch.zeros(n, size[k], **z) for k in self.kinds}
+        self.grad = {k: torch.zeros(n, size[k], dtype=mm_grad_dtype if k == "mm" else torch.float32, **z)
+                     for k in self.kinds}
         self.best = {k: torch.zeros(n, size[k], **z) for k in self.kinds}
-        self.compute = {k: (self.master[k] if compute_dtype == torch.float32
+        # compute copies: the matmul weights only (embeddings, norms and biases are used in float32, as HF does)
+        self.compute = {k: (self.master[k] if compute_dtype == torch.float32 or k != "mm"
                             else torch.zeros(n, size[k], dtype=compute_dtype, **z)) for k in self.kinds}
 
     def _view(self, buf: torch.Tensor, name: str) -> torch.Tensor:
-        decay, off, shape = self.offsets[name]
+        _, off, shape = self.offsets[name]
         return buf[:, off: off + math.prod(shape)].view(self.n, *shape)
 
     def parameter(self, name: str) -> nn.Parameter:
-        decay = self.offsets[name][0]
-        p = nn.Parameter(self._view(self.master[decay], name))
-        p.grad = self._view(self.grad[decay], name)  # persistent: backward accumulates into the flat buffer
+        buf = self.offsets[name][0]
+        p = nn.Parameter(self._view(self.master[buf], name))
+        p.grad = self._view(self.grad[buf], name)  # persistent: backward writes or accumulates into the flat buffer
         return p
 
     def compute_view(self, name: str) -> torch.Tensor:
@@ -240,8 +287,8 @@ class _Bank:
         """Tensors by name into the slot's ``master`` weights (compute copies refreshed) or its ``best`` copy."""
         bufs = self.master if buf == "master" else self.best
         for name, t in tensors.items():
-            decay, off, shape = self.offsets[name]
-            bufs[decay][slot, off: off + math.prod(shape)].copy_(t.reshape(-1), non_blocking=True)
+            key, off, shape = self.offsets[name]
+            bufs[key][slot, off: off + math.prod(shape)].copy_(t.reshape(-1), non_blocking=True)
         if buf == "master":
             self.refresh(slot)
 
@@ -251,8 +298,8 @@ class _Bank:
         bufs = self.master if buf == "master" else self.best
         host = {k: bufs[k][slot].float().cpu() for k in self.kinds}
         out = {}
-        for name, (decay, off, shape) in self.offsets.items():
-            out[name] = host[decay][off: off + math.prod(shape)].view(shape).clone()
+        for name, (key, off, shape) in self.offsets.items():
+            out[name] = host[key][off: off + math.prod(shape)].view(shape).clone()
         return out
 
     @torch.no_grad()
@@ -333,6 +380,24 @@ def unfusable_reason(cfg, method: str) -> str | None:
     return _REASONS[key]
 
 
+OPTIMIZERS = ("auto", "torch", "triton")
+
+
+def resolve_optimizer(spec: str, device: torch.device) -> str:
+    """The fused group's optimizer pass: ``torch`` (torch.optim.AdamW, a parameter group per run, after separate
+    clipping, decay and refresh passes: the reference) or ``triton`` (fused_adamw's one-pass kernel); ``auto``:
+    triton where it runs (CUDA with Triton), else torch. Raises ValueError for another name or an unavailable
+    kernel."""
+    if spec not in OPTIMIZERS:
+        raise ValueError(f"unknown fused optimizer {spec!r} (one of {', '.join(OPTIMIZERS)})")
+    if spec == "auto":
+        return "triton" if device.type == "cuda" and fused_adamw.available(device) else "torch"
+    if spec == "triton" and not fused_adamw.available(device):
+        raise ValueError(f"the fused_adamw kernel cannot run on {device} (needs Triton and CUDA, or Triton's "
+                         "interpreter on CPU)")
+    return spec
+
+
 class FusedModel:
     """An HF classifier with its parameter-holding modules stacked for ``n`` runs (see the module docstring).
 
@@ -340,9 +405,10 @@ class FusedModel:
     for loading initial weights and writing a run's artifacts. Raises FusionError for modules it cannot stack."""
 
     def __init__(self, cfg, method: str, num_labels: int, n: int, device: torch.device,
-                 amp: torch.dtype | None) -> None:
+                 amp: torch.dtype | None, optimizer: str = "auto") -> None:
         self.method, self.n, self.device, self.amp = method, n, device, amp
         self.compute_dtype = amp or torch.float32
+        self.optimizer = resolve_optimizer(optimizer, device)
         self.slots = _Slots(n)
         model, self.tokenizer = M.load_base(cfg.model, num_labels, seed=0)
         model.requires_grad_(False)
@@ -361,9 +427,11 @@ class FusedModel:
             for mod in model.modules():  # the frozen base's matmul weights, cast once (what autocast casts to)
                 if isinstance(mod, nn.Linear):
                     mod.to(self.compute_dtype)
-        entries = [(f"{path}.{name}", shape, decay) for path, mod in stacked.items()
-                   for name, shape, decay in mod.specs()]
-        self.bank = _Bank(entries, n, device, self.compute_dtype)
+        entries = [(f"{path}.{name}", shape, buf) for path, mod in stacked.items()
+                   for name, shape, buf in mod.specs()]
+        # the one-pass kernel reads the matmul gradients in the compute dtype (exact: see _StackedMatmul)
+        self.bank = _Bank(entries, n, device, self.compute_dtype,
+                          self.compute_dtype if self.optimizer == "triton" else torch.float32)
         for path, mod in stacked.items():
             for name, _, _ in mod.specs():
                 setattr(mod, name, self.bank.parameter(f"{path}.{name}"))
@@ -447,28 +515,36 @@ class FusedStepper:
         self.eval_out: dict[int, torch.Tensor] = {}
         self.eval_runs: dict[tuple[int, int], Callable[[], None]] = {}
         bank = fm.bank
-        # one AdamW parameter group per run: per-run learning rate and step counts; the weight decay is applied
-        # before the step with each run's own lr x decay (AdamW's first line), so AdamW itself runs with none
-        self.run_params = [[nn.Parameter(bank.master[k][i]) for k in bank.kinds] for i in range(n)]
-        for i in range(n):
-            for k, p in zip(bank.kinds, self.run_params[i], strict=True):
-                p.grad = bank.grad[k][i]
-        if cuda_graph:
-            self.lr = torch.zeros(n, device=dev)
-            self.decay = torch.ones(n, device=dev)
-            groups = [{"params": ps, "lr": self.lr[i], "weight_decay": 0.0} for i, ps in enumerate(self.run_params)]
-            self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8, fused=True, capturable=True)
+        self.betas, self.eps = (0.9, 0.999), 1e-8  # AdamW's defaults, which training.make_optimizer uses
+        # the learning rate per run: a device tensor where a graph or the kernel reads it, else the groups' floats
+        self.lr = torch.zeros(n, device=dev) if cuda_graph or fm.optimizer == "triton" else [0.0] * n
+        self.decay = torch.ones(n, device=dev)  # 1 - lr x weight decay, per run (AdamW's first line)
+        self.ones = torch.ones(n, device=dev)  # the decay factor of the buffer without weight decay
+        if fm.optimizer == "triton":
+            # fused_adamw's state: the moments as flat [N, P] buffers beside the masters, a step count per run
+            self.steps = torch.zeros(n, device=dev)
+            self.exp_avg = {k: torch.zeros_like(bank.master[k]) for k in bank.kinds}
+            self.exp_avg_sq = {k: torch.zeros_like(bank.master[k]) for k in bank.kinds}
+            self.opt = None
         else:
-            self.lr = [0.0] * n
-            self.decay = torch.ones(n, device=dev)
-            groups = [{"params": ps, "lr": 0.0, "weight_decay": 0.0} for ps in self.run_params]
-            self.opt = torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), eps=1e-8,
-                                         **({"fused": True} if dev.type == "cuda" else {"foreach": True}))
+            # torch.optim.AdamW with one parameter group per run (its learning rate and step counts); the weight
+            # decay is applied before the step with each run's own lr x decay, so AdamW itself runs with none
+            self.run_params = [[nn.Parameter(bank.master[k][i]) for k in bank.kinds] for i in range(n)]
+            for i in range(n):
+                for k, p in zip(bank.kinds, self.run_params[i], strict=True):
+                    p.grad = bank.grad[k][i]
+            lrs = [self.lr[i] for i in range(n)] if isinstance(self.lr, torch.Tensor) else [0.0] * n
+            groups = [{"params": ps, "lr": lr, "weight_decay": 0.0}
+                      for ps, lr in zip(self.run_params, lrs, strict=True)]
+            kw = ({"fused": True, "capturable": cuda_graph} if dev.type == "cuda" else {"foreach": True})
+            self.opt = torch.optim.AdamW(groups, lr=0.0, betas=self.betas, eps=self.eps, **kw)
         self.pool = torch.cuda.graph_pool_handle() if cuda_graph else None
         self.opt_step: Callable[[], None] = self._optimizer_step
-        self._optimizer_step()  # creates AdamW's state (zero gradients, lr 0: no weight moves) ...
-        self._reset_optimizer(range(n))  # ... and resets its step counts
+        if self.opt is not None:
+            self._optimizer_step()  # creates AdamW's state (zero gradients, lr 0: no weight moves) ...
+            self._reset_optimizer(range(n))  # ... and resets its step counts
         if cuda_graph:
+            # the warm-up run sees zero gradients and learning rates: only the step counts move, reset after
             graph = _Replayable(self._optimizer_step, self.pool, warmup=1,
                                 before_warmup=lambda: None,
                                 after_warmup=lambda _: self._reset_optimizer(range(n)))
@@ -490,19 +566,32 @@ class FusedStepper:
         if self.fm.method == "lora":
             self.fm.set_scaling(slot, scale)
 
+    def _opt_state(self, slot: int) -> list[dict[str, torch.Tensor]]:
+        """The slot's AdamW state, one dict per bank buffer (``step``, ``exp_avg``, ``exp_avg_sq``): live tensors."""
+        if self.opt is not None:
+            return [self.opt.state[p] for p in self.run_params[slot]]
+        return [{"step": self.steps[slot], "exp_avg": self.exp_avg[k][slot], "exp_avg_sq": self.exp_avg_sq[k][slot]}
+                for k in self.fm.bank.kinds]
+
     @torch.no_grad()
     def slot_state(self, slot: int) -> dict:
         """The slot's AdamW state (moments and step count per stacked buffer), dropout generator and loss window:
         with its weights (``_Bank.read``), what a checkpoint of the run in the slot needs from the stepper."""
-        opt = [{k: v.clone() for k, v in self.opt.state[p].items()} for p in self.run_params[slot]]
+        opt = [{k: v.clone() for k, v in st.items()} for st in self._opt_state(slot)]
         return {"opt": opt, "generator": self.generators[slot].get_state() if self.generators else None,
                 "loss_sum": self.loss_sum[slot].clone()}
 
     @torch.no_grad()
     def load_slot_state(self, slot: int, st: dict) -> None:
-        """Continue a run in ``slot`` from ``slot_state`` (after ``assign``); written in place (graphs read it)."""
-        for p, saved in zip(self.run_params[slot], st["opt"], strict=True):
-            cur = self.opt.state[p]
+        """Continue a run in ``slot`` from ``slot_state`` (after ``assign``); written in place (graphs read it).
+        Raises FusionError for a state of another buffer layout (a checkpoint of an older lorastudy)."""
+        cur_states = self._opt_state(slot)
+        if len(st["opt"]) != len(cur_states) or any(
+                set(a) != set(b) or any(a[k].shape != b[k].shape for k in b)
+                for a, b in zip(st["opt"], cur_states, strict=False)):
+            raise FusionError("the checkpoint's optimizer state has another layout than this fused group's "
+                              "(written by another lorastudy version): delete it to restart the run")
+        for cur, saved in zip(cur_states, st["opt"], strict=True):
             for k, v in saved.items():
                 cur[k].copy_(v)
         if self.generators and st["generator"] is not None:
@@ -512,11 +601,9 @@ class FusedStepper:
     @torch.no_grad()
     def _reset_optimizer(self, slots) -> None:
         for i in slots:
-            for p in self.run_params[i]:
-                st = self.opt.state.get(p)
-                if st:
-                    for k in ("exp_avg", "exp_avg_sq", "step"):
-                        st[k].zero_()
+            for st in self._opt_state(i):
+                for v in st.values():
+                    v.zero_()
 
     # -- the computation (identical with and without capture) -------------------------------------------------
     def _draw_masks(self, width: int) -> dict[int, torch.Tensor] | None:
@@ -557,16 +644,26 @@ class FusedStepper:
             emb.zero_padding_grad()
         grads = [bank.grad[k] for k in bank.kinds]
         # clip_grad_norm_ per run, on its own norm: max_norm / (norm + 1e-6), at most 1
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1) for g in grads]), dim=0)
-        coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)[:, None]
-        for g in grads:
-            g.mul_(coef)
-        if True in bank.kinds:  # decoupled weight decay with each run's own factor 1 - lr * wd
-            bank.master[True].mul_(self.decay[:, None])
-        self.opt.step()
-        for g in grads:
-            g.zero_()
-        bank.refresh()
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dim=1, dtype=torch.float32)
+                                                     for g in grads]), dim=0)
+        coef = torch.clamp(self.max_norm / (norm + 1e-6), max=1.0)
+        if self.opt is None:  # one pass per buffer: scale, decay, AdamW, compute copy (fused_adamw)
+            self.steps.add_(1.0)
+            step_size, bc2_sqrt = fused_adamw.bias_corrections(self.steps, self.lr, *self.betas)
+            for k in bank.kinds:
+                compute = bank.compute[k] if bank.compute[k] is not bank.master[k] else None
+                fused_adamw.adamw_(bank.master[k], bank.grad[k], self.exp_avg[k], self.exp_avg_sq[k], compute,
+                                   coef, self.decay if k in bank.decayed else self.ones, step_size, bc2_sqrt,
+                                   *self.betas, self.eps)
+        else:
+            for g in grads:
+                g.mul_(coef[:, None])
+            for k in bank.decayed:  # decoupled weight decay with each run's own factor 1 - lr * wd
+                bank.master[k].mul_(self.decay[:, None])
+            self.opt.step()
+            bank.refresh()
+        for k in bank.zeroed:  # the matmul gradients are overwritten by the next backward, the others added to
+            bank.grad[k].zero_()
 
     # -- public ------------------------------------------------------------------------------------------------
     def step(self, host: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, lrs: list[float],
