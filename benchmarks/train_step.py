@@ -1100,7 +1100,8 @@ def main() -> None:
                     help="grow the concurrent runs as processes, as streams of one process, or both")
     ap.add_argument("--worker-method", default="lora")
     ap.add_argument("--worker-seconds", type=float, default=8.0)
-    ap.add_argument("--fused-n", nargs="+", type=int, default=[1, 4, 8, 16, 32, 64], help="runs per fused group")
+    ap.add_argument("--fused-n", nargs="*", type=int, default=[1, 4, 8, 16, 32, 64],
+                    help="runs per fused group (none: only the lone run, the group, the trajectory)")
     ap.add_argument("--fused-batch-sizes", nargs="+", type=int, default=[1, 2, 4])
     ap.add_argument("--fused-lengths", nargs="+", choices=list(LENGTHS), default=["sst2", "rte"])
     ap.add_argument("--fused-extra-bs", nargs="*", type=int, default=[],
