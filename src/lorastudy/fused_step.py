@@ -119,7 +119,8 @@ class FusedLinear(nn.Module):
         super().__init__()
         self.slots, self.in_features, self.out_features = slots, linear.in_features, linear.out_features
         self.has_bias = linear.bias is not None
-        self.weight_c: torch.Tensor | None = None
+        self.weight_c: torch.Tensor | None = None  # compute copy and gradient views (set by FusedModel)
+        self.weight_g: torch.Tensor | None = None
 
     def specs(self) -> list[tuple[str, tuple[int, ...], str]]:
         out = [("weight", (self.out_features, self.in_features), "mm")]
@@ -129,7 +130,7 @@ class FusedLinear(nn.Module):
         n, idx = self.slots.count, self.slots.index
         x3 = x.reshape(n, -1, self.in_features)
         if idx is None and torch.is_grad_enabled():
-            y = _StackedMatmul.apply(x3, self.weight, self.weight_c, self.weight.grad)
+            y = _StackedMatmul.apply(x3, self.weight, self.weight_c, self.weight_g)
         else:  # evaluation (no grad), possibly on a subset of the slots
             w = self.weight_c if idx is None else self.weight_c.index_select(0, idx)
             y = torch.bmm(x3.to(w.dtype), w.transpose(1, 2))
@@ -158,7 +159,7 @@ class FusedEmbedding(nn.Module):
         run = (torch.arange(n, device=ids.device) if idx is None else idx)[:, None]
         ids2 = ids.reshape(n, -1)
         if idx is None and torch.is_grad_enabled():
-            out = _StackedLookup.apply(self.weight, run, ids2, self.weight.grad)
+            out = _StackedLookup.apply(self.weight, run, ids2, self.weight_g)
         else:
             out = self.weight[run, ids2]
         return out.reshape(*ids.shape, self.dim)
@@ -166,7 +167,7 @@ class FusedEmbedding(nn.Module):
     def zero_padding_grad(self) -> None:
         """nn.Embedding gives the padding row no gradient; the stacked lookup's backward does, so it is zeroed."""
         if self.padding_idx is not None:
-            self.weight.grad[:, self.padding_idx].zero_()
+            self.weight_g[:, self.padding_idx].zero_()
 
 
 class FusedRMSNorm(nn.Module):
@@ -197,7 +198,7 @@ class FusedLoraLinear(nn.Module):
         self.slots, self.base, self.rank = slots, base, rank
         self.in_features, self.out_features = base.in_features, base.out_features
         self.mask_k: int | None = None  # position among the group's dropout modules of this width
-        self.A_c = self.B_c = None
+        self.A_c = self.B_c = self.A_g = self.B_g = None
 
     def specs(self) -> list[tuple[str, tuple[int, ...], str]]:
         return [("lora_A", (self.rank, self.in_features), "mm"), ("lora_B", (self.out_features, self.rank), "mm")]
@@ -212,8 +213,8 @@ class FusedLoraLinear(nn.Module):
         else:
             x3 = x.reshape(n, -1, self.in_features)
         if idx is None and torch.is_grad_enabled():
-            h = _StackedMatmul.apply(x3, self.lora_A, self.A_c, self.lora_A.grad)
-            t = _StackedMatmul.apply(h, self.lora_B, self.B_c, self.lora_B.grad)
+            h = _StackedMatmul.apply(x3, self.lora_A, self.A_c, self.A_g)
+            t = _StackedMatmul.apply(h, self.lora_B, self.B_c, self.B_g)
             scale = self.scale_c
         else:
             a = self.A_c if idx is None else self.A_c.index_select(0, idx)
@@ -264,10 +265,17 @@ class _Bank:
         return buf[:, off: off + math.prod(shape)].view(self.n, *shape)
 
     def parameter(self, name: str) -> nn.Parameter:
+        """The stacked weight ``name`` as a parameter viewing the master buffer; where its gradient buffer has the
+        master's dtype, ``.grad`` is the persistent view autograd accumulates into (a bf16 matmul gradient is
+        written by ``_StackedMatmul`` through ``grad_view`` instead: torch refuses a .grad of another dtype)."""
         buf = self.offsets[name][0]
         p = nn.Parameter(self._view(self.master[buf], name))
-        p.grad = self._view(self.grad[buf], name)  # persistent: backward writes or accumulates into the flat buffer
+        if self.grad[buf].dtype == p.dtype:
+            p.grad = self._view(self.grad[buf], name)
         return p
+
+    def grad_view(self, name: str) -> torch.Tensor:
+        return self._view(self.grad[self.offsets[name][0]], name)
 
     def compute_view(self, name: str) -> torch.Tensor:
         return self._view(self.compute[self.offsets[name][0]], name)
@@ -437,9 +445,14 @@ class FusedModel:
                 setattr(mod, name, self.bank.parameter(f"{path}.{name}"))
             if isinstance(mod, FusedLinear):
                 mod.weight_c = self.bank.compute_view(f"{path}.weight")
+                mod.weight_g = self.bank.grad_view(f"{path}.weight")
+            elif isinstance(mod, FusedEmbedding):
+                mod.weight_g = self.bank.grad_view(f"{path}.weight")
             elif isinstance(mod, FusedLoraLinear):
                 mod.A_c = self.bank.compute_view(f"{path}.lora_A")
                 mod.B_c = self.bank.compute_view(f"{path}.lora_B")
+                mod.A_g = self.bank.grad_view(f"{path}.lora_A")
+                mod.B_g = self.bank.grad_view(f"{path}.lora_B")
                 mod.register_buffer("scale_c", torch.zeros(n, dtype=self.compute_dtype, device=device))
         self.model, self.stacked = model, stacked
         self.loras = [m for m in stacked.values() if isinstance(m, FusedLoraLinear)]
