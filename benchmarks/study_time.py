@@ -81,17 +81,42 @@ def best_hparams(cfg, best_dir: Path | None, task: str, method: str):
     return HParams.from_config(cfg, method, over)
 
 
-def fused_estimate(cfg, measured: dict, best_dir: Path | None) -> dict:
-    """Phase 1 and 2 times with fused groups, from measured fused step times (see the module docstring)."""
+def merge_fused(files: list[dict], optimizer: str | None) -> dict:
+    """The ``fused`` parts of several benchmarks/train_step.py JSONs as one: their points, groups and streams;
+    ``optimizer``: keep only the stepper points of that optimizer pass (points that do not name one are kept)."""
+    out: dict = {"points": [], "group": [], "streams": [], "lone": []}
+    for d in files:
+        f = d.get("fused", d)
+        for k in out:
+            out[k] += f.get(k, [])
+    if optimizer:
+        out["points"] = [p for p in out["points"] if p.get("optimizer", optimizer) == optimizer]
+    return out
+
+
+def fused_estimate(cfg, f: dict, best_dir: Path | None, phase2: dict | None = None) -> dict:
+    """Phase 1 and 2 times with fused groups, from measured fused step times (see the module docstring).
+
+    Groups of a phase run at once (tune: one group per method and worker; train-all: its groups as units on the
+    worker's streams), so a phase takes the larger of its throughput bound (each method's run-steps at the widest
+    group's measured rate, the methods one after the other) and its longest chain (a group's longest run x that
+    group's step time: measured in the trainer's loop for the phase-2 groups of ``phase2`` where one matches the
+    method and batch size, else the stepper curve at batch 2). The phases follow each other."""
 
     from lorastudy.execution import PlannedRun, plan_groups
 
-    f = measured.get("fused", measured)
     stepper = [p for p in f["points"] if "fused_step_ms" in p and not p.get("lora_dropout")]
     shape = (stepper[0]["batch_size"], stepper[0]["seq_len"])
     curves = {m: [p for p in stepper if p["method"] == m and (p["batch_size"], p["seq_len"]) == shape]
               for m in cfg.methods}
-    group = {p["method"]: p for p in f.get("group", [])}
+    group = {p["method"]: p for p in f.get("group", []) if "run_steps_per_s" in p}
+    widest = {}
+    for m in cfg.methods:  # the aggregate rate of a full GPU: the widest group, in the trainer's loop if measured
+        top = max(curves[m], key=lambda p: p["n"])
+        g = group.get(m)
+        widest[m] = g["run_steps_per_s"] if g and g["n"] == top["n"] else top["run_steps_per_s"]
+    measured2 = {(p["method"], p["batch_size"]): p["fused_step_ms"]
+                 for p in (phase2 or {}).get("phase2", {}).get("points", []) if "fused_step_ms" in p}
     rows = []
     n_train = {t: len(D.splits_for(cfg, t).train) for t in cfg.tasks}
     # phase 1: one fused group per method takes every trial of the method's studies
@@ -107,7 +132,7 @@ def fused_estimate(cfg, measured: dict, best_dir: Path | None) -> dict:
         ms = _step_ms(curves[m], slots)
         rate = group[m]["run_steps_per_s"] if m in group and group[m]["n"] == slots else slots / ms * 1e3
         tune[m] = {"run_steps": work, "slots": slots, "run_steps_per_s": rate, "throughput_s": work / rate,
-                   "longest_trial_steps": chain, "critical_path_s": chain * ms / 1e3}
+                   "longest_trial_steps": chain, "critical_path_s": chain * ms / 1e3, "step_from": "stepper"}
         rows.append({"phase": "tune", "group": f"{m} x{slots}", **tune[m]})
     tune_s = max(sum(v["throughput_s"] for v in tune.values()), max(v["critical_path_s"] for v in tune.values()))
     # phase 2: the groups train-all plans
@@ -118,32 +143,40 @@ def fused_estimate(cfg, measured: dict, best_dir: Path | None) -> dict:
             for s in cfg.seeds:
                 runs.append(PlannedRun(f"{t}/{m}/seed{s}", t, m, s, hp, planned_steps(n_train[t], hp.batch_size,
                                                                                        hp.epochs)))
-    train_work = train_chain = 0.0
+    work2 = dict.fromkeys(cfg.methods, 0.0)
+    train_chain = 0.0
     for g in plan_groups(cfg, runs, cfg.train.fuse_max_runs):
         m, n = g[0].method, len(g)
-        ms = _step_ms(curves[m], n)
+        bs = {r.hp.batch_size for r in g}
+        key = (m, next(iter(bs))) if len(bs) == 1 else None
+        ms, src = (measured2[key], "phase2 group") if n <= 3 and key in measured2 else (_step_ms(curves[m], n),
+                                                                                        "stepper")
         steps = max(r.steps for r in g)
-        work = sum(r.steps for r in g) * ms / 1e3 / n
-        train_work += work
+        run_steps = sum(r.steps for r in g)
+        work2[m] += run_steps
         train_chain = max(train_chain, steps * ms / 1e3)
-        rows.append({"phase": "train-all", "group": ",".join(r.name for r in g), "run_steps": sum(r.steps for r in g),
-                     "slots": n, "run_steps_per_s": n / ms * 1e3, "throughput_s": work,
-                     "longest_trial_steps": steps, "critical_path_s": steps * ms / 1e3})
+        rows.append({"phase": "train-all", "group": ",".join(r.name for r in g), "run_steps": run_steps,
+                     "slots": n, "run_steps_per_s": n / ms * 1e3, "throughput_s": run_steps / widest[m],
+                     "longest_trial_steps": steps, "critical_path_s": steps * ms / 1e3, "step_from": src})
+    train_work = sum(work2[m] / widest[m] for m in cfg.methods)
     train_s = max(train_work, train_chain)
-    print(f"\nfused groups, step times measured at batch {shape[0]} x {shape[1]} tokens (all runs assumed at that "
-          "shape)")
+    print(f"\nfused groups, step times measured at batch {shape[0]} x {shape[1]} tokens unless `phase2 group` (the "
+          "trainer's loop on real batches)")
     print(f"{'phase':10s} {'group':44s} {'slots':>5s} {'run-steps':>10s} {'run-steps/s':>11s} {'throughput min':>14s}"
-          f" {'longest chain':>13s} {'chain min':>9s}")
+          f" {'longest chain':>13s} {'chain min':>9s}  step from")
     for r in rows:
         print(f"{r['phase']:10s} {r['group'][:44]:44s} {r['slots']:5d} {r['run_steps']:10.0f} "
               f"{r['run_steps_per_s']:11.0f} {r['throughput_s'] / 60:14.1f} {r['longest_trial_steps']:13.0f} "
-              f"{r['critical_path_s'] / 60:9.1f}")
+              f"{r['critical_path_s'] / 60:9.1f}  {r['step_from']}")
     print(f"phase 1 ~ {tune_s / 60:.1f} min, phase 2 ~ {train_s / 60:.1f} min (each the larger of its throughput "
-          f"bound and its critical path): {(tune_s + train_s) / 60:.1f} min of training; not included: early "
+          f"bound and its longest chain): {(tune_s + train_s) / 60:.1f} min of training; not included: early "
           "stopping, evaluation passes, graph captures, model set-up, phases 0 and 3-4")
     return {"shape": {"batch_size": shape[0], "seq_len": shape[1]}, "rows": rows, "tune_s": tune_s,
-            "train_s": train_s, "total_training_s": tune_s + train_s,
+            "train_s": train_s, "train_throughput_s": train_work, "train_chain_s": train_chain,
+            "widest_rate": widest, "total_training_s": tune_s + train_s,
             "best_hparams_from": str(best_dir) if best_dir else None}
+
+
 def step_latencies(levers_json: dict) -> dict:
     """{(method, batch): {"none": ms, "all": ms, "all_levers": [...]}} from the levers part's points (training
     points without dropout; "all" = the point with the most levers), and {"eval": {method: ms per batch}}."""
@@ -236,7 +269,9 @@ def main() -> None:
     ap.add_argument("--glue", required=True, help="local GLUE directory")
     ap.add_argument("--rates", type=Path, required=True, help="worker-scaling JSON of benchmarks/train_step.py")
     ap.add_argument("--trials", type=Path, help="trials JSON of a tuning run on the same GPU")
-    ap.add_argument("--fused", type=Path, help="JSON of benchmarks/train_step.py --parts fused")
+    ap.add_argument("--fused", type=Path, nargs="+", help="JSON(s) of benchmarks/train_step.py --parts fused")
+    ap.add_argument("--fused-optimizer", default="triton", help="the stepper points of this optimizer pass (what "
+                    "train.fuse_optimizer=auto picks on CUDA); points that name none are kept")
     ap.add_argument("--best-dir", type=Path, help="directory of <task>_<method>_optimal.yaml (phase-1 best)")
     ap.add_argument("--levers", type=Path, help="levers JSON of benchmarks/train_step.py: the critical path")
     ap.add_argument("--phase2", type=Path, help="phase2 JSON of benchmarks/train_step.py (3-seed groups in the "
@@ -304,8 +339,11 @@ def main() -> None:
               + (f" {r['seconds_at_tuning_run_rate'] / 3600:11.2f}" if sec_per_step_trials else ""))
     print("not included:", "; ".join(out["not_included"]))
     if a.fused:
-        out["fused"] = fused_estimate(cfg, json.loads(a.fused.read_text()), a.best_dir)
-        out["fused"]["rates_from"] = str(a.fused)
+        measured = merge_fused([json.loads(p.read_text()) for p in a.fused], a.fused_optimizer)
+        out["fused"] = fused_estimate(cfg, measured, a.best_dir,
+                                      json.loads(a.phase2.read_text()) if a.phase2 else None)
+        out["fused"]["rates_from"] = [str(p) for p in a.fused]
+        out["fused"]["phase2_from"] = str(a.phase2) if a.phase2 else None
     if a.levers:
         lat = step_latencies(json.loads(a.levers.read_text()))
         n_train = {t: next(r["n_train"] for r in rows if r["phase"] == "train-all" and r["task"] == t)

@@ -60,7 +60,8 @@ def kernel_against_torch_adamw(device: str) -> None:
 
 def _interpreted(args: list[str]) -> subprocess.CompletedProcess:
     path = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    # CPU only: the interpreter is for CPU tensors (on a GPU machine the test config would pick the GPU)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 

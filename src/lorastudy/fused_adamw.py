@@ -5,8 +5,8 @@ does what it needs in one pass. torch's fused AdamW takes one learning rate per 
 per run, so the step was: the clip scale (read and write the gradient), the decoupled weight decay (read and write
 the masters), AdamW (28 B per parameter), zeroing the gradient and the compute-copy refresh (read fp32, write
 bf16): ~58 B per parameter. This kernel reads master, gradient and both moments once and writes master, moments
-and the compute copy: 30 B with a bf16 gradient (its exact value: autocast's weight gradient is a bf16 matmul
-output cast to fp32), 32 B with an fp32 one.
+and the compute copy: 28 B per parameter (matmul weights: a bf16 gradient, its exact value since autocast's weight
+gradient is a bf16 matmul output cast to fp32, and a bf16 copy; the others: an fp32 gradient and no copy).
 
 The arithmetic is torch's fused AdamW (ADAMW mode of ``aten/src/ATen/native/cuda/fused_adam_utils.cuh``;
 Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019) with per run n:
@@ -14,7 +14,7 @@ Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019) with pe
 ``1 - lr x weight_decay``, computed by the caller), then ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
 ``p -= step_size[n] * m / (sqrt(v) / bc2_sqrt[n] + eps)`` with ``step_size = lr / (1 - b1^t)`` and
 ``bc2_sqrt = sqrt(1 - b2^t)``. ``bias_corrections`` computes those two from per-run step counts on the device (so
-a CUDA graph replays them). tests/test_fused.py runs the kernel in Triton's interpreter on CPU against
+a CUDA graph replays them). tests/test_fused_adamw.py runs the kernel in Triton's interpreter on CPU against
 ``torch.optim.AdamW``.
 """
 
