@@ -175,24 +175,41 @@ def study_time() -> list[str]:
     f = d.get("fused")
     if f:
         sh = f["shape"]
-        out += ["", f"With fused training (`{f['rates_from']}`, all runs assumed at batch {sh['batch_size']} x "
-                f"{sh['seq_len']} tokens; phase 2 planned with the phase-1 best of `{f['best_hparams_from']}`): each "
-                "group's time is the larger of its throughput bound and its critical path (longest chain of "
-                "sequential steps x the group's step time).", "",
-                "| phase | group | slots | run-steps | run-steps/s | throughput min | longest chain (steps) | "
-                "chain min |",
-                "|---|---|---|---|---|---|---|---|"]
+        src = f["rates_from"] if isinstance(f["rates_from"], list) else [f["rates_from"]]
+        out += ["", f"With fused training (measured in {', '.join(f'`{x}`' for x in src)}"
+                + (f" and, for SST-2's 3-seed phase-2 groups, `{f['phase2_from']}`" if f.get("phase2_from") else "")
+                + f"; the other groups at batch {sh['batch_size']} x {sh['seq_len']} tokens; phase 2 planned with the "
+                f"phase-1 best of `{f['best_hparams_from']}`; train.fuse_max_runs {f.get('fuse_max_runs', 32)}). "
+                "The groups of a phase run at once, so a phase takes the larger of its throughput bound (each "
+                "method's run-steps at its widest group's rate) and its longest chain (a group's longest run x the "
+                "group's step time); the phases follow each other.", "",
+                "| phase | group | slots | run-steps | group run-steps/s | throughput min | longest chain (steps) | "
+                "chain min | step time from |",
+                "|---|---|---|---|---|---|---|---|---|"]
         for r in f["rows"]:
             out.append(f"| {r['phase']} | {r['group']} | {r['slots']} | {r['run_steps']:,.0f} | "
                        f"{r['run_steps_per_s']:.0f} | {r['throughput_s'] / 60:.1f} | {r['longest_trial_steps']:,} | "
-                       f"{r['critical_path_s'] / 60:.1f} |")
+                       f"{r['critical_path_s'] / 60:.1f} | {r.get('step_from', 'stepper')} |")
         out += ["", f"Phase 1 ~ {f['tune_s'] / 60:.1f} min, phase 2 ~ {f['train_s'] / 60:.1f} min: "
-                f"{f['total_training_s'] / 60:.1f} min of training (not included: early stopping, evaluation passes, "
-                "graph captures, model set-up, phases 0 and 3-4)."]
+                f"**{f['total_training_s'] / 60:.1f} min** of training (not included: early stopping, evaluation "
+                "passes, graph captures, model set-up, phases 0 and 3-4)."]
+        for o in d.get("fused_other_widths", []):
+            out += ["", f"With train.fuse_max_runs {o['fuse_max_runs']}: phase 1 ~ {o['tune_s'] / 60:.1f} min, "
+                       f"phase 2 ~ {o['train_s'] / 60:.1f} min: **{o['total_training_s'] / 60:.1f} min**."]
+        for o in [f] + d.get("fused_other_widths", []):
+            w = o.get("overlap_what_if")
+            if w:
+                crit = max(w["chains_s"], key=w["chains_s"].get)
+                out += ["", f"What-if, not implemented (`lorastudy run` starts phase 2 once phase 1 is done), "
+                           f"train.fuse_max_runs {o['fuse_max_runs']}: each task x method's phase 2 started when its "
+                           f"tuning ends, beside the rest: ~{w['total_s'] / 60:.1f} min (all the work at the widest "
+                           f"groups' rates {w['all_work_s'] / 60:.1f} min; longest chain {crit}, "
+                           f"{w['chains_s'][crit] / 60:.1f} min)."]
     cp = d.get("critical_path")
     if cp:
-        out += ["", f"Critical path per task and method (longest tuning trial + one phase-2 run, sequential steps at "
-                f"a lone run's latency from `{d.get('levers_from')}`, without and with all step levers):", "",
+        out += ["", f"Critical path per task and method (longest tuning trial + one phase-2 run with the best "
+                f"trial's batch size and epochs, both from `{d.get('trials_from')}`; sequential steps at a lone run's "
+                f"latency from `{d.get('levers_from')}`, without and with all step levers):", "",
                 "| task | method | tuning chain steps | phase-2 steps | phase-2 batch | ms/step none | ms/step all | "
                 "min none | min all |", "|---|---|---|---|---|---|---|---|---|"]
         for r in cp["rows"]:

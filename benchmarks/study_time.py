@@ -160,6 +160,19 @@ def fused_estimate(cfg, f: dict, best_dir: Path | None, phase2: dict | None = No
                      "longest_trial_steps": steps, "critical_path_s": steps * ms / 1e3, "step_from": src})
     train_work = sum(work2[m] / widest[m] for m in cfg.methods)
     train_s = max(train_work, train_chain)
+    # what-if, not what `lorastudy run` does (it starts phase 2 once phase 1 is done): each task x method's phase 2
+    # starting when its own tuning ends, beside the rest of the work on the same GPU. Bounded by all the work at the
+    # widest groups' rates and by the longest (longest trial of its task in its tune group, then its phase-2 chain)
+    chains = {}
+    for t in cfg.tasks:
+        n_hpo = min(n_train[t], cfg.search.train_subset.get(t, n_train[t]))
+        for m in cfg.methods:
+            trial = max(planned_steps(n_hpo, b, e) for b, e in search_grid(cfg.search.spaces[m]))
+            p2 = max((r["critical_path_s"] for r in rows if r["phase"] == "train-all"
+                      and any(name.startswith(f"{t}/{m}/") for name in r["group"].split(","))), default=0.0)
+            chains[f"{t}/{m}"] = trial * _step_ms(curves[m], tune[m]["slots"]) / 1e3 + p2
+    all_work = sum((tune[m]["run_steps"] + work2[m]) / widest[m] for m in cfg.methods)
+    overlap_s = max(all_work, max(chains.values()))
     print(f"\nfused groups, step times measured at batch {shape[0]} x {shape[1]} tokens unless `phase2 group` (the "
           "trainer's loop on real batches)")
     print(f"{'phase':10s} {'group':44s} {'slots':>5s} {'run-steps':>10s} {'run-steps/s':>11s} {'throughput min':>14s}"
@@ -171,9 +184,14 @@ def fused_estimate(cfg, f: dict, best_dir: Path | None, phase2: dict | None = No
     print(f"phase 1 ~ {tune_s / 60:.1f} min, phase 2 ~ {train_s / 60:.1f} min (each the larger of its throughput "
           f"bound and its longest chain): {(tune_s + train_s) / 60:.1f} min of training; not included: early "
           "stopping, evaluation passes, graph captures, model set-up, phases 0 and 3-4")
+    crit = max(chains, key=chains.get)
+    print(f"what-if (not implemented: `lorastudy run` starts phase 2 after phase 1): each task x method's phase 2 "
+          f"started when its tuning ends ~ {overlap_s / 60:.1f} min (all work at the widest groups' rates "
+          f"{all_work / 60:.1f} min; longest chain {crit} {chains[crit] / 60:.1f} min)")
     return {"shape": {"batch_size": shape[0], "seq_len": shape[1]}, "rows": rows, "tune_s": tune_s,
             "train_s": train_s, "train_throughput_s": train_work, "train_chain_s": train_chain,
-            "widest_rate": widest, "total_training_s": tune_s + train_s,
+            "widest_rate": widest, "total_training_s": tune_s + train_s, "fuse_max_runs": cfg.train.fuse_max_runs,
+            "overlap_what_if": {"total_s": overlap_s, "all_work_s": all_work, "chains_s": chains},
             "best_hparams_from": str(best_dir) if best_dir else None}
 
 
@@ -272,6 +290,9 @@ def main() -> None:
     ap.add_argument("--fused", type=Path, nargs="+", help="JSON(s) of benchmarks/train_step.py --parts fused")
     ap.add_argument("--fused-optimizer", default="triton", help="the stepper points of this optimizer pass (what "
                     "train.fuse_optimizer=auto picks on CUDA); points that name none are kept")
+    ap.add_argument("--fuse-max-runs", type=int, nargs="*", help="with --fused: the estimate also for groups of "
+                    "these widths (train.fuse_max_runs; the step time at a width between the measured ones is "
+                    "interpolated)")
     ap.add_argument("--best-dir", type=Path, help="directory of <task>_<method>_optimal.yaml (phase-1 best)")
     ap.add_argument("--levers", type=Path, help="levers JSON of benchmarks/train_step.py: the critical path")
     ap.add_argument("--phase2", type=Path, help="phase2 JSON of benchmarks/train_step.py (3-seed groups in the "
@@ -340,10 +361,17 @@ def main() -> None:
     print("not included:", "; ".join(out["not_included"]))
     if a.fused:
         measured = merge_fused([json.loads(p.read_text()) for p in a.fused], a.fused_optimizer)
-        out["fused"] = fused_estimate(cfg, measured, a.best_dir,
-                                      json.loads(a.phase2.read_text()) if a.phase2 else None)
+        p2 = json.loads(a.phase2.read_text()) if a.phase2 else None
+        out["fused"] = fused_estimate(cfg, measured, a.best_dir, p2)
         out["fused"]["rates_from"] = [str(p) for p in a.fused]
         out["fused"]["phase2_from"] = str(a.phase2) if a.phase2 else None
+        out["fused_other_widths"] = []
+        for w in a.fuse_max_runs or []:  # the same estimate with groups of another width (train.fuse_max_runs)
+            if w != cfg.train.fuse_max_runs:
+                print(f"\nwith train.fuse_max_runs={w}:")
+                est = fused_estimate(load_config(a.config, [f"data.source={a.glue}", f"train.fuse_max_runs={w}"]),
+                                     measured, a.best_dir, p2)
+                out["fused_other_widths"].append(est)
     if a.levers:
         lat = step_latencies(json.loads(a.levers.read_text()))
         n_train = {t: next(r["n_train"] for r in rows if r["phase"] == "train-all" and r["task"] == t)

@@ -165,9 +165,15 @@ def _fused(cfg, method, out, stop=None, device=torch.device("cpu"), runs=(0, 1),
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_fused_group_paused_twice_and_resumed_is_exact(tiny_cfg, tmp_path, method):
-    # each slot's weights, best copy, AdamW moments, dropout generator, schedule, loss window and RunState
-    cfg = _cfg(tiny_cfg, "train.fuse=on")
+@pytest.mark.parametrize("optimizer", ["torch", "triton"])
+def test_fused_group_paused_twice_and_resumed_is_exact(tiny_cfg, tmp_path, method, optimizer):
+    # each slot's weights, best copy, AdamW moments (and step counts: fused_adamw keeps its own), dropout
+    # generator, schedule, loss window and RunState. ``triton``: in Triton's interpreter (tests/test_fused_adamw.py)
+    from lorastudy import fused_adamw
+
+    if optimizer == "triton" and not fused_adamw.available(torch.device("cpu")):
+        pytest.skip("the kernel runs here only in Triton's interpreter (tests/test_fused_adamw.py)")
+    cfg = _cfg(tiny_cfg, "train.fuse=on", f"train.fuse_optimizer={optimizer}")
     ref = _fused(cfg, method, tmp_path / "ref")
     out = tmp_path / "run"
     assert _fused(cfg, method, out, stop_at(4)) == {0: "paused", 1: "paused"}  # run 0 right after an evaluation

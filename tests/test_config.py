@@ -234,6 +234,11 @@ def test_a_cuda_lever_is_refused_only_where_a_levered_step_would_run_on_the_cpu(
     for bad in (["train.fast_step=static"], ["train.fuse=on"]):
         with pytest.raises(ConfigError, match="need a CUDA device"):
             _check_levers_here(load_config(REPO / "configs" / "tiny.yaml", [lever, *bad]))
+    # the Triton optimizer pass of fused groups (train.fuse_optimizer=triton) runs on CUDA only, outside tests
+    triton = "train.fuse_optimizer=triton"
+    _check_levers_here(load_config(REPO / "configs" / "tiny.yaml", [triton]))  # auto on a CPU: no fused groups
+    with pytest.raises(ConfigError, match="fuse_optimizer=triton: .*cannot run on cpu"):
+        _check_levers_here(load_config(REPO / "configs" / "tiny.yaml", [triton, "train.fuse=on"]))
 
 
 def test_cli_refuses_unclear_overrides_and_run_options_with_exit_2(tmp_path):

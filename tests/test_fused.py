@@ -75,7 +75,7 @@ def test_group_of_three_equals_the_runs_alone(tiny_cfg, method, optimizer):
     group = fused.train_runs(cfg, specs)
     for (seed, hp), g in zip(runs, group, strict=True):
         assert isinstance(g, dict), g
-        assert g["step_mode"] == "fused-static"
+        assert g["step_mode"] == "fused-static" and g["fused_optimizer"] == optimizer
         alone = train_run(cfg, "rte", method, seed, hp, keep_model=True)
         _same_run(alone, g)
     assert len({g["total_steps_planned"] for g in group}) == 3  # three schedule lengths

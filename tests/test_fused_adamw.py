@@ -75,13 +75,15 @@ def test_kernel_equals_torch_adamw():
 
 
 @needs_triton
-def test_fused_group_with_the_kernel_equals_the_runs_alone():
-    """tests/test_fused.py's group of three runs with ``train.fuse_optimizer=triton``, in the interpreter: each
-    run's losses, early stopping, predictions and weights equal the run trained alone."""
-    test = "tests/test_fused.py::test_group_of_three_equals_the_runs_alone"
-    r = _interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", f"{test}[triton-full]",
-                      f"{test}[triton-lora]"])
-    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+def test_fused_group_with_the_kernel_equals_the_runs_alone_and_resumes_exactly():
+    """With ``train.fuse_optimizer=triton``, in the interpreter: tests/test_fused.py's group of three runs (each
+    run's losses, early stopping, predictions and weights equal the run trained alone) and tests/test_checkpoint.py's
+    group paused twice and resumed (the kernel's moments and step counts go into the checkpoint and come back)."""
+    three = "tests/test_fused.py::test_group_of_three_equals_the_runs_alone"
+    paused = "tests/test_checkpoint.py::test_fused_group_paused_twice_and_resumed_is_exact"
+    cases = [f"{t}[triton-{m}]" for t in (three, paused) for m in ("full", "lora")]
+    r = _interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", *cases])
+    assert r.returncode == 0 and f"{len(cases)} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def test_resolve_optimizer():

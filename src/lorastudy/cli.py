@@ -72,11 +72,19 @@ def _load(config: Path, sets: list[str] | None, data_dir: Path | None = None) ->
 def _check_levers_here(cfg: StudyConfig) -> None:
     """Training commands: a step lever that needs CUDA (train.step_levers) where the runs would train on the CPU
     through the static or fused step (which apply the levers) is a ConfigError (exit 2) before anything is written,
-    not a failure of every run. The eager path (fast_step eager, or auto on a CPU) ignores the levers: no error."""
+    not a failure of every run. The eager path (fast_step eager, or auto on a CPU) ignores the levers: no error.
+    Likewise fused groups asked for the Triton optimizer pass (train.fuse_optimizer=triton) where it cannot run."""
     from lorastudy.execution import fuse_enabled, resolve_device
     from lorastudy.step_levers import LEVERS
 
     dev = resolve_device(cfg.train.device)
+    if fuse_enabled(cfg) and cfg.train.fuse_optimizer == "triton":
+        from lorastudy.fused_step import resolve_optimizer
+
+        try:
+            resolve_optimizer("triton", dev)
+        except ValueError as e:
+            raise ConfigError(f"train.fuse_optimizer=triton: {e} (--set train.fuse_optimizer=auto here)") from None
     if dev.type == "cuda" or not (cfg.train.fast_step in ("static", "cuda_graph") or fuse_enabled(cfg)):
         return
     bad = [n for n in cfg.train.step_levers if LEVERS[n].cuda_only]

@@ -407,6 +407,7 @@ class FusedGroup:
                                       trainable=run.trainable, total=run.total)
                 m.update(tests.get(i, {}))
                 m["step_levers"] = list(self.stepper.lever_names)
+                m["fused_optimizer"] = self.fm.optimizer  # the group's optimizer pass (train.fuse_optimizer)
                 m["wall_time_s"] = time.perf_counter() - run.t_start
                 if run.job.keep_model:
                     m["_model"], m["_tokenizer"] = self.lone_model(run, i)

@@ -441,6 +441,7 @@ class RunState:
             "peak_memory_bytes": peak_memory_bytes, "peak_memory_scope": "process", "device": str(device),
             "device_name": device_name(device),
             "precision": "bf16-autocast" if amp else "fp32", "step_mode": mode, "step_levers": [],
+            "fused_optimizer": None,  # a fused group's optimizer pass (fused.py sets it; lone runs have none)
             "trainable_params": trainable, "total_params": total,
             "n_train": len(self.data.train), "n_validation": len(self.data.validation),
             "inputs": self.data.inputs,
