@@ -536,10 +536,12 @@ def lone_point(cfg, method: str, bs: int, seq: int, device, steps: int, warm: in
 
 
 def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, warm: int, init: dict,
-                      dropout: float = 0.0, pin: bool = True) -> dict:
+                      dropout: float = 0.0, pin: bool = True, barrier=None, seconds: float | None = None) -> dict:
     """The trainer's own loop (FusedGroup._step: each run's next real batch from its own order, the host batch,
     the schedules; no evaluation) for N tuning-like runs on SST-2's 3,000-row search subset. ``pin``: host batches
-    through pinned memory (fast_step.h2d) or pageable copies; the config's train.step_levers apply."""
+    through pinned memory (fast_step.h2d) or pageable copies; the config's train.step_levers apply. ``barrier`` and
+    ``seconds`` (groups timed at once, one thread each): wait for the others after the warm-up, then step for that
+    long instead of ``steps`` steps."""
     g = FusedGroup(cfg, method, 2, n, bs, device=device, dropout=dropout > 0)
     g.stepper.pin_host = pin
     hp = lambda i: HParams.from_config(cfg, method, {"batch_size": bs, "lora_dropout": dropout,  # noqa: E731
@@ -551,10 +553,18 @@ def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, war
     for _ in range(warm):
         g._step()
     sync(device)
+    if barrier is not None:
+        barrier.wait()
     t0 = time.perf_counter()
     widths_warm = set(g.stepper.inputs)
-    for _ in range(steps):
-        g._step()
+    if seconds:
+        steps = 0
+        while time.perf_counter() - t0 < seconds:
+            g._step()
+            steps += 1
+    else:
+        for _ in range(steps):
+            g._step()
     sync(device)
     ms = (time.perf_counter() - t0) / steps * 1e3
     widths = sorted(g.stepper.inputs)
@@ -576,10 +586,37 @@ def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, war
 PHASE2_GROUPS = (("lora", 1, 0.12), ("full", 2, 0.0))
 
 
+def phase2_together(a, device, save, out: dict) -> None:
+    """SST-2's two phase-2 groups timed at once, one thread and CUDA stream each (as train-all runs them in one
+    process: execution.run_threads), for ``--phase2-together`` seconds after both warmed up: what sharing the GPU
+    (and the interpreter's lock) costs each group's step against the same group alone (the points before)."""
+    import threading
+
+    from lorastudy.execution import run_threads
+
+    variant = a.phase2_variants[-1]
+    pin_word, *levers = variant.split("+")
+    cfg = bench_cfg(a.smoke, a.glue, f"train.step_levers=[{','.join(levers)}]")
+    groups = [(m, bs, d) for m, bs, d in PHASE2_GROUPS if m in a.methods]
+    inits = {m: initial_state(cfg, m) for m, _, _ in groups}
+    barrier = threading.Barrier(len(groups))
+
+    def one(arg, ctx):
+        m, bs, d = arg
+        return fused_group_point(cfg, m, a.phase2_n, bs, device, 0, a.phase2_warmup, inits[m], dropout=d,
+                                 pin=pin_word == "pinned", barrier=barrier, seconds=a.phase2_together)
+
+    for r in run_threads([(f"{m}-b{bs}", (m, bs, d)) for m, bs, d in groups], None, one):
+        point = r.value if r.ok else {"kind": "group", "name": r.name, "error": r.error}
+        point.update(variant=variant, together=[f"{m}-b{bs}" for m, bs, _ in groups])
+        out["points"].append(point)
+    save(out)
+
+
 def phase2_part(a, device, save) -> dict:
     """The trainer's own loop for SST-2's phase-2 groups (3 seeds) under each variant of ``--phase2-variants``
     (``pageable`` / ``pinned``, ``+lever`` for train.step_levers), in one run: ms per fused step, so the ratios
-    between variants are measured side by side."""
+    between variants are measured side by side; with ``--phase2-together``, then both groups at once."""
     out: dict = {"points": [], "n": a.phase2_n}
     for method, bs, dropout in PHASE2_GROUPS:
         if method not in a.methods:
@@ -598,6 +635,8 @@ def phase2_part(a, device, save) -> dict:
             point["variant"] = variant
             out["points"].append(point)
             save(out)
+    if a.phase2_together:
+        phase2_together(a, device, save, out)
     return out
 
 
@@ -1128,6 +1167,8 @@ def main() -> None:
                     help="pageable|pinned, then +LEVER for each step lever")
     p2.add_argument("--phase2-steps", type=int, default=300)
     p2.add_argument("--phase2-warmup", type=int, default=100)
+    p2.add_argument("--phase2-together", type=float, default=0.0,
+                    help="then both groups at once (two threads and streams) for this many seconds (0: skip)")
     lv = ap.add_argument_group("levers part")
     lv.add_argument("--lever-steps", type=int, default=200, help="timed steps per point (graph replays)")
     lv.add_argument("--budget-s", type=float, default=1e9, help="stop starting points after this many seconds")
