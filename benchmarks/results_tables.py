@@ -190,6 +190,13 @@ def study_time() -> list[str]:
             out.append(f"| {r['phase']} | {r['group']} | {r['slots']} | {r['run_steps']:,.0f} | "
                        f"{r['run_steps_per_s']:.0f} | {r['throughput_s'] / 60:.1f} | {r['longest_trial_steps']:,} | "
                        f"{r['critical_path_s'] / 60:.1f} | {r.get('step_from', 'stepper')} |")
+        for r in f["rows"]:
+            if "critical_path_shared_s" in r:
+                out += ["", f"Measured side by side (`--phase2-together`, two threads and CUDA streams of one process, "
+                        f"as train-all runs them): {r['group'].split(',')[0].rsplit('/', 1)[0]} steps at "
+                        f"{r['together_ms']:.2f} ms beside the other SST-2 group against {r['step_ms']:.2f} ms alone, "
+                        f"so its chain ends at {r['critical_path_shared_s'] / 60:.1f} min instead of "
+                        f"{r['critical_path_s'] / 60:.1f}."]
         out += ["", f"Phase 1 ~ {f['tune_s'] / 60:.1f} min, phase 2 ~ {f['train_s'] / 60:.1f} min: "
                 f"**{f['total_training_s'] / 60:.1f} min** of training (not included: early stopping, evaluation "
                 "passes, graph captures, model set-up, phases 0 and 3-4)."]
@@ -200,7 +207,9 @@ def study_time() -> list[str]:
             w = o.get("overlap_what_if")
             if w:
                 crit = max(w["chains_s"], key=w["chains_s"].get)
-                out += ["", f"What-if, not implemented (`lorastudy run` starts phase 2 once phase 1 is done), "
+                out += ["", f"What-if, not implemented (`lorastudy run` starts phase 2 once phase 1 is done; groups "
+                        "that share the GPU taken at their alone step times, which the side-by-side measurement "
+                        "above contradicts), "
                            f"train.fuse_max_runs {o['fuse_max_runs']}: each task x method's phase 2 started when its "
                            f"tuning ends, beside the rest: ~{w['total_s'] / 60:.1f} min (all the work at the widest "
                            f"groups' rates {w['all_work_s'] / 60:.1f} min; longest chain {crit}, "
@@ -545,6 +554,28 @@ def fused_adamw() -> list[str]:
                 "`fused_kernels`), with the one-pass optimizer:", ""]
         out += [f"- {r['method']} batch {r['batch_size']}: {r['fused_step_ms']:.2f} ms per step, "
                 f"{r['run_steps_per_s']:.0f} run-steps/s" for r in p2["phase2"]["points"] if "fused_step_ms" in r]
+    tog = _load("fused_adamw_h200/phase2_together_h200.json")
+    if tog:
+        pts = [r for r in tog["phase2"]["points"] if "fused_step_ms" in r]
+        alone = {(r["method"], r["batch_size"]): r for r in pts if not r.get("together")}
+        out += ["", f"The same two groups alone and then at once (`{tog['meta']['command']}`: two threads and CUDA "
+                "streams of one process, as train-all runs a process's groups, timed over the same 20 s after both "
+                "warmed up):", ""]
+        for r in pts:
+            if r.get("together"):
+                a = alone.get((r["method"], r["batch_size"]))
+                ratio = f", {a['fused_step_ms']:.2f} ms alone ({r['fused_step_ms'] / a['fused_step_ms']:.2f}x)" \
+                    if a else ""
+                out.append(f"- {r['method']} batch {r['batch_size']}: {r['fused_step_ms']:.2f} ms per step beside "
+                           f"the other group{ratio}")
+        sw = _load("fused_adamw_h200/phase2_together_switch0.0005_h200.json")
+        if sw:
+            t = {r["method"]: r["fused_step_ms"] for r in sw["phase2"]["points"] if r.get("together")}
+            out.append("- with the interpreter's thread switch interval at 0.5 ms instead of 5 "
+                       "(`sys.setswitchinterval`, `phase2_together_switch.log`): "
+                       + ", ".join(f"{m} {v:.2f} ms" for m, v in t.items())
+                       + " together: no better (whether the GPU or host work under the interpreter's lock slows the "
+                       "LoRA group was not separated)")
     return out + [""]
 
 

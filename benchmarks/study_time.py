@@ -115,8 +115,9 @@ def fused_estimate(cfg, f: dict, best_dir: Path | None, phase2: dict | None = No
         top = max(curves[m], key=lambda p: p["n"])
         g = group.get(m)
         widest[m] = g["run_steps_per_s"] if g and g["n"] == top["n"] else top["run_steps_per_s"]
-    measured2 = {(p["method"], p["batch_size"]): p["fused_step_ms"]
-                 for p in (phase2 or {}).get("phase2", {}).get("points", []) if "fused_step_ms" in p}
+    pts2 = [p for p in (phase2 or {}).get("phase2", {}).get("points", []) if "fused_step_ms" in p]
+    measured2 = {(p["method"], p["batch_size"]): p["fused_step_ms"] for p in pts2 if not p.get("together")}
+    together2 = {(p["method"], p["batch_size"]): p["fused_step_ms"] for p in pts2 if p.get("together")}
     rows = []
     n_train = {t: len(D.splits_for(cfg, t).train) for t in cfg.tasks}
     # phase 1: one fused group per method takes every trial of the method's studies
@@ -157,8 +158,26 @@ def fused_estimate(cfg, f: dict, best_dir: Path | None, phase2: dict | None = No
         train_chain = max(train_chain, steps * ms / 1e3)
         rows.append({"phase": "train-all", "group": ",".join(r.name for r in g), "run_steps": run_steps,
                      "slots": n, "run_steps_per_s": n / ms * 1e3, "throughput_s": run_steps / widest[m],
-                     "longest_trial_steps": steps, "critical_path_s": steps * ms / 1e3, "step_from": src})
+                     "longest_trial_steps": steps, "critical_path_s": steps * ms / 1e3, "step_from": src,
+                     "step_ms": ms, "together_ms": together2.get(key) if src == "phase2 group" else None})
     train_work = sum(work2[m] / widest[m] for m in cfg.methods)
+    train_chain_alone = train_chain
+    shared = [r for r in rows if r["phase"] == "train-all" and r.get("together_ms")]
+    if len(shared) > 1:  # measured side by side: both at their shared-GPU step until one ends, then alone
+        left = {id(r): float(r["longest_trial_steps"]) for r in shared}
+        t = 0.0
+        while left:
+            running = [r for r in shared if id(r) in left]
+            ms = {id(r): (r["together_ms"] if len(running) > 1 else r["step_ms"]) for r in running}
+            first = min(running, key=lambda r: left[id(r)] * ms[id(r)])
+            dt = left[id(first)] * ms[id(first)] / 1e3
+            t += dt
+            for r in running:
+                left[id(r)] -= dt * 1e3 / ms[id(r)]
+                if left[id(r)] <= 1e-6:
+                    del left[id(r)]
+                    r["critical_path_shared_s"] = t
+        train_chain = max(train_chain, max(r["critical_path_shared_s"] for r in shared))
     train_s = max(train_work, train_chain)
     # what-if, not what `lorastudy run` does (it starts phase 2 once phase 1 is done): each task x method's phase 2
     # starting when its own tuning ends, beside the rest of the work on the same GPU. Bounded by all the work at the
@@ -181,15 +200,22 @@ def fused_estimate(cfg, f: dict, best_dir: Path | None, phase2: dict | None = No
         print(f"{r['phase']:10s} {r['group'][:44]:44s} {r['slots']:5d} {r['run_steps']:10.0f} "
               f"{r['run_steps_per_s']:11.0f} {r['throughput_s'] / 60:14.1f} {r['longest_trial_steps']:13.0f} "
               f"{r['critical_path_s'] / 60:9.1f}  {r['step_from']}")
+    for r in rows:
+        if "critical_path_shared_s" in r:
+            print(f"  {r['group'][:44]}: {r['step_ms']:.2f} ms alone, {r['together_ms']:.2f} ms beside the other "
+                  f"measured group: ends at {r['critical_path_shared_s'] / 60:.1f} min (alone "
+                  f"{r['critical_path_s'] / 60:.1f})")
     print(f"phase 1 ~ {tune_s / 60:.1f} min, phase 2 ~ {train_s / 60:.1f} min (each the larger of its throughput "
           f"bound and its longest chain): {(tune_s + train_s) / 60:.1f} min of training; not included: early "
           "stopping, evaluation passes, graph captures, model set-up, phases 0 and 3-4")
     crit = max(chains, key=chains.get)
-    print(f"what-if (not implemented: `lorastudy run` starts phase 2 after phase 1): each task x method's phase 2 "
-          f"started when its tuning ends ~ {overlap_s / 60:.1f} min (all work at the widest groups' rates "
+    print(f"what-if (not implemented: `lorastudy run` starts phase 2 after phase 1; and groups that share the GPU "
+          f"taken at their alone step times): each task x method's phase 2 started when its tuning ends "
+          f"~ {overlap_s / 60:.1f} min (all work at the widest groups' rates "
           f"{all_work / 60:.1f} min; longest chain {crit} {chains[crit] / 60:.1f} min)")
     return {"shape": {"batch_size": shape[0], "seq_len": shape[1]}, "rows": rows, "tune_s": tune_s,
             "train_s": train_s, "train_throughput_s": train_work, "train_chain_s": train_chain,
+            "train_chain_alone_s": train_chain_alone,
             "widest_rate": widest, "total_training_s": tune_s + train_s, "fuse_max_runs": cfg.train.fuse_max_runs,
             "overlap_what_if": {"total_s": overlap_s, "all_work_s": all_work, "chains_s": chains},
             "best_hparams_from": str(best_dir) if best_dir else None}
@@ -264,7 +290,7 @@ def phase2_chains(cfg, rows: list[dict], measured: dict, best_dir: Path | None) 
     fastest measured step of a fused group of that method and batch size (benchmarks/train_step.py part phase2)."""
     fastest: dict = {}
     for p in measured.get("phase2", {}).get("points", []):
-        if "fused_step_ms" in p:
+        if "fused_step_ms" in p and not p.get("together"):  # each group alone
             key = (p["method"], p["batch_size"])
             if key not in fastest or p["fused_step_ms"] < fastest[key][0]:
                 fastest[key] = (p["fused_step_ms"], p.get("variant"))
