@@ -117,7 +117,10 @@ def fused_estimate(cfg, f: dict, best_dir: Path | None, phase2: dict | None = No
         widest[m] = g["run_steps_per_s"] if g and g["n"] == top["n"] else top["run_steps_per_s"]
     pts2 = [p for p in (phase2 or {}).get("phase2", {}).get("points", []) if "fused_step_ms" in p]
     measured2 = {(p["method"], p["batch_size"]): p["fused_step_ms"] for p in pts2 if not p.get("together")}
-    together2 = {(p["method"], p["batch_size"]): p["fused_step_ms"] for p in pts2 if p.get("together")}
+    # side by side: as train-all runs them, the longest group's stream urgent (execution.run_threads) when measured so
+    tog = [p for p in pts2 if p.get("together")]
+    tog = [p for p in tog if p.get("urgent")] or tog
+    together2 = {(p["method"], p["batch_size"]): p["fused_step_ms"] for p in tog}
     rows = []
     n_train = {t: len(D.splits_for(cfg, t).train) for t in cfg.tasks}
     # phase 1: one fused group per method takes every trial of the method's studies

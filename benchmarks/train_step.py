@@ -599,18 +599,20 @@ def phase2_together(a, device, save, out: dict) -> None:
     cfg = bench_cfg(a.smoke, a.glue, f"train.step_levers=[{','.join(levers)}]")
     groups = [(m, bs, d) for m, bs, d in PHASE2_GROUPS if m in a.methods]
     inits = {m: initial_state(cfg, m) for m, _, _ in groups}
-    barrier = threading.Barrier(len(groups))
+    for urgent in ((0, 1) if a.phase2_urgent else (0,)):  # the first group (LoRA's, the longer chain) urgent or not
+        barrier = threading.Barrier(len(groups))
 
-    def one(arg, ctx):
-        m, bs, d = arg
-        return fused_group_point(cfg, m, a.phase2_n, bs, device, 0, a.phase2_warmup, inits[m], dropout=d,
-                                 pin=pin_word == "pinned", barrier=barrier, seconds=a.phase2_together)
+        def one(arg, ctx, barrier=barrier):
+            m, bs, d = arg
+            return fused_group_point(cfg, m, a.phase2_n, bs, device, 0, a.phase2_warmup, inits[m], dropout=d,
+                                     pin=pin_word == "pinned", barrier=barrier, seconds=a.phase2_together)
 
-    for r in run_threads([(f"{m}-b{bs}", (m, bs, d)) for m, bs, d in groups], None, one):
-        point = r.value if r.ok else {"kind": "group", "name": r.name, "error": r.error}
-        point.update(variant=variant, together=[f"{m}-b{bs}" for m, bs, _ in groups])
-        out["points"].append(point)
-    save(out)
+        for r in run_threads([(f"{m}-b{bs}", (m, bs, d)) for m, bs, d in groups], None, one, urgent=urgent):
+            point = r.value if r.ok else {"kind": "group", "name": r.name, "error": r.error}
+            point.update(variant=variant, together=[f"{m}-b{bs}" for m, bs, _ in groups],
+                         urgent=[f"{m}-b{bs}" for m, bs, _ in groups[:urgent]])
+            out["points"].append(point)
+        save(out)
 
 
 def phase2_part(a, device, save) -> dict:
@@ -1169,6 +1171,8 @@ def main() -> None:
     p2.add_argument("--phase2-warmup", type=int, default=100)
     p2.add_argument("--phase2-together", type=float, default=0.0,
                     help="then both groups at once (two threads and streams) for this many seconds (0: skip)")
+    p2.add_argument("--phase2-urgent", action="store_true",
+                    help="with --phase2-together: once more with the LoRA group's stream at high priority")
     lv = ap.add_argument_group("levers part")
     lv.add_argument("--lever-steps", type=int, default=200, help="timed steps per point (graph replays)")
     lv.add_argument("--budget-s", type=float, default=1e9, help="stop starting points after this many seconds")

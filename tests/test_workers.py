@@ -23,6 +23,20 @@ def test_run_threads_reports_each_unit():
         default_streams(0)
 
 
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="stream priorities need a CUDA device")
+def test_run_threads_gives_the_urgent_units_high_priority_streams():
+    """train-all's longest group (the critical path) runs on a high-priority stream, the groups beside it on
+    normal ones (execution._groups_unit: urgent=1)."""
+    import torch
+
+    from lorastudy.execution import run_threads
+
+    res = run_threads([(f"u{i}", i) for i in range(3)], None, lambda arg, ctx: torch.cuda.current_stream().priority,
+                      urgent=1)
+    prio = [r.value for r in res]
+    assert prio[0] < 0 and prio[1] == prio[2] == 0, prio
+
+
 
 def _lose_an_interrupt(handler) -> None:
     """Run the signal handler inside a finalizer, where Python prints its KeyboardInterrupt as "Exception ignored"

@@ -265,20 +265,26 @@ def _child(conn, fn, arg, ctx: Context, threads: int) -> None:
             exit_if_threads_alive(130)
 
 
-def run_threads(chunk: list[tuple[str, Any]], ctx: Context | None, fn: Callable[[Any, Context], Any]
-                ) -> list[UnitResult]:
-    """Run the units of ``chunk`` at once, one thread each, each on its own CUDA stream when there is a GPU."""
+def run_threads(chunk: list[tuple[str, Any]], ctx: Context | None, fn: Callable[[Any, Context], Any],
+                urgent: int = 0) -> list[UnitResult]:
+    """Run the units of ``chunk`` at once, one thread each, each on its own CUDA stream when there is a GPU.
+
+    ``urgent``: the first that many units get high-priority streams (a critical path beside throughput work: the
+    GPU's block scheduler starts their kernels first when SMs free up; CUDA graphs replayed on a stream take its
+    priority)."""
     import torch
 
     ctx = ctx or Context()
     results: list[UnitResult | None] = [None] * len(chunk)
+    high = -5  # torch maps a priority beyond the device's range to its highest (lower numbers run first)
 
     def one(i: int, name: str, arg: Any) -> None:
         t0 = time.perf_counter()
         try:
             if torch.cuda.is_available():
                 dev = torch.device(ctx.device or "cuda")
-                with torch.cuda.device(dev), torch.cuda.stream(torch.cuda.Stream(dev)):
+                stream = torch.cuda.Stream(dev, priority=high if i < urgent else 0)
+                with torch.cuda.device(dev), torch.cuda.stream(stream):
                     value = fn(arg, ctx)
             else:
                 value = fn(arg, ctx)
@@ -563,10 +569,11 @@ def _phase2_group(arg, ctx: Context) -> list[UnitResult]:
 
 
 def _groups_unit(arg, ctx: Context) -> list[UnitResult]:
-    """The fused groups one process runs, at once: one thread and CUDA stream each."""
+    """The fused groups one process runs, at once: one thread and CUDA stream each, the first (its longest: the
+    critical path) on a high-priority stream so that the groups beside it slow it less."""
     groups = arg
     out: list[UnitResult] = []
-    for r in run_threads(groups, ctx, _phase2_group):
+    for r in run_threads(groups, ctx, _phase2_group, urgent=1):
         if r.ok:
             out += r.value
         else:  # the group itself failed (out of memory, a bug): its runs that reported nothing failed with it
@@ -578,8 +585,8 @@ def train_fused(cfg, units: list[tuple[str, tuple]], *, workers: int = 1, progre
                 stop: Callable[[], bool] | None = None, log=print) -> list[UnitResult]:
     """Phase 2 in fused groups: ``units`` as pipeline.train_all makes them (name, (cfg, task, method, seed,
     hp overrides)). Groups are planned by ``plan_groups`` and dealt, longest first, round-robin over ``workers``
-    processes (one per GPU); each process trains its groups at once, one thread and CUDA stream each. Returns one
-    result per run."""
+    processes (one per GPU); each process trains its groups at once, one thread and CUDA stream each, its longest
+    group's stream at high priority. Returns one result per run."""
     from lorastudy import data as D
     from lorastudy.training import HParams
 
