@@ -25,8 +25,7 @@ def test_run_threads_reports_each_unit():
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="stream priorities need a CUDA device")
 def test_run_threads_gives_the_urgent_units_high_priority_streams():
-    """train-all's longest group (the critical path) runs on a high-priority stream, the groups beside it on
-    normal ones (execution._groups_unit: urgent=1)."""
+    """``urgent`` units run on high-priority streams, the others on normal ones (train_step.py --phase2-urgent)."""
     import torch
 
     from lorastudy.execution import run_threads

@@ -269,9 +269,10 @@ def run_threads(chunk: list[tuple[str, Any]], ctx: Context | None, fn: Callable[
                 urgent: int = 0) -> list[UnitResult]:
     """Run the units of ``chunk`` at once, one thread each, each on its own CUDA stream when there is a GPU.
 
-    ``urgent``: the first that many units get high-priority streams (a critical path beside throughput work: the
-    GPU's block scheduler starts their kernels first when SMs free up; CUDA graphs replayed on a stream take its
-    priority)."""
+    ``urgent``: the first that many units get high-priority streams (the GPU's block scheduler starts their kernels
+    first when SMs free up). Measured for SST-2's two phase-2 groups side by side (train_step.py --phase2-urgent):
+    no change, their steps are bound by the rate at which the GPU takes kernels, not by SMs; so train-all does not
+    use it."""
     import torch
 
     ctx = ctx or Context()
@@ -569,11 +570,11 @@ def _phase2_group(arg, ctx: Context) -> list[UnitResult]:
 
 
 def _groups_unit(arg, ctx: Context) -> list[UnitResult]:
-    """The fused groups one process runs, at once: one thread and CUDA stream each, the first (its longest: the
-    critical path) on a high-priority stream so that the groups beside it slow it less."""
+    """The fused groups one process runs, at once: one thread and CUDA stream each. (A high-priority stream for the
+    longest group, ``run_threads(urgent=1)``, was measured to shorten nothing: benchmarks/results/fused_adamw_h200.)"""
     groups = arg
     out: list[UnitResult] = []
-    for r in run_threads(groups, ctx, _phase2_group, urgent=1):
+    for r in run_threads(groups, ctx, _phase2_group):
         if r.ok:
             out += r.value
         else:  # the group itself failed (out of memory, a bug): its runs that reported nothing failed with it
@@ -585,8 +586,8 @@ def train_fused(cfg, units: list[tuple[str, tuple]], *, workers: int = 1, progre
                 stop: Callable[[], bool] | None = None, log=print) -> list[UnitResult]:
     """Phase 2 in fused groups: ``units`` as pipeline.train_all makes them (name, (cfg, task, method, seed,
     hp overrides)). Groups are planned by ``plan_groups`` and dealt, longest first, round-robin over ``workers``
-    processes (one per GPU); each process trains its groups at once, one thread and CUDA stream each, its longest
-    group's stream at high priority. Returns one result per run."""
+    processes (one per GPU); each process trains its groups at once, one thread and CUDA stream each. Returns one
+    result per run."""
     from lorastudy import data as D
     from lorastudy.training import HParams
 
