@@ -569,6 +569,7 @@ def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, war
     ms = (time.perf_counter() - t0) / steps * 1e3
     widths = sorted(g.stepper.inputs)
     levers = list(g.stepper.lever_names)
+    optimizer = g.fm.optimizer
     g.stepper.close()
     release([], device)
     late = sorted(set(widths) - widths_warm)  # captured while timed: their capture is inside the time
@@ -578,7 +579,7 @@ def fused_group_point(cfg, method: str, n: int, bs: int, device, steps: int, war
     return {"kind": "group", "method": method, "n": n, "batch_size": bs, "data": "sst2 search subset (3000 rows)",
             "lora_dropout": dropout, "fused_step_ms": ms, "run_steps_per_s": n / ms * 1e3, "widths": widths,
             "widths_captured_while_timed": late, "warmup_steps": warm, "steps": steps, "pinned": pin,
-            "levers": levers}
+            "levers": levers, "optimizer": optimizer}
 
 
 # the SST-2 phase-2 groups of configs/smollm2.yaml (its phase-1 best: benchmarks/results/study_smollm2_h200x2/

@@ -148,6 +148,22 @@ def test_half_written_checkpoint_is_never_loaded(tiny_cfg, tmp_path):
     assert CK.load(path, ident, warn=said.append) is None and "incomplete or corrupted" in said[0]
 
 
+def test_a_fused_checkpoint_of_another_weight_layout_is_ignored(tiny_cfg, tmp_path):
+    """A fused group's optimizer state follows its weight buffers (fused_step._Bank.layout): a checkpoint written
+    with other buffers (an older lorastudy: full FT kept its embeddings beside the matmul weights) starts the run
+    from scratch instead of failing it at every retry."""
+    cfg = _cfg(tiny_cfg, "train.fuse=on")
+    hp = HParams.from_config(cfg, "full")
+    path = tmp_path / "seed42.ckpt"
+    old = CK.identity(cfg, "rte", "full", 42, hp, path="fused-static", layout=[("mm", 100), ("none", 10)])
+    CK.save(path, old, {"x": torch.arange(3)})
+    new = CK.identity(cfg, "rte", "full", 42, hp, path="fused-static",
+                      layout=[("mm", 90), ("decay", 10), ("none", 10)])
+    said = []
+    assert CK.load(path, new, warn=said.append) is None and "layout" in said[0]
+    assert CK.load(path, old) is not None
+
+
 def _fused(cfg, method, out, stop=None, device=torch.device("cpu"), runs=(0, 1), log=None):
     """Two runs of different seeds, learning rates, batch sizes and lengths in one fused group of 2 slots (or
     only ``runs`` of them, one slot each)."""

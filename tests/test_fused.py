@@ -54,6 +54,31 @@ def _same_run(alone: dict, group: dict) -> None:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+def test_triton_optimizer_matches_torch_in_bf16_with_slot_reuse(tiny_cfg, method):
+    """What the fp32 tests cannot see: under bf16 autocast the kernel also writes the bf16 compute copies and reads
+    bf16 matmul gradients; and with three runs in two slots the third takes a freed slot, whose optimizer state
+    must start fresh. The kernel's group against the torch.optim.AdamW group, within bf16 rounding (Triton's
+    interpreter truncates its casts to bf16). Runs only in the interpreter (tests/test_fused_adamw.py)."""
+    from lorastudy import fused_adamw
+
+    if not fused_adamw.available(torch.device("cpu")):
+        pytest.skip("the kernel runs here only in Triton's interpreter (tests/test_fused_adamw.py)")
+    specs = [{"task": "rte", "method": method, "seed": s, "keep_model": True,
+              "hp": _hp(tiny_cfg, method, lr=3e-3 / (s + 1), epochs=1, batch_size=4, weight_decay=0.01 * s)}
+             for s in range(3)]
+    out = {opt: fused.train_runs(_cfg(tiny_cfg, "train.precision=bf16", f"train.fuse_optimizer={opt}"), specs,
+                                 slots=2) for opt in ("torch", "triton")}
+    for a, b in zip(out["torch"], out["triton"], strict=True):
+        assert isinstance(a, dict) and isinstance(b, dict), (a, b)
+        assert b["fused_optimizer"] == "triton" and a["precision"] == "bf16-autocast"
+        for x, y in zip(a["curve"], b["curve"], strict=True):
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=3e-2)
+        wa, wb = _weights(a["_model"]), _weights(b["_model"])
+        for n in wa:
+            assert (wa[n] - wb[n]).norm() <= 3e-2 * wa[n].norm() + 1e-6, n
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("optimizer", ["torch", "triton"])
 def test_group_of_three_equals_the_runs_alone(tiny_cfg, method, optimizer):
     """Different seeds (two runs share one), learning rates, LoRA alphas, schedule lengths and warmups, weight

@@ -77,11 +77,14 @@ def test_kernel_equals_torch_adamw():
 @needs_triton
 def test_fused_group_with_the_kernel_equals_the_runs_alone_and_resumes_exactly():
     """With ``train.fuse_optimizer=triton``, in the interpreter: tests/test_fused.py's group of three runs (each
-    run's losses, early stopping, predictions and weights equal the run trained alone) and tests/test_checkpoint.py's
-    group paused twice and resumed (the kernel's moments and step counts go into the checkpoint and come back)."""
+    run's losses, early stopping, predictions and weights equal the run trained alone), tests/test_checkpoint.py's
+    group paused twice and resumed (the kernel's moments and step counts go into the checkpoint and come back), and
+    the kernel's group against torch's under bf16 with a reused slot (compute copies, bf16 gradients, fresh state)."""
     three = "tests/test_fused.py::test_group_of_three_equals_the_runs_alone"
     paused = "tests/test_checkpoint.py::test_fused_group_paused_twice_and_resumed_is_exact"
-    cases = [f"{t}[triton-{m}]" for t in (three, paused) for m in ("full", "lora")]
+    bf16 = "tests/test_fused.py::test_triton_optimizer_matches_torch_in_bf16_with_slot_reuse"
+    cases = [f"{t}[triton-{m}]" for t in (three, paused) for m in ("full", "lora")] + [f"{bf16}[{m}]"
+                                                                                      for m in ("full", "lora")]
     r = _interpreted(["-m", "pytest", "-q", "-p", "no:cacheprovider", *cases])
     assert r.returncode == 0 and f"{len(cases)} passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
@@ -114,3 +117,19 @@ def test_kernel_input_checks():
         FA.adamw_(z, torch.zeros(8, 2).t(), z, z, None, s, s, s, s, 0.9, 0.999, 1e-8)
     with pytest.raises(ValueError, match="coef must be float32"):
         FA.adamw_(z, z, z, z, None, torch.zeros(3), s, s, s, 0.9, 0.999, 1e-8)
+    with pytest.raises(ValueError, match="grad must be float32, bfloat16 or float16"):
+        FA.adamw_(z, z.int(), z, z, None, s, s, s, s, 0.9, 0.999, 1e-8)
+
+
+def test_a_stacked_weight_used_twice_in_one_forward_is_refused():
+    """Fused groups write each matmul weight's gradient once per step instead of adding it: a model that used a
+    stacked weight twice in one forward (tied weights) would lose a gradient, so the second use raises."""
+    from lorastudy.fused_step import FusionError, _Slots
+
+    slots, w, v = _Slots(2), torch.zeros(1), torch.zeros(1)
+    slots.use(w)
+    slots.use(v)
+    with pytest.raises(FusionError, match="used twice"):
+        slots.use(w)
+    slots.uses.clear()  # the next training forward
+    slots.use(w)

@@ -48,19 +48,24 @@ def path_for(final_dir: Path) -> Path:
 
 
 def identity(cfg, task: str, method: str, seed: int, hp, *, path: str, train_subset: int | None = None,
-             evaluate_test: bool = True, levers: list[str] | None = None) -> dict[str, Any]:
+             evaluate_test: bool = True, levers: list[str] | None = None,
+             layout: list | None = None) -> dict[str, Any]:
     """What a checkpoint must match to be resumed: the config hash (everything that changes results), the run
     (task, method, seed), its hyperparameters (``training.HParams``), its training subset and test flag, the
     training ``path`` (eager | static | cuda_graph | fused-static | fused-cuda_graph: the fused step draws dropout
     masks differently, so its checkpoints do not resume a lone run and vice versa), and the step ``levers`` a lone
     run applies: the config hash leaves them out, but ``flat_optimizer`` keeps AdamW's state in another layout, so a
     run checkpointed with one set of levers is not resumed under another (recorded only when there are levers, so
-    checkpoints written without any keep their identity; a fused group's levers do not change what it checkpoints)."""
+    checkpoints written without any keep their identity; a fused group's levers do not change what it checkpoints).
+    ``layout``: a fused group's weight buffers and their sizes (fused_step._Bank.layout), which its optimizer state
+    follows: a checkpoint of another layout (an older lorastudy) is ignored and the run starts from scratch."""
     ident = {"format": FORMAT, "config_hash": cfg.hash(), "task": task, "method": method, "seed": int(seed),
              "hparams": asdict(hp), "train_subset": train_subset, "evaluate_test": bool(evaluate_test),
              "path": path}
     if levers:
         ident["levers"] = sorted(levers)
+    if layout is not None:
+        ident["layout"] = [list(x) for x in layout]
     return ident
 
 

@@ -228,7 +228,8 @@ class FusedGroup:
         run = _SlotRun(job, state, sched, t0, time.perf_counter(), trainable, total)
         if job.checkpoint is not None:
             run.ident = CK.identity(self.cfg, job.task, job.method, job.seed, hp, path=self.stepper.mode,
-                                    train_subset=job.train_subset, evaluate_test=job.evaluate_test)
+                                    train_subset=job.train_subset, evaluate_test=job.evaluate_test,
+                                    layout=self.fm.bank.layout)
             ck = CK.load(job.checkpoint, run.ident)
             if ck is not None:
                 self._restore(slot, run, ck)

@@ -20,8 +20,6 @@ a CUDA graph replays them). tests/test_fused_adamw.py runs the kernel in Triton'
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:  # Triton ships with CUDA builds of torch; CPU installs (CI) may lack it, the interpreter test installs it
@@ -34,13 +32,12 @@ BLOCK = 2048
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel can run on ``device``: Triton importable and a CUDA device (or Triton's CPU interpreter,
-    which tests enable with TRITON_INTERPRET=1 before importing it)."""
+    """Whether the kernel can run on ``device``: Triton importable and a CUDA device, or Triton's CPU interpreter
+    on a CPU (tests set TRITON_INTERPRET=1 before Triton is imported: it is read once, when the kernel is
+    defined, so what counts is how the kernel was built, not the variable now)."""
     if triton is None:
         return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return device.type == ("cpu" if INTERPRETED else "cuda")
 
 
 if triton is not None:
@@ -69,6 +66,10 @@ if triton is not None:
         tl.store(v_ptr + idx, v, mask=mask)
         if HAS_COMPUTE:
             tl.store(c_ptr + idx, p.to(c_ptr.dtype.element_ty), mask=mask)
+
+    INTERPRETED = type(_adamw_kernel).__name__ == "InterpretedFunction"  # built under TRITON_INTERPRET=1
+else:
+    INTERPRETED = False
 
 
 def bias_corrections(steps: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float
@@ -103,9 +104,15 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
             raise ValueError(f"fused_adamw: {name} must be contiguous [{n}, {p}], got {tuple(t.shape)}")
         if name in ("master", "exp_avg", "exp_avg_sq") and t.dtype != torch.float32:
             raise ValueError(f"fused_adamw: {name} must be float32, got {t.dtype}")
+    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"fused_adamw: grad must be float32, bfloat16 or float16, got {grad.dtype}")
     for name, t in (("coef", coef), ("decay", decay), ("step_size", step_size), ("bc2_sqrt", bc2_sqrt)):
         if t.shape != (n,) or t.dtype != torch.float32:
             raise ValueError(f"fused_adamw: {name} must be float32 [{n}], got {t.dtype} {tuple(t.shape)}")
+    tensors = [master, grad, exp_avg, exp_avg_sq, coef, decay, step_size, bc2_sqrt] + ([compute] if compute is not None
+                                                                                      else [])
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"fused_adamw: tensors on several devices: {sorted({str(t.device) for t in tensors})}")
     grid = (triton.cdiv(p, BLOCK), n)
     _adamw_kernel[grid](master, grad, exp_avg, exp_avg_sq, master if compute is None else compute, coef, decay,
                         step_size, bc2_sqrt, p, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,

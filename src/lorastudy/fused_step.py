@@ -57,6 +57,17 @@ class _Slots:
         self.n = n
         self.index: torch.Tensor | None = None  # [K] slot ids of an evaluation forward
         self.masks: dict[int, torch.Tensor] | None = None  # in_features -> [N, modules, R, S, in] (training)
+        self.uses: dict[int, int] = {}  # id(stacked weight) -> uses in this training forward (see _StackedMatmul)
+
+    def use(self, weight: torch.Tensor) -> None:
+        """Count a training use of a stacked weight whose gradient is written, not added (``_StackedMatmul``): a
+        second use in one forward would overwrite the first's gradient. Counted while Python runs the step (the
+        static path, graph warm-up and capture), so a model that reuses a weight fails before a graph replays."""
+        k = id(weight)
+        self.uses[k] = self.uses.get(k, 0) + 1
+        if self.uses[k] > 1:
+            raise FusionError("a stacked weight is used twice in one forward (tied weights?): fused.py writes each "
+                              "weight's gradient once per step; this model cannot be fused (train.fuse=off)")
 
     @property
     def count(self) -> int:
@@ -130,6 +141,7 @@ class FusedLinear(nn.Module):
         n, idx = self.slots.count, self.slots.index
         x3 = x.reshape(n, -1, self.in_features)
         if idx is None and torch.is_grad_enabled():
+            self.slots.use(self.weight)
             y = _StackedMatmul.apply(x3, self.weight, self.weight_c, self.weight_g)
         else:  # evaluation (no grad), possibly on a subset of the slots
             w = self.weight_c if idx is None else self.weight_c.index_select(0, idx)
@@ -213,6 +225,8 @@ class FusedLoraLinear(nn.Module):
         else:
             x3 = x.reshape(n, -1, self.in_features)
         if idx is None and torch.is_grad_enabled():
+            self.slots.use(self.lora_A)
+            self.slots.use(self.lora_B)
             h = _StackedMatmul.apply(x3, self.lora_A, self.A_c, self.A_g)
             t = _StackedMatmul.apply(h, self.lora_B, self.B_c, self.B_g)
             scale = self.scale_c
@@ -249,6 +263,7 @@ class _Bank:
             self.offsets[name] = (buf, size[buf], shape)
             size[buf] += math.prod(shape)
         self.kinds = [k for k in self.BUFFERS if size[k]]
+        self.layout = [(k, size[k]) for k in self.kinds]  # what a checkpoint's optimizer state must match
         self.decayed = [k for k in self.kinds if k != "none"]
         self.zeroed = [k for k in self.kinds if k != "mm"]
         z = dict(device=device)
@@ -640,6 +655,7 @@ class FusedStepper:
         batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
                  "mask4d": M.additive_mask_4d(mask, self.mask_dtype)}
         self.fm.slots.masks = self._draw_masks(width)
+        self.fm.slots.uses.clear()
         try:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
                                 cache_enabled=not self.cuda_graph), self.model_levers.context():
