@@ -26,9 +26,10 @@ EXACT = ("curve", "best_step", "validation", "test", "test_predictions", "steps"
 
 
 def _cfg(tiny_cfg, *sets):
+    # on the CPU unless a test says otherwise (the exactness tests are fp32 CPU tests, also on a GPU machine)
     return load_config(REPO / "configs" / "tiny.yaml",
                        [f"data.source={tiny_cfg.data.source}", f"output_dir={tiny_cfg.output_dir}",
-                        "lora.dropout=0.1", *sets])
+                        "lora.dropout=0.1", "train.device=cpu", *sets])
 
 
 def stop_at(k: int):
