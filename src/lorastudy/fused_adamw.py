@@ -109,8 +109,8 @@ def adamw_(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_
     for name, t in (("coef", coef), ("decay", decay), ("step_size", step_size), ("bc2_sqrt", bc2_sqrt)):
         if t.shape != (n,) or t.dtype != torch.float32:
             raise ValueError(f"fused_adamw: {name} must be float32 [{n}], got {t.dtype} {tuple(t.shape)}")
-    tensors = [master, grad, exp_avg, exp_avg_sq, coef, decay, step_size, bc2_sqrt] + ([compute] if compute is not None
-                                                                                      else [])
+    tensors = [t for t in (master, grad, exp_avg, exp_avg_sq, compute, coef, decay, step_size, bc2_sqrt)
+               if t is not None]
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"fused_adamw: tensors on several devices: {sorted({str(t.device) for t in tensors})}")
     grid = (triton.cdiv(p, BLOCK), n)
