@@ -295,15 +295,19 @@ class _Bank:
     def compute_view(self, name: str) -> torch.Tensor:
         return self._view(self.compute[self.offsets[name][0]], name)
 
+    def copy_of(self, k: str) -> torch.Tensor | None:
+        """Buffer ``k``'s compute copy, None where the compute view is the master itself (fp32, or not "mm")."""
+        return None if self.compute[k] is self.master[k] else self.compute[k]
+
     @torch.no_grad()
     def refresh(self, slot: int | None = None) -> None:
         """Compute copies <- masters (all slots, or one)."""
         for k in self.kinds:
-            if self.compute[k] is not self.master[k]:
+            if (c := self.copy_of(k)) is not None:
                 if slot is None:
-                    self.compute[k].copy_(self.master[k])
+                    c.copy_(self.master[k])
                 else:
-                    self.compute[k][slot].copy_(self.master[k][slot])
+                    c[slot].copy_(self.master[k][slot])
 
     @torch.no_grad()
     def load(self, slot: int, tensors: dict[str, torch.Tensor], buf: str = "master") -> None:
@@ -680,8 +684,7 @@ class FusedStepper:
             self.steps.add_(1.0)
             step_size, bc2_sqrt = fused_adamw.bias_corrections(self.steps, self.lr, *self.betas)
             for k in bank.kinds:
-                compute = bank.compute[k] if bank.compute[k] is not bank.master[k] else None
-                fused_adamw.adamw_(bank.master[k], bank.grad[k], self.exp_avg[k], self.exp_avg_sq[k], compute,
+                fused_adamw.adamw_(bank.master[k], bank.grad[k], self.exp_avg[k], self.exp_avg_sq[k], bank.copy_of(k),
                                    coef, self.decay if k in bank.decayed else self.ones, step_size, bc2_sqrt,
                                    *self.betas, self.eps)
         else:
